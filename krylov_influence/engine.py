@@ -1,0 +1,366 @@
+"""The contract between the backend-neutral core and an engine.
+
+An *engine* (NumPy reference, PyTorch, JAX, TensorFlow, or a third-party one) turns a user's
+model and loss into an :class:`InfluenceModel`: an object that owns the flat view of the chosen
+parameters (``p`` numbers, in an order the engine documents) and supplies the few operators the
+Arnoldi method needs, on its own device and dtype:
+
+=========================  ===================  =================================================
+operator                   shapes               what
+=========================  ===================  =================================================
+``hvp(v, batches)``        (p,) -> (p,)         Hessian of the *mean* loss over ``batches`` times
+                                                ``v`` (batches weighted by their size)
+``hvps(V, batches)``       (m, p) -> (m, p)     the same for m vectors (vectorised where possible)
+``project(G, batch)``      (k, p) -> (B, k)     per-example ``G @ grad loss(z_b)``, by JVPs
+``per_example_grads(b)``   -> (B, p)            for the exact oracle on small models
+``losses(batch)``          -> (B,)              per-example losses (finiteness checks)
+``flat_parameters()``      -> (p,)              the chosen parameters as one vector
+=========================  ===================  =================================================
+
+The core never looks inside a batch: batches go back to the engine untouched. Every array the
+core receives or hands over lives in ``model.xp`` (an array-API namespace), with the model's
+``dtype`` and ``device``.
+
+Calling ``InfluenceModel(model, loss_fn, ...)`` on this base class dispatches to the engine
+named by ``engine=`` or inferred from the type of ``model`` (see :mod:`krylov_influence.registry`).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from krylov_influence import _xp
+
+__all__ = [
+    "Engine",
+    "EngineCapabilities",
+    "HessianOperator",
+    "InfluenceModel",
+]
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine can do, declared once per engine.
+
+    Attributes
+    ----------
+    float64 : bool
+        Whether the engine computes in float64 (JAX needs ``jax_enable_x64``).
+    vectorised_hvp : bool
+        Whether ``hvps`` evaluates several Hessian-vector products in one pass over the data.
+    devices : tuple of str
+        Device names the engine can place a model on in this process (e.g. ``("cpu",)``).
+    """
+
+    float64: bool = True
+    vectorised_hvp: bool = False
+    devices: tuple[str, ...] = ("cpu",)
+
+
+class HessianOperator:
+    """The Hessian of the mean loss over fixed data, as a symmetric linear operator.
+
+    Parameters
+    ----------
+    model : InfluenceModel
+        The bound model whose ``hvp`` is applied.
+    batches : iterable of batches
+        The Hessian data. Must be re-iterable: it is traversed once per product.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(p, p)``.
+    symmetric : bool
+        Always ``True``: Hessians are symmetric, which lets Arnoldi act as Lanczos.
+    """
+
+    symmetric: ClassVar[bool] = True
+
+    def __init__(self, model: InfluenceModel, batches: Iterable[Any]):
+        self.model = model
+        self.batches = batches
+        p = model.num_parameters
+        self.shape = (p, p)
+        self.dtype = model.dtype
+        self.device = model.device
+        self.xp = model.xp
+
+    def mv(self, v: Any) -> Any:
+        """Return ``H @ v``; ``v`` has shape (p,) in the model's namespace."""
+        return self.model.hvp(v, self.batches)
+
+    def mm(self, vectors: Any) -> Any:
+        """Return ``(H @ V.T).T`` for a stack of vectors ``V`` of shape (m, p)."""
+        return self.model.hvps(vectors, self.batches)
+
+
+class _DispatchingMeta(abc.ABCMeta):
+    """Calling the abstract base ``InfluenceModel(...)`` builds the engine's subclass."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is InfluenceModel:
+            from krylov_influence.registry import bind_model
+
+            return bind_model(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
+    """A model bound to an engine: the flat parameters and the operators over them.
+
+    ``InfluenceModel(model, loss_fn=None, *, parameters=None, engine=None, device=None,
+    dtype=None, **engine_options)`` returns the engine's subclass: ``engine`` names the engine
+    (``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"`` or a plugin), otherwise it is inferred
+    from the type of ``model`` (or of ``params=`` for a JAX ``apply_fn``).
+
+    Parameters
+    ----------
+    model : object
+        The user's model: a ``torch.nn.Module``, a JAX ``apply_fn(params, x)``, a Keras model,
+        or a :mod:`krylov_influence.reference` model.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, targets) -> (B,)`` per-example losses. Reference models carry
+        their own loss and take none.
+    parameters : optional
+        Which parameters to differentiate (names, a predicate, ...; see the engine's docs).
+        Default: every trainable parameter.
+    engine : str, optional
+        Engine name; inferred from ``model`` when omitted.
+    device, dtype : optional
+        Placement and precision of every array the model hands out.
+
+    Notes
+    -----
+    Subclasses implement the abstract members; the helpers (``to_numpy``, ``from_numpy``,
+    ``fingerprint``, ``hvps``, ``hessian_operator``) have working defaults that an engine may
+    override for speed.
+    """
+
+    #: Name of the engine this model is bound to.
+    engine_name: ClassVar[str] = "abstract"
+
+    # ----------------------------------------------------------------- placement and precision
+    @property
+    @abc.abstractmethod
+    def xp(self) -> Any:
+        """The array-API namespace of every array this model hands out."""
+
+    @property
+    @abc.abstractmethod
+    def dtype(self) -> Any:
+        """The floating dtype of parameters and operator outputs, as a ``xp`` dtype."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> Any:
+        """The device of parameters and operator outputs, as ``xp`` understands it."""
+
+    @property
+    @abc.abstractmethod
+    def num_parameters(self) -> int:
+        """``p``: the length of the flat parameter vector."""
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        """The engine's declared capabilities."""
+        return EngineCapabilities()
+
+    @property
+    def dtype_name(self) -> str:
+        """``"float32"`` or ``"float64"``."""
+        return _xp.dtype_name(self.dtype)
+
+    def on_device(self, device: Any) -> InfluenceModel:
+        """Return this model placed on ``device`` (``self`` when it already is there).
+
+        Engines that support several devices override this; the default accepts only the
+        current device.
+        """
+        if device is None or str(device) == str(self.device):
+            return self
+        raise ValueError(
+            f"device={device!r}: the {self.engine_name} engine runs this model on "
+            f"{self.device!r} only"
+        )
+
+    # ----------------------------------------------------------------------------- the data
+    @abc.abstractmethod
+    def batch_size(self, batch: Any) -> int:
+        """Number of examples in ``batch``."""
+
+    @abc.abstractmethod
+    def losses(self, batch: Any) -> Any:
+        """Per-example losses of ``batch``, shape (B,)."""
+
+    # ------------------------------------------------------------------------ the operators
+    @abc.abstractmethod
+    def flat_parameters(self) -> Any:
+        """The chosen parameters as one vector, shape (p,), in the documented order."""
+
+    @abc.abstractmethod
+    def hvp(self, vector: Any, batches: Iterable[Any]) -> Any:
+        """Hessian of the mean loss over ``batches`` times ``vector``.
+
+        Parameters
+        ----------
+        vector : array, shape (p,)
+        batches : re-iterable of batches
+            Each batch is weighted by its size, so the result is the Hessian of the mean
+            per-example loss over all examples, whatever the batch sizes.
+
+        Returns
+        -------
+        array, shape (p,)
+        """
+
+    def hvps(self, vectors: Any, batches: Iterable[Any]) -> Any:
+        """Hessian of the mean loss times each row of ``vectors``.
+
+        Parameters
+        ----------
+        vectors : array, shape (m, p)
+        batches : re-iterable of batches
+
+        Returns
+        -------
+        array, shape (m, p)
+            Row ``i`` is ``H @ vectors[i]``. The default calls :meth:`hvp` per row; engines
+            that can vectorise over vectors override it (``capabilities.vectorised_hvp``).
+        """
+        xp = self.xp
+        rows = [self.hvp(vectors[i, ...], batches) for i in range(vectors.shape[0])]
+        return xp.stack(rows, axis=0)
+
+    @abc.abstractmethod
+    def project(self, projector: Any, batch: Any) -> Any:
+        """Per-example projected gradients ``G @ grad loss(z_b)``.
+
+        Parameters
+        ----------
+        projector : array, shape (k, p)
+        batch : a batch of B examples
+
+        Returns
+        -------
+        array, shape (B, k)
+            Entry ``(b, i)`` is the directional derivative of example ``b``'s loss along row
+            ``i`` of the projector.
+        """
+
+    @abc.abstractmethod
+    def per_example_grads(self, batch: Any) -> Any:
+        """Per-example gradients of the loss, shape (B, p). Meant for small models."""
+
+    def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
+        """The Hessian of the mean loss over ``batches`` as an operator with ``mv``.
+
+        Engines may override this to stage the data on the device once.
+        """
+        return HessianOperator(self, batches)
+
+    # --------------------------------------------------------------------------- conversion
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """Copy ``array`` to the host as a NumPy array."""
+        return _xp.to_numpy(array, self.xp)
+
+    def from_numpy(self, array: np.ndarray, dtype: Any = None) -> Any:
+        """Place a host array on the model's device, in ``dtype`` (default: the model's)."""
+        return self.xp.asarray(
+            np.asarray(array), dtype=self.dtype if dtype is None else dtype, device=self.device
+        )
+
+    def fingerprint(self) -> str:
+        """A digest of the parameter count and values, identical across engines.
+
+        The flat parameters are hashed as float64 little-endian bytes, so the same neutral
+        model in two engines (same flat order, same values) has the same fingerprint.
+        """
+        values = np.ascontiguousarray(self.to_numpy(self.flat_parameters()), dtype="<f8")
+        digest = hashlib.sha256()
+        digest.update(str(values.size).encode())
+        digest.update(values.tobytes())
+        return digest.hexdigest()[:32]
+
+
+class Engine(abc.ABC):
+    """A backend, registered under the entry-point group ``krylov_influence.engines``.
+
+    The entry point names a subclass of :class:`Engine`. Importing the module that defines it
+    must **not** import the framework: the registry loads every engine to read its name and
+    ``framework_modules``, and ``import krylov_influence`` must stay framework-free. Import the
+    framework inside :meth:`bind`, :meth:`version` and :meth:`recognises`.
+
+    Attributes
+    ----------
+    name : str
+        The name users pass as ``engine=``.
+    framework_modules : tuple of str
+        Top-level module names whose objects this engine accepts (``("torch",)``). A model is
+        only offered to the engine when one of these modules is already in ``sys.modules``,
+        so inference never imports a framework.
+    """
+
+    name: ClassVar[str]
+    framework_modules: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abc.abstractmethod
+    def version(cls) -> str:
+        """Version string of the framework behind the engine."""
+
+    @classmethod
+    def devices(cls) -> tuple[str, ...]:
+        """Device names this engine can use in this process."""
+        return ("cpu",)
+
+    @classmethod
+    @abc.abstractmethod
+    def recognises(cls, model: Any, **options: Any) -> bool:
+        """Whether ``model`` (with ``options`` such as ``params=``) belongs to this engine.
+
+        Called only when one of :attr:`framework_modules` is already imported.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def bind(
+        cls,
+        model: Any,
+        loss_fn: Any = None,
+        *,
+        parameters: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        **options: Any,
+    ) -> InfluenceModel:
+        """Wrap ``model`` and ``loss_fn`` as this engine's :class:`InfluenceModel`."""
+
+    @classmethod
+    def from_neutral_spec(
+        cls, spec: Any, *, dtype: Any = "float64", device: Any = None
+    ) -> tuple[InfluenceModel, list[Any]]:
+        """Build the MLP of a :class:`krylov_influence.testing.MLPSpec` in this engine.
+
+        The conformance suite calls this to compare engines entry by entry: the bound model
+        must use the spec's weights and flat order, its loss and ``l2``; the data comes back
+        as a list of batches in the engine's own format (one per ``spec.batch_slices()``).
+
+        Returns
+        -------
+        model : InfluenceModel
+        batches : list of batches
+
+        Raises
+        ------
+        NotImplementedError
+            If the engine cannot build this spec (the suite then skips it).
+        """
+        raise NotImplementedError(f"the {cls.name} engine does not build neutral specs")
