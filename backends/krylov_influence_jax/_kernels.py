@@ -161,9 +161,12 @@ def project(
     """``(B, k)`` directional derivatives of each example's loss along the rows of ``G``."""
     # linearize evaluates the forward pass once; only the tangent map is vectorised over k.
     _, tangent = jax.linearize(lambda t: program.data_losses(t, fixed, x, y), theta)
-    along = jax.vmap(tangent)(G) if chunk >= G.shape[0] else lax.map(tangent, G, batch_size=chunk)
+    if chunk >= G.shape[0]:
+        along = jax.vmap(tangent, out_axes=1)(G)  # (B, k) directly, no transpose
+    else:
+        along = lax.map(tangent, G, batch_size=chunk).T
     with jax.default_matmul_precision(_HIGHEST):
-        return along.T + l2 * (G @ theta)[None, :]
+        return along + l2 * (G @ theta)[None, :]
 
 
 @_static
