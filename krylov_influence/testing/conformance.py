@@ -39,7 +39,7 @@ from krylov_influence.testing.strategies import mlp_specs
 __all__ = ["EngineConformance", "build", "tolerance"]
 
 _DTYPES = ("float32", "float64")
-_BASE_FROM_SPEC = Engine.from_neutral_spec.__func__  # type: ignore[attr-defined]
+_BASE_FROM_SPEC = getattr(Engine.from_neutral_spec, "__func__", None)
 
 
 def tolerance(dtype: str) -> float:
@@ -70,7 +70,7 @@ def builders_of_specs(excluding: str) -> list[str]:
     return [
         name
         for name, engine in available_engines().items()
-        if name != excluding and engine.from_neutral_spec.__func__ is not _BASE_FROM_SPEC
+        if name != excluding and getattr(engine.from_neutral_spec, "__func__", None) is not _BASE_FROM_SPEC
     ]
 
 
@@ -85,7 +85,7 @@ def _close(actual: Any, expected: np.ndarray, dtype: str, what: str, scale: floa
 
 def _examples() -> int:
     # Each example builds a model (and may compile); half the profile's budget, at least 4.
-    return max(4, settings.default.max_examples // 2)
+    return max(4, settings().max_examples // 2)
 
 
 class EngineConformance:

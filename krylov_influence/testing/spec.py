@@ -270,6 +270,7 @@ def random_mlp_spec(
     )
     biases = tuple(0.1 * rng.standard_normal(fan_out) for fan_out in layer_sizes[1:])
     x = rng.standard_normal((num_examples, layer_sizes[0]))
+    y: np.ndarray
     if loss == "cross_entropy":
         y = rng.integers(0, layer_sizes[-1], num_examples)
     else:
