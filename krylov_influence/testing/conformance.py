@@ -70,7 +70,8 @@ def builders_of_specs(excluding: str) -> list[str]:
     return [
         name
         for name, engine in available_engines().items()
-        if name != excluding and getattr(engine.from_neutral_spec, "__func__", None) is not _BASE_FROM_SPEC
+        if name != excluding
+        and getattr(engine.from_neutral_spec, "__func__", None) is not _BASE_FROM_SPEC
     ]
 
 
