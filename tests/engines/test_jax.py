@@ -188,6 +188,8 @@ def test_hvp_is_symmetric_linear_and_batch_independent(dtype, spec):
     assert_close(combined, 2.0 * hu - 3.0 * hv, rtol_of(dtype))
     # The uneven batches of the spec give the Hessian of the mean over all examples.
     assert_close(model.hvp(v, all_data(spec, model)), hv, rtol_of(dtype))
+    # The staged operator pads the short batches of the spec with weight-0 examples.
+    assert_close(model.hessian_operator(batches).mv(v), hv, rtol_of(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -197,8 +199,8 @@ def test_vectorised_and_staged_products_equal_hvp(dtype):
     vectors = model.from_numpy(np.random.default_rng(14).standard_normal((3, model.num_parameters)))
     expected = np.stack([np.asarray(model.hvp(vectors[i], batches)) for i in range(3)])
     assert_close(model.hvps(vectors, batches), expected, rtol_of(dtype))
-    operator = model.hessian_operator(batches)  # two groups: 2 batches of 4, then 1 of 3
-    assert [len(xs) for xs, _ in operator._groups] == [2, 1]
+    operator = model.hessian_operator(batches)  # one group: 3 batches of 4, the last padded
+    assert [xs.shape for xs, _, _ in operator._groups] == [(3, 4, 3)]
     assert_close(operator.mv(vectors[1]), expected[1], rtol_of(dtype))
     assert_close(operator.mm(vectors), expected, rtol_of(dtype))
     streamed = model.hessian_operator(iter_again(batches))  # not a list: streamed per product
