@@ -98,7 +98,8 @@ def _static(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _penalty(theta: Any, l2: Any) -> Any:
-    return 0.5 * l2 * jnp.vdot(theta, theta)
+    with jax.default_matmul_precision(_HIGHEST):
+        return 0.5 * l2 * jnp.vdot(theta, theta)
 
 
 @_static

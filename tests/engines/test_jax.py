@@ -535,3 +535,42 @@ def test_importing_the_engine_does_not_import_jax():
         "assert 'jax' not in sys.modules, 'jax imported'\n"
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_every_matrix_product_is_traced_at_highest_precision():
+    # float32 on GPUs would otherwise run in TF32 (~1e-3 relative); CPUs ignore the flag, so
+    # the property is checked on the traced programs, including the transposed products.
+    from jax.extend.core import jaxprs_in_params
+
+    from krylov_influence_jax import _kernels
+
+    spec = common_spec(17)
+    model, batches = JaxEngine.from_neutral_spec(spec, dtype="float32")
+    x, y = batches[0]
+    args = (model._program, model._theta, model._fixed, x, y)
+    G = jnp.stack([model._theta] * 3)
+    traced = [
+        _kernels.losses.trace(*args, model._l2_array),
+        _kernels.hvp_sum.trace(*args, model._theta),
+        _kernels.hvps_sum.trace(*args, G),
+        _kernels.project.trace(*args, G, model._l2_array, chunk=3),
+        _kernels.project.trace(*args, G, model._l2_array, chunk=2),
+        _kernels.per_example_grads.trace(*args, model._l2_array),
+    ]
+    operator = model.hessian_operator(batches)
+    staged = (model._program, model._theta, model._fixed, operator._groups, operator._count)
+    traced.append(_kernels.staged_hvp.trace(*staged, model._theta, model._l2_array))
+    traced.append(_kernels.staged_hvps.trace(*staged, G, model._l2_array))
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    for trace in traced:
+        found = list(dots(trace.jaxpr.jaxpr))
+        assert found
+        for eqn in found:
+            assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, eqn
