@@ -267,6 +267,7 @@ def test_outputs_follow_the_model_dtype_and_device(dtype):
         assert out.devices() == {model.device}
     assert str(model.device) == "cpu:0"
     assert model.on_device("cpu") is model
+    assert model.on_device(jax.devices("cpu")[0]) is model
     assert model.capabilities.float64 and model.capabilities.vectorised_hvp
     assert "cpu:0" in JaxEngine.devices()
 
