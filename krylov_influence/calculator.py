@@ -160,7 +160,9 @@ class ArnoldiInfluenceCalculator:
             eigenvalue_selection=eigenvalue_selection,
             show_progress=show_progress,
         )
-        self.num_hessian_examples = self._validate_data(self.hessian_dataset, "hessian_dataset")
+        self.num_hessian_examples = self._validate_data(
+            self.hessian_dataset, "train_dataset" if hessian_dataset is None else "hessian_dataset"
+        )
         self._set_eigenbasis(self._fit(self.subspace_dim))
 
     def _configure(

@@ -161,7 +161,8 @@ class RunningTopK:
         # Descending order by sorting the negated scores ascending keeps the sort stable in
         # every namespace (the earlier, smaller index wins a tie).
         key = -scores if self.order is ORDER.DESCENDING else scores
-        best = xp.argsort(key, axis=1, stable=True)[:, : self.k]
+        # Slicing past the end is unspecified in the array API: clip to the candidates.
+        best = xp.argsort(key, axis=1, stable=True)[:, : min(self.k, int(scores.shape[1]))]
         self._values = xp.take_along_axis(scores, best, axis=1)
         self._indices = xp.take_along_axis(indices, best, axis=1)
         self.seen += width
