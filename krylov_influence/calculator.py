@@ -53,6 +53,7 @@ from krylov_influence.cache import (
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
+from krylov_influence.registry import bind_model
 from krylov_influence.topk import (
     ORDER,
     BaseNearestNeighbors,
@@ -160,6 +161,7 @@ class ArnoldiInfluenceCalculator:
             eigenvalue_selection=eigenvalue_selection,
             show_progress=show_progress,
         )
+        assert self.hessian_dataset is not None  # the constructor always has train data
         self.num_hessian_examples = self._validate_data(
             self.hessian_dataset, "train_dataset" if hessian_dataset is None else "hessian_dataset"
         )
@@ -181,9 +183,7 @@ class ArnoldiInfluenceCalculator:
         show_progress: bool | None,
     ) -> None:
         """Validate and store the settings (shared by the constructor and :meth:`load`)."""
-        self.model: InfluenceModel = (
-            model if isinstance(model, InfluenceModel) else InfluenceModel(model)
-        )
+        self.model: InfluenceModel = bind_model(model)
         self.train_dataset = (
             None if train_dataset is None else require_reiterable(train_dataset, "train_dataset")
         )

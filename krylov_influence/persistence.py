@@ -38,6 +38,7 @@ from krylov_influence.cache import ArchiveReader, AtomicArchiveWriter, resolve_p
 from krylov_influence.eigen import EigenBasis, RitzPairs
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import IncompatibleStoreError
+from krylov_influence.registry import bind_model
 
 __all__ = ["load_calculator", "save_calculator"]
 
@@ -92,7 +93,7 @@ def save_calculator(calculator: Any, path: Any) -> str:
 
 
 def load_calculator(
-    cls: type,
+    cls: Any,
     path: Any,
     model: Any,
     *,
@@ -116,7 +117,7 @@ def load_calculator(
             f"path={target!r}: not a saved calculator (kind {meta.get('kind')!r}, version "
             f"{meta.get('version')!r})"
         )
-    bound = model if isinstance(model, InfluenceModel) else InfluenceModel(model)
+    bound = bind_model(model)
     p = int(bound.num_parameters)
     if p != int(meta["num_parameters"]):
         raise IncompatibleStoreError(

@@ -45,7 +45,7 @@ def blocked_scores(draw: st.DrawFn) -> tuple[np.ndarray, list[int], int]:
 
 @pytest.mark.parametrize("xp", namespaces(), ids=lambda xp: xp.__name__)
 @pytest.mark.parametrize("order", [ORDER.DESCENDING, ORDER.ASCENDING])
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None)  # example count from the profile (tests/conftest.py)
 @given(case=blocked_scores())
 def test_running_top_k_is_a_stable_sort(xp: object, order: ORDER, case: tuple) -> None:
     scores, edges, k = case
