@@ -18,13 +18,11 @@ vectors, and only when ``CACHE.MEMORY`` asks for it.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -32,27 +30,25 @@ import numpy as np
 from krylov_influence import _xp
 from krylov_influence._data import (
     BatchStream,
-    dataset_length,
     progress_bar,
     require_reiterable,
     resolve_show_progress,
 )
-from krylov_influence.arnoldi import arnoldi_iteration
-from krylov_influence.cache import (
-    CACHE,
-    ArchiveReader,
-    AtomicArchiveWriter,
-    DiskStore,
-    InfluenceVectorStore,
-    MemoryStore,
-    StoreKey,
-    as_cache,
-    resolve_path,
-    write_disk_store,
+from krylov_influence._streaming import (
+    Placement,
+    TrainingVectors,
+    batch_stream,
+    prepare_training_vectors,
+    require_data,
+    save_scores,
+    save_top_k,
+    write_vector_store,
 )
+from krylov_influence.arnoldi import arnoldi_iteration
+from krylov_influence.cache import CACHE, DiskStore, StoreKey, as_cache, resolve_path
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
-from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
+from krylov_influence.errors import NonFiniteError
 from krylov_influence.registry import bind_model
 from krylov_influence.topk import (
     ORDER,
@@ -65,19 +61,6 @@ from krylov_influence.topk import (
 )
 
 __all__ = ["ArnoldiInfluenceCalculator"]
-
-
-@dataclass(frozen=True)
-class _Placement:
-    """The model on one device, with the fitted state placed there in the model's dtype."""
-
-    model: InfluenceModel
-    projector: Any  # (k, p)
-    inverse: Any  # (k,): 1 / (λ + δ)
-
-    @property
-    def xp(self) -> Any:
-        return self.model.xp
 
 
 class ArnoldiInfluenceCalculator:
@@ -206,7 +189,7 @@ class ArnoldiInfluenceCalculator:
         self.show_progress = resolve_show_progress(show_progress)
         if self.dtype == "float64" and not self.model.capabilities.float64:
             raise ValueError(f"dtype='float64': the {self.model.engine_name} engine has no float64")
-        self._placements: dict[str, _Placement] = {}
+        self._placements: dict[str, Placement] = {}
         self._digest: str | None = None
         self._scratch_dir: str | None = None
 
@@ -379,7 +362,7 @@ class ArnoldiInfluenceCalculator:
         )
 
     # ------------------------------------------------------------------------ placement
-    def _placed(self, device: Any) -> _Placement:
+    def _placed(self, device: Any) -> Placement:
         """The model on ``device`` and the fitted state there, cached per device."""
         model = self.model.on_device(device)
         key = str(model.device)
@@ -390,48 +373,13 @@ class ArnoldiInfluenceCalculator:
         if model is self.model:
             projector = self.eigenbasis.projector
         else:
-            host = self.model.to_numpy(self.eigenbasis.projector)
-            projector = model.from_numpy(host)
+            projector = model.from_numpy(self.model.to_numpy(self.eigenbasis.projector))
         if projector.dtype != model.dtype:
             projector = xp.astype(projector, model.dtype)
         inverse = model.from_numpy(self.eigenbasis.inverse_eigenvalues)
-        placement = _Placement(model, projector, inverse)
+        placement = Placement(model, projector, inverse, self.show_progress)
         self._placements[key] = placement
         return placement
-
-    def _projections(self, placement: _Placement, batch: Any, index: int, stage: str) -> Any:
-        """``G g`` for every example of ``batch``: shape (B, k), model dtype."""
-        xp = placement.xp
-        projected = placement.model.project(placement.projector, batch)
-        if not bool(xp.all(xp.isfinite(projected))):
-            raise NonFiniteError(
-                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
-            )
-        return projected
-
-    def _stream(self, dataset: Iterable[Any], name: str, produce: Any) -> BatchStream:
-        """Lazy per-batch results of ``produce(index, batch)``; empty data is an error."""
-        _require_data(dataset, name)
-
-        def run() -> Iterator[Any]:
-            seen = False
-            with progress_bar(self.show_progress, dataset_length(dataset), name) as bar:
-                for index, batch in enumerate(dataset):
-                    seen = True
-                    yield produce(index, batch)
-                    bar.update(1)
-            if not seen:
-                raise ValueError(f"{name}: the dataset is empty")
-
-        return BatchStream(run, dataset_length(dataset))
-
-    def _vector_stream(self, placement: _Placement, dataset: Iterable[Any], name: str) -> Any:
-        """``(batch, influence vectors (B, k))`` per batch, computed now."""
-
-        def produce(index: int, batch: Any) -> tuple[Any, Any]:
-            return batch, self._projections(placement, batch, index, name) * placement.inverse
-
-        return self._stream(dataset, name, produce)
 
     # ------------------------------------------------------------------- influence vectors
     def compute_influence_vector(
@@ -469,19 +417,17 @@ class ArnoldiInfluenceCalculator:
         """
         placement = self._placed(device)
         if save_influence_vector_ds_path is None:
-            return self._vector_stream(placement, train_set, "train_set")
+            return placement.vector_stream(train_set, "train_set")
         argument = "save_influence_vector_ds_path"
         path = resolve_path(save_influence_vector_ds_path, "influence_vectors")
         key = self._store_key(placement)
         if os.path.exists(path):
-            store: InfluenceVectorStore = DiskStore(path, argument=argument)
-            store.check(key)  # type: ignore[attr-defined]
+            store = DiskStore(path, argument=argument)
+            store.check(key)
         else:
-            store = self._write_store(placement, train_set, path, key, argument)
-        return BatchStream(
-            lambda: self._paired(placement, store, train_set, argument),
-            len(store.batch_sizes),
-        )
+            store = write_vector_store(placement, train_set, path, key, argument)
+        vectors = TrainingVectors(placement, train_set, store, argument)
+        return BatchStream(vectors.paired, len(store.batch_sizes))
 
     def compute_influence_values(self, train_set: Iterable[Any], device: Any = None) -> BatchStream:
         """Self-influence ``S(x) = g_xᵀ H⁻¹ g_x`` of every example, batch by batch.
@@ -501,10 +447,10 @@ class ArnoldiInfluenceCalculator:
         xp = placement.xp
 
         def produce(index: int, batch: Any) -> tuple[Any, Any]:
-            projected = self._projections(placement, batch, index, "train_set")
+            projected = placement.projections(batch, index, "train_set")
             return batch, xp.sum(projected * projected * placement.inverse, axis=1)
 
-        return self._stream(train_set, "train_set", produce)
+        return batch_stream(train_set, "train_set", produce, self.show_progress)
 
     def compute_top_k_from_training_dataset(
         self,
@@ -555,27 +501,13 @@ class ArnoldiInfluenceCalculator:
         return TrainingTopK(xp.reshape(indices, (k,)), xp.reshape(values, (k,)))
 
     # ----------------------------------------------------------------- training stores
-    def _store_key(self, placement: _Placement) -> StoreKey:
+    def _store_key(self, placement: Placement) -> StoreKey:
         return StoreKey(
             fingerprint=self.model.fingerprint(),
             eigenbasis=self.eigenbasis_digest,
             dtype=placement.model.dtype_name,
             rank=self.eigenbasis.rank,
         )
-
-    def _write_store(
-        self,
-        placement: _Placement,
-        train_set: Iterable[Any],
-        path: str,
-        key: StoreKey,
-        argument: str,
-    ) -> DiskStore:
-        model = placement.model
-        blocks = (
-            model.to_numpy(v) for _, v in self._vector_stream(placement, train_set, "train_set")
-        )
-        return write_disk_store(path, key, blocks, argument=argument)
 
     def _scratch_path(self) -> str:
         """A fresh file name in a private directory removed with the calculator."""
@@ -587,105 +519,34 @@ class ArnoldiInfluenceCalculator:
         os.remove(path)
         return path
 
-    def _prepare_store(
+    def _training_vectors(
         self,
-        placement: _Placement,
+        placement: Placement,
         train_set: Iterable[Any],
         cache: CACHE,
         load_path: Any,
         save_path: Any,
-        load_argument: str,
-        save_argument: str,
-    ) -> InfluenceVectorStore | None:
-        """The training influence vectors as ``cache`` asks (``None``: recompute on demand).
+        arguments: tuple[str, str],
+    ) -> TrainingVectors:
+        return prepare_training_vectors(
+            placement,
+            train_set,
+            cache,
+            self._store_key(placement),
+            load_path=load_path,
+            save_path=save_path,
+            load_argument=arguments[0],
+            save_argument=arguments[1],
+            scratch_path=self._scratch_path,
+        )
 
-        - ``load_path``: the store there (must match), held in memory for ``CACHE.MEMORY``;
-        - otherwise ``CACHE.MEMORY`` computes into memory, ``CACHE.DISK`` into a store (the
-          save path, or a scratch file), ``CACHE.NO_CACHE`` computes nothing now;
-        - ``save_path`` (when given) receives a copy of the vectors as a store, and is then
-          used as the disk store (also for ``CACHE.NO_CACHE``: no need to recompute).
-        """
-        key = self._store_key(placement)
-        model = placement.model
-        if load_path is not None:
-            loaded = DiskStore(resolve_path(load_path, "influence_vectors"), argument=load_argument)
-            loaded.check(key)
-            if save_path is not None:
-                target = resolve_path(save_path, "influence_vectors")
-                if os.path.abspath(target) != os.path.abspath(loaded.path):
-                    loaded = write_disk_store(
-                        target, key, loaded.blocks(lambda a: a), argument=save_argument
-                    )
-            if cache is CACHE.MEMORY:
-                return MemoryStore(key, list(loaded.blocks(model.from_numpy)))
-            return loaded
-        _require_data(train_set, "train_set")
-        if cache is CACHE.MEMORY:
-            arrays = [v for _, v in self._vector_stream(placement, train_set, "train_set")]
-            if save_path is not None:
-                target = resolve_path(save_path, "influence_vectors")
-                write_disk_store(
-                    target, key, (model.to_numpy(a) for a in arrays), argument=save_argument
-                )
-            return MemoryStore(key, arrays)
-        if cache is CACHE.DISK or save_path is not None:
-            if save_path is not None:
-                target = resolve_path(save_path, "influence_vectors")
-            else:
-                target = self._scratch_path()
-            return self._write_store(placement, train_set, target, key, save_argument)
-        return None
-
-    def _paired(
-        self,
-        placement: _Placement,
-        store: InfluenceVectorStore | None,
-        train_set: Iterable[Any],
-        argument: str,
-    ) -> Iterator[tuple[Any, Any]]:
-        """``(train batch, influence vectors)`` pairs from ``store`` (or computed).
-
-        Checks that every batch of ``train_set`` has as many examples as the stored block.
-        """
-        if store is None:
-            yield from self._vector_stream(placement, train_set, "train_set")
-            return
-        model = placement.model
-        batches = iter(train_set)
-        sentinel = object()
-        for index, vectors in enumerate(store.blocks(model.from_numpy)):
-            batch = next(batches, sentinel)
-            expected = int(vectors.shape[0])
-            if batch is sentinel or model.batch_size(batch) != expected:
-                got = "no batch" if batch is sentinel else f"{model.batch_size(batch)} examples"
-                raise IncompatibleStoreError(
-                    f"{argument}: batch {index} of train_set has {got} but the influence-vector "
-                    f"store has {expected}; the store was computed on another training set"
-                )
-            yield batch, vectors
-        if next(batches, sentinel) is not sentinel:
-            raise IncompatibleStoreError(
-                f"{argument}: train_set has more batches than the influence-vector store "
-                f"({len(store.batch_sizes)}); the store was computed on another training set"
-            )
-
-    def _indexed_blocks(
-        self,
-        placement: _Placement,
-        store: InfluenceVectorStore | None,
-        train_set: Iterable[Any],
-        convert: Callable[[Any], Any],
-    ) -> Iterator[tuple[int, Any]]:
-        """``(start, influence vectors (B, k))`` over the training set, in order."""
-        if store is not None:
-            for start, vectors in store.indexed_blocks(placement.model.from_numpy):
-                yield start, convert(vectors)
-            return
-        start = 0
-        for index, batch in enumerate(train_set):
-            projected = self._projections(placement, batch, index, "train_set")
-            yield start, convert(projected * placement.inverse)
-            start += int(projected.shape[0])
+    def _provenance(self, placement: Placement) -> dict[str, Any]:
+        return {
+            "fingerprint": self.model.fingerprint(),
+            "eigenbasis": self.eigenbasis_digest,
+            "dtype": placement.model.dtype_name,
+            "rank": self.eigenbasis.rank,
+        }
 
     # --------------------------------------------------------------------- pairwise scores
     def estimate_influence_values_in_batches(
@@ -743,93 +604,42 @@ class ArnoldiInfluenceCalculator:
             If a store to load belongs to another model, fit, dtype or training set.
         """
         cache = as_cache(influence_vector_in_cache, "influence_vector_in_cache")
-        _require_data(dataset_to_evaluate, "dataset_to_evaluate")
+        require_data(dataset_to_evaluate, "dataset_to_evaluate")
         placement = self._placed(device)
         xp = placement.xp
-        store = self._prepare_store(
+        training = self._training_vectors(
             placement,
             train_set,
             cache,
             load_influence_vector_path,
             save_influence_vector_path,
-            "load_influence_vector_path",
-            "save_influence_vector_path",
-        )
-        argument = (
-            "load_influence_vector_path"
-            if load_influence_vector_path is not None
-            else "save_influence_vector_path"
+            ("load_influence_vector_path", "save_influence_vector_path"),
         )
 
         def scores_against_training(projected: Any) -> BatchStream:
             def run() -> Iterator[tuple[Any, Any]]:
-                for batch, vectors in self._paired(placement, store, train_set, argument):
+                for batch, vectors in training.paired():
                     yield batch, xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
 
-            return BatchStream(run, _batch_count(store, train_set))
+            return BatchStream(run, training.num_batches)
 
         def produce(index: int, query: Any) -> tuple[Any, BatchStream]:
-            projected = self._projections(placement, query, index, "dataset_to_evaluate")
+            projected = placement.projections(query, index, "dataset_to_evaluate")
             return query, scores_against_training(projected)
 
-        stream = self._stream(dataset_to_evaluate, "dataset_to_evaluate", produce)
+        stream = batch_stream(
+            dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress
+        )
         if save_influence_value_path is None:
             return stream
-        return self._save_scores(
-            placement, stream, save_influence_value_path, dataset_to_evaluate, train_set
+        return save_scores(
+            placement,
+            stream,
+            save_influence_value_path,
+            dataset_to_evaluate,
+            train_set,
+            self._provenance(placement),
         )
-
-    def _save_scores(
-        self,
-        placement: _Placement,
-        stream: BatchStream,
-        path: Any,
-        queries: Iterable[Any],
-        train_set: Iterable[Any],
-    ) -> BatchStream:
-        target = resolve_path(path, "influence_values")
-        model = placement.model
-        query_sizes: list[int] = []
-        train_sizes: list[int] = []
-        with AtomicArchiveWriter(target) as writer:
-            for q, (_, per_train) in enumerate(stream):
-                for t, (_, scores) in enumerate(per_train):
-                    writer.write_array(f"scores_{q:06d}_{t:06d}", model.to_numpy(scores))
-                    if q == 0:
-                        train_sizes.append(int(scores.shape[1]))
-                query_sizes.append(int(scores.shape[0]))
-            writer.write_json(
-                "metadata",
-                {
-                    "kind": "influence_values",
-                    "version": 1,
-                    "query_batch_sizes": query_sizes,
-                    "train_batch_sizes": train_sizes,
-                    **self._provenance(placement),
-                },
-            )
-        reader = ArchiveReader(target, "save_influence_value_path")
-
-        # The query and training batches come from the datasets again; the scores from the file.
-        def run() -> Iterator[tuple[Any, BatchStream]]:
-            for q, query in enumerate(queries):
-
-                def inner(q: int = q) -> Iterator[tuple[Any, Any]]:
-                    names = [f"scores_{q:06d}_{t:06d}" for t in range(len(train_sizes))]
-                    for batch, scores in zip(train_set, reader.iter_arrays(names)):
-                        yield batch, model.from_numpy(scores)
-
-                yield query, BatchStream(inner, len(train_sizes))
-
-        return BatchStream(run, len(query_sizes))
-
-    def _provenance(self, placement: _Placement) -> dict[str, Any]:
-        return {
-            "fingerprint": self.model.fingerprint(),
-            "eigenbasis": self.eigenbasis_digest,
-            "dtype": placement.model.dtype_name,
-            "rank": self.eigenbasis.rank,
-        }
 
     # ------------------------------------------------------------------------------ top-k
     def top_k(
@@ -911,7 +721,7 @@ class ArnoldiInfluenceCalculator:
                 "nearest_neighbors: expected a krylov_influence.BaseNearestNeighbors, got "
                 f"{type(nearest_neighbors).__name__}"
             )
-        _require_data(dataset_to_evaluate, "dataset_to_evaluate")
+        require_data(dataset_to_evaluate, "dataset_to_evaluate")
         placement = self._placed(device)
         xp = placement.xp
         score_dtype = (
@@ -921,82 +731,38 @@ class ArnoldiInfluenceCalculator:
         def convert(array: Any) -> Any:
             return array if array.dtype == score_dtype else xp.astype(array, score_dtype)
 
-        store = self._prepare_store(
+        training = self._training_vectors(
             placement,
             train_set,
             cache,
             load_influence_vector_ds_path,
             save_influence_vector_ds_path,
-            "load_influence_vector_ds_path",
-            "save_influence_vector_ds_path",
+            ("load_influence_vector_ds_path", "save_influence_vector_ds_path"),
         )
-        num_examples = None if store is None else store.num_examples
+        num_examples = training.num_examples
         if num_examples is not None and k > num_examples:
             raise ValueError(
                 f"k={k}: expected at most the number of training examples ({num_examples})"
             )
         nearest_neighbors.build(
-            lambda: self._indexed_blocks(placement, store, train_set, convert),
-            num_examples=num_examples,
-            xp=xp,
+            lambda: training.indexed_blocks(convert), num_examples=num_examples, xp=xp
         )
         search = nearest_neighbors
 
         def produce(index: int, query: Any) -> TopKBatch:
-            projected = convert(self._projections(placement, query, index, "dataset_to_evaluate"))
+            projected = convert(placement.projections(query, index, "dataset_to_evaluate"))
             values, indices = search.query(projected, k, order)
             return TopKBatch(query, values, indices)
 
-        stream = self._stream(dataset_to_evaluate, "dataset_to_evaluate", produce)
+        stream = batch_stream(
+            dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress
+        )
         if save_top_k_ds_path is None:
             return stream
-        return self._save_top_k(
-            placement, stream, save_top_k_ds_path, dataset_to_evaluate, k, order, convert
+        metadata = {"k": k, "order": order.name, **self._provenance(placement)}
+        return save_top_k(
+            placement, stream, save_top_k_ds_path, dataset_to_evaluate, convert, metadata
         )
-
-    def _save_top_k(
-        self,
-        placement: _Placement,
-        stream: BatchStream,
-        path: Any,
-        queries: Iterable[Any],
-        k: int,
-        order: ORDER,
-        convert: Callable[[Any], Any],
-    ) -> BatchStream:
-        target = resolve_path(path, "top_k")
-        model = placement.model
-        sizes: list[int] = []
-        with AtomicArchiveWriter(target) as writer:
-            for q, (_, values, indices) in enumerate(stream):
-                writer.write_array(f"values_{q:06d}", model.to_numpy(values))
-                writer.write_array(f"indices_{q:06d}", model.to_numpy(indices))
-                sizes.append(int(values.shape[0]))
-            writer.write_json(
-                "metadata",
-                {
-                    "kind": "top_k",
-                    "version": 1,
-                    "k": k,
-                    "order": order.name,
-                    "query_batch_sizes": sizes,
-                    **self._provenance(placement),
-                },
-            )
-        reader = ArchiveReader(target, "save_top_k_ds_path")
-        xp = placement.xp
-
-        def run() -> Iterator[TopKBatch]:
-            names = itertools.chain.from_iterable(
-                (f"values_{q:06d}", f"indices_{q:06d}") for q in range(len(sizes))
-            )
-            arrays = reader.iter_arrays(list(names))
-            for query in queries:
-                values = convert(model.from_numpy(next(arrays)))
-                indices = model.from_numpy(next(arrays), dtype=xp.int64)
-                yield TopKBatch(query, values, indices)
-
-        return BatchStream(run, len(sizes))
 
     # ------------------------------------------------------------------------ helpers
     def locate_examples(self, train_set: Iterable[Any], indices: Any) -> tuple[Any, Any]:
@@ -1053,19 +819,6 @@ class ArnoldiInfluenceCalculator:
                 for _, v in self.compute_influence_values(train_set, device=device)
             ]
         ).astype(np.float64)
-
-
-def _batch_count(store: InfluenceVectorStore | None, dataset: Iterable[Any]) -> int | None:
-    if store is not None:
-        return len(store.batch_sizes)
-    return dataset_length(dataset)
-
-
-def _require_data(dataset: Any, name: str) -> None:
-    """Re-iterable and, when its length is known, non-empty."""
-    require_reiterable(dataset, name)
-    if dataset_length(dataset) == 0:
-        raise ValueError(f"{name}: the dataset is empty")
 
 
 def _positive_int(value: Any, name: str) -> int:
