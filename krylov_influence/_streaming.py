@@ -8,8 +8,10 @@ recomputation) and how saved results are written and read back.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -242,13 +244,23 @@ def prepare_training_vectors(
             host = (model.to_numpy(a) for a in arrays)
             write_disk_store(target, key, host, argument=save_argument)
         return TrainingVectors(placement, train_set, MemoryStore(key, arrays), save_argument)
-    if cache is CACHE.DISK or save_path is not None:
-        target = (
-            scratch_path() if save_path is None else resolve_path(save_path, "influence_vectors")
-        )
+    if save_path is not None:
+        target = resolve_path(save_path, "influence_vectors")
         store = write_vector_store(placement, train_set, target, key, save_argument)
         return TrainingVectors(placement, train_set, store, save_argument)
+    if cache is CACHE.DISK:
+        target = scratch_path()
+        store = write_vector_store(placement, train_set, target, key, save_argument)
+        training = TrainingVectors(placement, train_set, store, save_argument)
+        # A scratch store lives as long as the streams that read it.
+        weakref.finalize(training, _remove_quietly, target)
+        return training
     return TrainingVectors(placement, train_set, None, save_argument)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def save_scores(

@@ -262,3 +262,19 @@ def test_saved_influence_values_and_top_k(numpy_problem: Problem, tmp_path) -> N
     archive = np.load(top_path)
     np.testing.assert_array_equal(archive["indices_000000"], indices[:3])
     np.testing.assert_array_equal(archive["values_000002"], values[6:])
+
+
+def test_disk_scratch_store_lives_as_long_as_its_stream(numpy_problem: Problem) -> None:
+    import gc
+
+    calc = numpy_problem.calc
+    stream = calc.top_k(
+        numpy_problem.queries, numpy_problem.train, k=2, influence_vector_in_cache=CACHE.DISK
+    )
+    assert calc._scratch_dir is not None
+    assert len(os.listdir(calc._scratch_dir)) == 1
+    first = top_k_of(numpy_problem, stream)
+    np.testing.assert_array_equal(top_k_of(numpy_problem, stream)[1], first[1])  # re-iterable
+    del stream
+    gc.collect()
+    assert os.listdir(calc._scratch_dir) == []

@@ -10,9 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from calculator_support import Problem, make_problem, query_spec, training_spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from krylov_influence import CACHE, ORDER, ArnoldiInfluenceCalculator, exact
 from krylov_influence.registry import get_engine
+from krylov_influence.testing import random_mlp_spec
 
 
 def host(problem: Problem, array: object) -> np.ndarray:
@@ -183,3 +186,53 @@ def test_progress_bars_run(capsys) -> None:
     calc = ArnoldiInfluenceCalculator(model, train, 15, True, 15, "float64", show_progress=True)
     list(calc.top_k(train, train, k=2, influence_vector_in_cache=CACHE.NO_CACHE))
     assert "dataset_to_evaluate" in capsys.readouterr().err
+
+
+def test_explicit_device_gives_the_same_results(problem: Problem) -> None:
+    """Every engine accepts its own device by name (engines with several test more)."""
+    device = problem.model.device
+    default = problem.calc.self_influence(problem.train)
+    np.testing.assert_array_equal(
+        problem.calc.self_influence(problem.train, device=device), default
+    )
+    top = next(iter(problem.calc.top_k(problem.queries, problem.train, k=2, device=device)))
+    first = next(iter(problem.calc.top_k(problem.queries, problem.train, k=2)))
+    np.testing.assert_array_equal(
+        problem.model.to_numpy(top.indices), problem.model.to_numpy(first.indices)
+    )
+
+
+@settings(deadline=None)
+@given(
+    sizes=st.tuples(st.integers(2, 5), st.integers(2, 4)),
+    n_train=st.integers(3, 30),
+    n_query=st.integers(1, 9),
+    batch=st.integers(1, 7),
+    k_fraction=st.floats(0.0, 1.0),
+    order=st.sampled_from(list(ORDER)),
+    cache=st.sampled_from(list(CACHE)),
+    seed=st.integers(0, 2**16),
+)
+def test_top_k_on_random_problems(sizes, n_train, n_query, batch, k_fraction, order, cache, seed):
+    """Random sizes, batchings (partial batches) and k, on the NumPy engine, vs brute force."""
+    rng = np.random.default_rng(seed)
+    spec = random_mlp_spec(rng, sizes, num_examples=n_train, batch_size=batch, l2=0.1)
+    queries_spec = query_spec(spec, seed + 1, num_examples=n_query, batch_size=batch)
+    reference = get_engine("numpy")
+    model, train = reference.from_neutral_spec(spec)
+    _, queries = reference.from_neutral_spec(queries_spec)
+    p = model.num_parameters
+    calc = ArnoldiInfluenceCalculator(model, train, p, True, p, "float64")
+    k = 1 + int(k_fraction * (n_train - 1))
+    results = list(calc.top_k(queries, train, k=k, order=order, influence_vector_in_cache=cache))
+    values = np.concatenate([r.values for r in results])
+    indices = np.concatenate([r.indices for r in results])
+    scores = exact.exact_influence(model, train, queries)
+    sign = -1.0 if order is ORDER.DESCENDING else 1.0
+    expected = np.take_along_axis(scores, np.argsort(sign * scores, axis=1)[:, :k], axis=1)
+    assert values.shape == indices.shape == (n_query, k)
+    assert_close(values, expected, 1e-9)
+    # Indices are distinct and point at training examples with exactly those scores (robust
+    # to the order of near-ties, which round-off may swap).
+    assert all(len(set(row)) == k for row in indices.tolist())
+    assert_close(np.take_along_axis(scores, indices, axis=1), values, 1e-9)
