@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from krylov_influence._data import BatchStream, dataset_length, progress_bar, require_reiterable
+from krylov_influence._xp import index_dtype
 from krylov_influence.cache import (
     CACHE,
     ArchiveReader,
@@ -322,7 +323,7 @@ def save_top_k(
 ) -> BatchStream:
     """Write every top-k result of ``stream`` now; return a stream that reads them back.
 
-    Members ``values_{q:06d}`` (B_query, k) and ``indices_{q:06d}`` (B_query, k) int64 per
+    Members ``values_{q:06d}`` (B_query, k) and ``indices_{q:06d}`` (B_query, k) integers per
     query batch; the query batches come from ``queries`` again.
     """
     target = resolve_path(path, "top_k")
@@ -346,7 +347,7 @@ def save_top_k(
         arrays = reader.iter_arrays(list(names))
         for query in queries:
             values = convert(model.from_numpy(next(arrays)))
-            indices = model.from_numpy(next(arrays), dtype=xp.int64)
+            indices = model.from_numpy(next(arrays), dtype=index_dtype(xp, model.device))
             yield TopKBatch(query, values, indices)
 
     return BatchStream(run, len(sizes))

@@ -477,10 +477,10 @@ class ArnoldiInfluenceCalculator:
         Returns
         -------
         TrainingTopK ``(indices, values)``
-            ``indices``: int64 array of shape (k,), global positions in ``train_set``
-            (counting across batches from 0); ``values``: shape (k,), their self-influence,
-            best first. Ties keep the smaller index. The examples themselves are
-            ``locate_examples(train_set, indices)`` away.
+            ``indices``: integers (int64; int32 in JAX without x64) of shape (k,), global
+            positions in ``train_set`` (counting across batches from 0); ``values``: shape
+            (k,), their self-influence, best first. Ties keep the smaller index. The
+            examples themselves are ``locate_examples(train_set, indices)`` away.
 
         Raises
         ------
@@ -698,9 +698,10 @@ class ArnoldiInfluenceCalculator:
         -------
         BatchStream of TopKBatch ``(queries, values, indices)``
             ``queries``: the query batch untouched; ``values``: shape (B_query, k), the
-            scores ``I(x, z_i)`` best first; ``indices``: int64, shape (B_query, k), the
-            global positions of those training examples in ``train_set`` (counting across
-            batches from 0; ties keep the smaller index). Training examples are not held:
+            scores ``I(x, z_i)`` best first; ``indices``: integers (int64; int32 in JAX
+            without x64), shape (B_query, k), the global positions of those training
+            examples in ``train_set`` (counting across batches from 0; ties keep the smaller
+            index). Training examples are not held:
             :meth:`locate_examples` maps indices to (batch, row).
 
         Raises

@@ -21,7 +21,7 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from krylov_influence._xp import device_of
+from krylov_influence._xp import device_of, index_dtype
 
 __all__ = [
     "ORDER",
@@ -79,7 +79,8 @@ class TopKBatch(NamedTuple):
     values : array, shape (B_query, k)
         ``values[i, r]`` is the r-th best score ``I(x, z_i)`` over the training set, best
         first (highest for ``ORDER.DESCENDING``, lowest for ``ORDER.ASCENDING``).
-    indices : array of int64, shape (B_query, k)
+    indices : array of int, shape (B_query, k)
+        The namespace's index dtype: int64 (int32 in JAX without x64).
         Global training indices of those scores: position in the order of ``train_set``,
         counting from 0 across batches. Map one to its batch and row with
         :meth:`ArnoldiInfluenceCalculator.locate_examples`.
@@ -98,7 +99,8 @@ class TrainingTopK(NamedTuple):
 
     Attributes
     ----------
-    indices : array of int64, shape (k,)
+    indices : array of int, shape (k,)
+        The namespace's index dtype: int64 (int32 in JAX without x64).
         Global training indices, best first.
     values : array, shape (k,)
         Their self-influence ``g_xᵀ H⁻¹ g_x``, best first.
@@ -150,10 +152,11 @@ class RunningTopK:
         """
         xp = self.xp
         rows, width = int(scores.shape[0]), int(scores.shape[1])
-        columns = xp.arange(start, start + width, dtype=xp.int64, device=self.device)
+        integer = index_dtype(xp, self.device)
+        columns = xp.arange(start, start + width, dtype=integer, device=self.device)
         # Broadcast (1, B) against (Q, 1) by addition: no broadcast_to needed in the namespace.
         indices = xp.reshape(columns, (1, width)) + xp.zeros(
-            (rows, 1), dtype=xp.int64, device=self.device
+            (rows, 1), dtype=integer, device=self.device
         )
         if self._values is not None:
             scores = xp.concat([self._values, scores], axis=1)
@@ -229,8 +232,9 @@ class BaseNearestNeighbors(abc.ABC):
         -------
         values : array, shape (Q, k)
             Scores, best first.
-        indices : array of int64, shape (Q, k)
-            Global training indices (position in the order of the training set).
+        indices : array of int, shape (Q, k)
+            Global training indices (position in the order of the training set), in the
+            namespace's index dtype.
         """
 
 
