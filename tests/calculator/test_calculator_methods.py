@@ -236,3 +236,14 @@ def test_top_k_on_random_problems(sizes, n_train, n_query, batch, k_fraction, or
     # to the order of near-ties, which round-off may swap).
     assert all(len(set(row)) == k for row in indices.tolist())
     assert_close(np.take_along_axis(scores, indices, axis=1), values, 1e-9)
+
+
+def test_fitted_state_is_placed_once_per_device(numpy_problem: Problem, monkeypatch) -> None:
+    problem = numpy_problem
+    calls: list[object] = []
+    original = problem.model.on_device
+    monkeypatch.setattr(problem.model, "on_device", lambda d: calls.append(d) or original(d))
+    for _ in range(3):
+        problem.calc.self_influence(problem.train, device="cpu")
+        list(problem.calc.top_k(problem.queries, problem.train, k=1, device="cpu"))
+    assert calls == ["cpu"]
