@@ -104,8 +104,8 @@ class Functional:
     def _example_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
         # Inside vmap each example arrives without its batch axis; the module and the loss
         # see a batch of one, as they would outside.
-        x = map_leaves(lambda t: t.unsqueeze(0), x)
-        y = map_leaves(lambda t: t.unsqueeze(0), y)
+        x = map_leaves(_unsqueeze, x)
+        y = map_leaves(_unsqueeze, y)
         return self.losses(theta, x, y, 1)[0]
 
     # ------------------------------------------------------------------------ operators
@@ -145,5 +145,14 @@ class Functional:
 
     def per_example_grads(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``∇ℓ_b`` for every example, shape (B, p)."""
-        per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))
+        in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
+        per_example = vmap(grad(self._example_loss), in_dims=in_dims)
         return per_example(theta, batch.x, batch.y)
+
+
+def _unsqueeze(leaf: torch.Tensor | None) -> torch.Tensor | None:
+    return None if leaf is None else leaf.unsqueeze(0)
+
+
+def _batch_axis(leaf: torch.Tensor | None) -> int | None:
+    return None if leaf is None else 0

@@ -527,6 +527,30 @@ def test_batch_formats_agree():
     assert_close(model.hessian_operator(loader).mv(v), numpy_of(model.hvp(v, [(x, y)])), 1e-12)
 
 
+def test_targets_may_be_none():
+    net = mlp()
+    x, _ = classification_data()
+
+    def energy(outputs, targets):
+        assert targets is None
+        return 0.5 * (outputs**2).sum(dim=-1)
+
+    model = ki.InfluenceModel(net, energy)
+    named = dict(net.named_parameters())
+    rows = []
+    for i in range(len(x)):
+        loss = energy(net(torch.as_tensor(x[i : i + 1])), None)[0]
+        rows.append(
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(named.values()))])
+        )
+    assert_close(model.per_example_grads((x, None)), torch.stack(rows).numpy(), 1e-12)
+    assert_close(
+        model.losses({"x": x, "y": None}),
+        energy(net(torch.as_tensor(x)), None).detach().numpy(),
+        1e-14,
+    )
+
+
 def test_tuple_and_dict_inputs():
     class TwoInputs(torch.nn.Module):
         def __init__(self):
