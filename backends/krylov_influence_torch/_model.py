@@ -107,12 +107,13 @@ class TorchInfluenceModel(InfluenceModel):
         self._device = torch_device
         self._l2 = _check_l2(l2)
         self._chunk_size = _check_chunk_size(chunk_size)
-        with torch.no_grad():
-            self._theta = torch.cat([param.detach().reshape(-1) for param in chosen]).to(
-                device=torch_device, dtype=torch_dtype
-            )
+        # Each piece moves first, so a module spread over several devices binds too.
+        self._theta = torch.cat(
+            [p.detach().reshape(-1).to(device=torch_device, dtype=torch_dtype) for p in chosen]
+        )
+        chosen_names = set(names)
         fixed = {
-            name: tensor for name, tensor in module.named_parameters() if name not in set(names)
+            name: tensor for name, tensor in module.named_parameters() if name not in chosen_names
         }
         fixed.update(module.named_buffers())
         self._fixed = {name: self._place(tensor) for name, tensor in fixed.items()}
@@ -345,8 +346,9 @@ class TorchInfluenceModel(InfluenceModel):
     def _as_matrix(self, value: Any, ndim: int, name: str) -> torch.Tensor:
         tensor = torch.as_tensor(value)
         p = self.num_parameters
-        if tensor.ndim != ndim or tensor.shape[-1] != p:
-            expected = "(p,)" if ndim == 1 else f"({'m' if name == 'vectors' else 'k'}, p)"
+        if tensor.ndim != ndim or tensor.shape[-1] != p or tensor.shape[0] == 0:
+            rows = "m" if name == "vectors" else "k"
+            expected = "(p,)" if ndim == 1 else f"({rows}, p) with {rows} >= 1"
             raise ValueError(
                 f"{name}: expected shape {expected} with p = {p}, got {tuple(tensor.shape)}"
             )

@@ -497,6 +497,17 @@ def test_batch_norm_uses_running_statistics_and_is_not_updated():
     assert_close(
         model.per_example_grads((x, y)), autograd_per_example_grads(net, x, y, names), 1e-12
     )
+    projector = model.from_numpy(
+        np.random.default_rng(7).standard_normal((4, model.num_parameters))
+    )
+    expected = numpy_of(model.per_example_grads((x, y))) @ numpy_of(projector).T
+    assert_close(model.project(projector, (x, y)), expected, 1e-12)
+    hessian = dense_hessian(model, [(x, y)])
+    assert_close(
+        model.hvps(projector, [(x[:4], y[:4]), (x[4:], y[4:])]),
+        numpy_of(projector) @ hessian,
+        1e-12,
+    )
     for key, value in net.named_buffers():
         assert torch.equal(value, buffers[key]), key
 
@@ -656,6 +667,8 @@ def test_bad_arguments_give_clear_errors(monkeypatch):
         model.hvp(torch.ones(p + 1, dtype=torch.float64), [(x, y)])
     with pytest.raises(ValueError, match=r"projector: expected shape \(k, p\)"):
         model.project(torch.ones(p, dtype=torch.float64), (x, y))
+    with pytest.raises(ValueError, match=r"projector: expected shape \(k, p\) with k >= 1"):
+        model.project(torch.ones(0, p, dtype=torch.float64), (x, y))
     with pytest.raises(ValueError, match="vectors"):
         model.hvps(torch.ones(2, p - 1, dtype=torch.float64), [(x, y)])
     with pytest.raises(ValueError, match="'fc9'"):
