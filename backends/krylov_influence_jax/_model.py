@@ -13,6 +13,7 @@ import numpy as np
 from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
 from krylov_influence_jax import _batches, _kernels
 from krylov_influence_jax._kernels import Program
+from krylov_influence_jax._namespace import JAX_NAMESPACE
 from krylov_influence_jax._params import ParameterLayout, split_parameters
 from krylov_influence_jax._placement import (
     device_names,
@@ -68,7 +69,7 @@ class JaxInfluenceModel(InfluenceModel):
     # ----------------------------------------------------------------- placement and precision
     @property
     def xp(self) -> Any:
-        return jnp
+        return JAX_NAMESPACE
 
     @property
     def dtype(self) -> np.dtype:
