@@ -54,15 +54,16 @@ def dtype_name(dtype: Any) -> str:
     ValueError
         If ``dtype`` is not a 32- or 64-bit float type.
     """
+    attribute = getattr(dtype, "name", None)  # tf.DType, np.dtype
     if isinstance(dtype, str):
         name = dtype
+    elif isinstance(attribute, str):
+        name = attribute
     else:
-        name = getattr(dtype, "name", None)  # tf.DType, np.dtype
-        if not isinstance(name, str):
-            try:
-                name = np.dtype(dtype).name  # numpy scalar types, jnp.float32
-            except TypeError:
-                name = str(dtype).rsplit(".", 1)[-1]  # torch.float64 -> "float64"
+        try:
+            name = np.dtype(dtype).name  # numpy scalar types, jnp.float32
+        except TypeError:
+            name = str(dtype).rsplit(".", 1)[-1]  # torch.float64 -> "float64"
     name = name.strip().lower()
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype={dtype!r}: expected float32 or float64")

@@ -28,6 +28,7 @@ from krylov_influence.arnoldi import arnoldi_iteration
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import NonFiniteError
+from krylov_influence.registry import bind_model
 
 __all__ = ["ArnoldiInfluenceCalculator"]
 
@@ -95,9 +96,7 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
     ):
-        self.model: InfluenceModel = (
-            model if isinstance(model, InfluenceModel) else InfluenceModel(model)
-        )
+        self.model: InfluenceModel = bind_model(model)
         self.train_dataset = require_reiterable(train_dataset, "train_dataset")
         self.hessian_dataset = require_reiterable(
             train_dataset if hessian_dataset is None else hessian_dataset, "hessian_dataset"
