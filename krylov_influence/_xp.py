@@ -5,15 +5,21 @@ arrays. NumPy, PyTorch and JAX get theirs from ``array_api_compat``; an engine w
 has no compatible namespace (TensorFlow) supplies an object with exactly these names:
 
 - creation: ``asarray(x, dtype=, device=)``, ``zeros(shape, dtype=, device=)``,
-  ``ones(shape, dtype=, device=)``, ``arange(n, dtype=, device=)``
+  ``ones(shape, dtype=, device=)``, ``arange(start, stop, dtype=, device=)`` (also
+  ``arange(n, ...)``)
 - shape: ``stack(arrays, axis=)``, ``concat(arrays, axis=)``, ``reshape(x, shape)``,
-  ``expand_dims(x, axis=)``
+  ``expand_dims(x, axis=)``, ``permute_dims(x, axes)`` (the core's transpose: TensorFlow
+  tensors have no ``.T``)
 - arithmetic: operators ``+ - * / @`` and unary ``-`` on arrays, ``matmul``, ``sum(x, axis=)``,
   ``sqrt``, ``abs``, ``linalg.vector_norm(x)``, ``vecdot(a, b)``
 - reductions and search: ``max(x)``, ``all(x)``, ``isfinite(x)``, ``argsort(x, axis=,
   descending=, stable=)``, ``take_along_axis(x, indices, axis=)``, ``take(x, indices, axis=)``
-- dtype: ``astype(x, dtype)``, ``float32``, ``float64``, ``int64``, ``finfo(dtype).eps``
-- indexing: basic slicing ``x[a:b]`` and ``x[i, ...]``; matrix transpose ``x.T`` on 2-D arrays
+- dtype: ``astype(x, dtype)``, ``float32``, ``float64``, ``int64``, ``finfo(dtype).eps``;
+  optionally ``__array_namespace_info__()`` (for the default index dtype, else ``int64``)
+- indexing: basic slicing ``x[a:b]``, ``x[:, a:b]`` and ``x[i, ...]``; matrix transpose
+  ``x.T`` on 2-D arrays (older code; new code uses ``permute_dims``)
+- attributes: ``x.shape`` (ints) and ``x.dtype`` (comparable with ``==`` to the namespace's
+  dtypes)
 - optional hooks: ``to_numpy(x)`` (host copy) and ``set_row(matrix, i, row) -> matrix``
   (row assignment, in place where the framework allows it).
 
@@ -28,7 +34,15 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["array_namespace", "device_of", "dtype_name", "eps", "set_row", "to_numpy"]
+__all__ = [
+    "array_namespace",
+    "device_of",
+    "dtype_name",
+    "eps",
+    "index_dtype",
+    "set_row",
+    "to_numpy",
+]
 
 
 def array_namespace(*arrays: Any) -> Any:
@@ -73,6 +87,22 @@ def dtype_name(dtype: Any) -> str:
 def eps(xp: Any, dtype: Any) -> float:
     """Machine epsilon of ``dtype`` (float32 or float64)."""
     return float(np.finfo(dtype_name(dtype)).eps)
+
+
+def index_dtype(xp: Any, device: Any = None) -> Any:
+    """The namespace's default integer dtype for indices (``int64`` where it has none).
+
+    ``__array_namespace_info__().default_dtypes()["indexing"]`` when the namespace has it:
+    int64 in NumPy and PyTorch, int32 in JAX without ``jax_enable_x64`` (where asking for
+    int64 would warn and give int32 anyway).
+    """
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is not None:
+        try:
+            return info().default_dtypes(device=device)["indexing"]
+        except Exception:  # a namespace whose info does not know this device
+            pass
+    return xp.int64
 
 
 def to_numpy(array: Any, xp: Any = None) -> np.ndarray:

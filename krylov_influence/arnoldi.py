@@ -218,7 +218,7 @@ def arnoldi_iteration(
 
     loss = None
     if check_orthogonality:
-        gram = host(xp.matmul(basis, basis.T)).astype(np.float64)
+        gram = host(xp.matmul(basis, xp.permute_dims(basis, (1, 0)))).astype(np.float64)
         loss = float(np.max(np.abs(gram - np.eye(n))))
     return ArnoldiResult(
         basis=basis,

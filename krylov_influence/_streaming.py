@@ -1,0 +1,353 @@
+"""The calculator's plumbing: a fitted state on a device, batch streams, training vectors.
+
+Private to :mod:`krylov_influence.calculator`, which documents the behaviour. Kept apart so
+that the calculator module holds the public API and its documentation, and this one the
+mechanics of where training influence vectors come from (memory, a disk store, or
+recomputation) and how saved results are written and read back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from krylov_influence._data import BatchStream, dataset_length, progress_bar, require_reiterable
+from krylov_influence._xp import index_dtype
+from krylov_influence.cache import (
+    CACHE,
+    ArchiveReader,
+    AtomicArchiveWriter,
+    DiskStore,
+    InfluenceVectorStore,
+    MemoryStore,
+    StoreKey,
+    resolve_path,
+    write_disk_store,
+)
+from krylov_influence.engine import InfluenceModel
+from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
+from krylov_influence.topk import TopKBatch
+
+__all__ = [
+    "Placement",
+    "TrainingVectors",
+    "batch_stream",
+    "prepare_training_vectors",
+    "require_data",
+    "save_scores",
+    "save_top_k",
+    "write_vector_store",
+]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The model on one device with the fitted state placed there, in the model's dtype.
+
+    Attributes
+    ----------
+    model : InfluenceModel
+    projector : array, shape (k, p)
+        ``G``.
+    inverse : array, shape (k,)
+        ``1 / (λ + δ)``.
+    show_progress : bool
+    """
+
+    model: InfluenceModel
+    projector: Any
+    inverse: Any
+    show_progress: bool = False
+
+    @property
+    def xp(self) -> Any:
+        return self.model.xp
+
+    def projections(self, batch: Any, index: int, stage: str) -> Any:
+        """``G g`` for every example of ``batch``: shape (B, k); non-finite is an error."""
+        xp = self.xp
+        projected = self.model.project(self.projector, batch)
+        if not bool(xp.all(xp.isfinite(projected))):
+            raise NonFiniteError(
+                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
+            )
+        return projected
+
+    def vectors(self, batch: Any, index: int, stage: str) -> Any:
+        """Influence vectors ``diag(1/(λ+δ)) G g``: shape (B, k)."""
+        return self.projections(batch, index, stage) * self.inverse
+
+    def vector_stream(self, dataset: Iterable[Any], name: str) -> BatchStream:
+        """``(batch, influence vectors (B, k))`` per batch, lazily."""
+        return batch_stream(
+            dataset, name, lambda i, b: (b, self.vectors(b, i, name)), self.show_progress
+        )
+
+
+def require_data(dataset: Any, name: str) -> None:
+    """Re-iterable and, when its length is known, non-empty."""
+    require_reiterable(dataset, name)
+    if dataset_length(dataset) == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+
+
+def batch_stream(
+    dataset: Iterable[Any], name: str, produce: Callable[[int, Any], Any], show_progress: bool
+) -> BatchStream:
+    """Lazy per-batch results of ``produce(index, batch)``; empty data is an error."""
+    require_data(dataset, name)
+
+    def run() -> Iterator[Any]:
+        seen = False
+        with progress_bar(show_progress, dataset_length(dataset), name) as bar:
+            for index, batch in enumerate(dataset):
+                seen = True
+                yield produce(index, batch)
+                bar.update(1)
+        if not seen:
+            raise ValueError(f"{name}: the dataset is empty")
+
+    return BatchStream(run, dataset_length(dataset))
+
+
+def write_vector_store(
+    placement: Placement, train_set: Iterable[Any], path: str, key: StoreKey, argument: str
+) -> DiskStore:
+    """Compute the training vectors batch by batch into an atomic store at ``path``."""
+    model = placement.model
+    blocks = (model.to_numpy(v) for _, v in placement.vector_stream(train_set, "train_set"))
+    return write_disk_store(path, key, blocks, argument=argument)
+
+
+class TrainingVectors:
+    """The training influence vectors of one call: from a store, or recomputed on demand.
+
+    Parameters
+    ----------
+    placement : Placement
+    train_set : re-iterable of batches
+    store : InfluenceVectorStore or None
+        ``None``: recompute from ``train_set`` on every pass (``CACHE.NO_CACHE``).
+    argument : str
+        The argument the store came from, for error messages.
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        train_set: Iterable[Any],
+        store: InfluenceVectorStore | None,
+        argument: str,
+    ):
+        self.placement = placement
+        self.train_set = train_set
+        self.store = store
+        self.argument = argument
+
+    @property
+    def num_examples(self) -> int | None:
+        """``N`` when a store knows it, else ``None``."""
+        return None if self.store is None else self.store.num_examples
+
+    @property
+    def num_batches(self) -> int | None:
+        if self.store is not None:
+            return len(self.store.batch_sizes)
+        return dataset_length(self.train_set)
+
+    def paired(self) -> Iterator[tuple[Any, Any]]:
+        """``(train batch, influence vectors (B, k))`` in order.
+
+        With a store, checks that every batch of ``train_set`` has as many examples as the
+        stored block (a store of another training set is refused).
+        """
+        if self.store is None:
+            yield from self.placement.vector_stream(self.train_set, "train_set")
+            return
+        model = self.placement.model
+        batches = iter(self.train_set)
+        sentinel = object()
+        for index, vectors in enumerate(self.store.blocks(model.from_numpy)):
+            batch = next(batches, sentinel)
+            expected = int(vectors.shape[0])
+            if batch is sentinel or model.batch_size(batch) != expected:
+                got = "no batch" if batch is sentinel else f"{model.batch_size(batch)} examples"
+                raise IncompatibleStoreError(
+                    f"{self.argument}: batch {index} of train_set has {got} but the "
+                    f"influence-vector store has {expected}; the store was computed on another "
+                    "training set"
+                )
+            yield batch, vectors
+        if next(batches, sentinel) is not sentinel:
+            raise IncompatibleStoreError(
+                f"{self.argument}: train_set has more batches than the influence-vector store "
+                f"({len(self.store.batch_sizes)}); the store was computed on another training set"
+            )
+
+    def indexed_blocks(self, convert: Callable[[Any], Any]) -> Iterator[tuple[int, Any]]:
+        """``(start, convert(influence vectors (B, k)))`` over the training set, in order."""
+        if self.store is not None:
+            for start, vectors in self.store.indexed_blocks(self.placement.model.from_numpy):
+                yield start, convert(vectors)
+            return
+        start = 0
+        for index, batch in enumerate(self.train_set):
+            vectors = self.placement.vectors(batch, index, "train_set")
+            yield start, convert(vectors)
+            start += int(vectors.shape[0])
+
+
+def prepare_training_vectors(
+    placement: Placement,
+    train_set: Iterable[Any],
+    cache: CACHE,
+    key: StoreKey,
+    *,
+    load_path: Any,
+    save_path: Any,
+    load_argument: str,
+    save_argument: str,
+    scratch_path: Callable[[], str],
+) -> TrainingVectors:
+    """The training vectors as ``cache`` asks.
+
+    - ``load_path``: the store there (it must match ``key``), copied to memory for
+      ``CACHE.MEMORY``, streamed from disk otherwise;
+    - otherwise ``CACHE.MEMORY`` computes into memory, ``CACHE.DISK`` into a store (the save
+      path, or ``scratch_path()``), ``CACHE.NO_CACHE`` computes nothing now;
+    - ``save_path`` (when given) receives the vectors as a store, which then serves as the
+      disk store (also for ``CACHE.NO_CACHE``: nothing left to recompute).
+    """
+    model = placement.model
+    if load_path is not None:
+        loaded = DiskStore(resolve_path(load_path, "influence_vectors"), argument=load_argument)
+        loaded.check(key)
+        if save_path is not None:
+            target = resolve_path(save_path, "influence_vectors")
+            if os.path.abspath(target) != os.path.abspath(loaded.path):
+                loaded = write_disk_store(
+                    target, key, loaded.blocks(lambda a: a), argument=save_argument
+                )
+        if cache is CACHE.MEMORY:
+            memory = MemoryStore(key, list(loaded.blocks(model.from_numpy)))
+            return TrainingVectors(placement, train_set, memory, load_argument)
+        return TrainingVectors(placement, train_set, loaded, load_argument)
+    require_data(train_set, "train_set")
+    if cache is CACHE.MEMORY:
+        arrays = [v for _, v in placement.vector_stream(train_set, "train_set")]
+        if save_path is not None:
+            target = resolve_path(save_path, "influence_vectors")
+            host = (model.to_numpy(a) for a in arrays)
+            write_disk_store(target, key, host, argument=save_argument)
+        return TrainingVectors(placement, train_set, MemoryStore(key, arrays), save_argument)
+    if save_path is not None:
+        target = resolve_path(save_path, "influence_vectors")
+        store = write_vector_store(placement, train_set, target, key, save_argument)
+        return TrainingVectors(placement, train_set, store, save_argument)
+    if cache is CACHE.DISK:
+        target = scratch_path()
+        store = write_vector_store(placement, train_set, target, key, save_argument)
+        training = TrainingVectors(placement, train_set, store, save_argument)
+        # A scratch store lives as long as the streams that read it.
+        weakref.finalize(training, _remove_quietly, target)
+        return training
+    return TrainingVectors(placement, train_set, None, save_argument)
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def save_scores(
+    placement: Placement,
+    stream: BatchStream,
+    path: Any,
+    queries: Iterable[Any],
+    train_set: Iterable[Any],
+    provenance: dict[str, Any],
+) -> BatchStream:
+    """Write every score of ``stream`` now; return a stream that reads them back.
+
+    Member ``scores_{q:06d}_{t:06d}`` is the (B_query, B_train) block of query batch q and
+    training batch t; the batches themselves come from ``queries`` and ``train_set`` again.
+    """
+    target = resolve_path(path, "influence_values")
+    model = placement.model
+    query_sizes: list[int] = []
+    train_sizes: list[int] = []
+    with AtomicArchiveWriter(target) as writer:
+        for q, (query, per_train) in enumerate(stream):
+            for t, (_, scores) in enumerate(per_train):
+                writer.write_array(f"scores_{q:06d}_{t:06d}", model.to_numpy(scores))
+                if q == 0:
+                    train_sizes.append(int(scores.shape[1]))
+            query_sizes.append(model.batch_size(query))
+        writer.write_json(
+            "metadata",
+            {
+                "kind": "influence_values",
+                "version": 1,
+                "query_batch_sizes": query_sizes,
+                "train_batch_sizes": train_sizes,
+                **provenance,
+            },
+        )
+    reader = ArchiveReader(target, "save_influence_value_path")
+
+    def scores_of(q: int) -> BatchStream:
+        def run() -> Iterator[tuple[Any, Any]]:
+            names = [f"scores_{q:06d}_{t:06d}" for t in range(len(train_sizes))]
+            for batch, scores in zip(train_set, reader.iter_arrays(names)):
+                yield batch, model.from_numpy(scores)
+
+        return BatchStream(run, len(train_sizes))
+
+    return BatchStream(
+        lambda: ((query, scores_of(q)) for q, query in enumerate(queries)), len(query_sizes)
+    )
+
+
+def save_top_k(
+    placement: Placement,
+    stream: BatchStream,
+    path: Any,
+    queries: Iterable[Any],
+    convert: Callable[[Any], Any],
+    metadata: dict[str, Any],
+) -> BatchStream:
+    """Write every top-k result of ``stream`` now; return a stream that reads them back.
+
+    Members ``values_{q:06d}`` (B_query, k) and ``indices_{q:06d}`` (B_query, k) integers per
+    query batch; the query batches come from ``queries`` again.
+    """
+    target = resolve_path(path, "top_k")
+    model = placement.model
+    xp = placement.xp
+    sizes: list[int] = []
+    with AtomicArchiveWriter(target) as writer:
+        for q, (_, values, indices) in enumerate(stream):
+            writer.write_array(f"values_{q:06d}", model.to_numpy(values))
+            writer.write_array(f"indices_{q:06d}", model.to_numpy(indices))
+            sizes.append(int(values.shape[0]))
+        writer.write_json(
+            "metadata", {"kind": "top_k", "version": 1, "query_batch_sizes": sizes, **metadata}
+        )
+    reader = ArchiveReader(target, "save_top_k_ds_path")
+
+    def run() -> Iterator[TopKBatch]:
+        names = itertools.chain.from_iterable(
+            (f"values_{q:06d}", f"indices_{q:06d}") for q in range(len(sizes))
+        )
+        arrays = reader.iter_arrays(list(names))
+        for query in queries:
+            values = convert(model.from_numpy(next(arrays)))
+            indices = model.from_numpy(next(arrays), dtype=index_dtype(xp, model.device))
+            yield TopKBatch(query, values, indices)
+
+    return BatchStream(run, len(sizes))
