@@ -28,6 +28,7 @@ from krylov_influence.demo.metrics import (
     INSPECTED_FRACTIONS,
     detection,
     proponents_and_opponents,
+    strongest_neighbours,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +119,28 @@ def test_detection_against_brute_force() -> None:
     for fraction in INSPECTED_FRACTIONS:
         top = order[: round(fraction * 200)]
         assert result.found[fraction] == pytest.approx(flipped[top].sum() / flipped.sum())
+
+
+def test_top_k_neighbours_against_the_score_matrix() -> None:
+    """The calculator's streaming top-k agrees with sorting the full score matrix."""
+    import krylov_influence as ki
+    from krylov_influence.reference import SoftmaxRegression
+
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((90, 5)), rng.integers(0, 3, 90)
+    train = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 90, 32)]  # a short last batch
+    model = ki.InfluenceModel(
+        SoftmaxRegression(rng.standard_normal((5, 3)), np.zeros(3), l2=0.1), dtype="float64"
+    )
+    calc = ki.ArnoldiInfluenceCalculator(model, train, 18, True, 12, "float64")
+    queries = [(x[:4], y[:4])]
+    matrix = calc.influence_matrix(queries, train)  # (4, 90)
+    found = strongest_neighbours(calc, model, queries, train, 5)
+    for row, near, oracle in zip(matrix, found, proponents_and_opponents(matrix, 5)):
+        np.testing.assert_array_equal(near.proponents, oracle.proponents)
+        np.testing.assert_array_equal(near.opponents, oracle.opponents)
+        np.testing.assert_allclose(near.proponent_scores, row[oracle.proponents], rtol=1e-12)
+        np.testing.assert_allclose(near.opponent_scores, row[oracle.opponents], rtol=1e-12)
 
 
 def test_proponents_and_opponents_against_sorting() -> None:

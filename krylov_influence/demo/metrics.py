@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +15,7 @@ __all__ = [
     "choose_queries",
     "detection",
     "proponents_and_opponents",
+    "strongest_neighbours",
 ]
 
 #: Fractions of the training set inspected, most self-influential first.
@@ -133,6 +136,43 @@ def proponents_and_opponents(scores: np.ndarray, count: int) -> list[Neighbours]
     result = []
     for row in np.asarray(scores, dtype=np.float64):
         order = np.argsort(-row, kind="stable")
-        top, bottom = order[:count], order[::-1][:count]
+        top, bottom = order[:count], np.argsort(row, kind="stable")[:count]
         result.append(Neighbours(top, row[top], bottom, row[bottom]))
     return result
+
+
+def strongest_neighbours(
+    calc: Any, model: Any, queries: Iterable[Any], train_set: Iterable[Any], count: int
+) -> list[Neighbours]:
+    """Proponents and opponents of every query by the calculator's streaming top-k search.
+
+    Two passes of :meth:`~krylov_influence.ArnoldiInfluenceCalculator.top_k`: highest scores
+    first (proponents) and lowest first (opponents); no query × training matrix is formed.
+
+    Parameters
+    ----------
+    calc : ArnoldiInfluenceCalculator
+    model : InfluenceModel
+        The calculator's model (for the conversion of results to NumPy).
+    queries, train_set : re-iterables of batches
+    count : int
+        Proponents (and opponents) per query.
+
+    Returns
+    -------
+    list of Neighbours, one per query, in query order
+    """
+    from krylov_influence import ORDER
+
+    ends = []
+    for order in (ORDER.DESCENDING, ORDER.ASCENDING):
+        values, indices = [], []
+        for found in calc.top_k(queries, train_set, k=count, order=order):
+            values.append(model.to_numpy(found.values).astype(np.float64))
+            indices.append(model.to_numpy(found.indices).astype(np.int64))
+        ends.append((np.concatenate(values), np.concatenate(indices)))
+    (pro_values, pro_indices), (con_values, con_indices) = ends
+    return [
+        Neighbours(pro_indices[i], pro_values[i], con_indices[i], con_values[i])
+        for i in range(pro_values.shape[0])
+    ]

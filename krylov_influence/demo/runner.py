@@ -14,11 +14,7 @@ from typing import Any
 import numpy as np
 
 from krylov_influence.demo.data import load_digits_data
-from krylov_influence.demo.metrics import (
-    choose_queries,
-    detection,
-    proponents_and_opponents,
-)
+from krylov_influence.demo.metrics import choose_queries, detection, strongest_neighbours
 from krylov_influence.demo.training import TrainingConfig, engine_context, train
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
@@ -174,8 +170,9 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
                 trained.test_predictions, data.y_test, config.num_queries, config.seed
             )
             query_batch = trained.make_batch(data.x_test[queries], data.y_test[queries])
-            scores = calc.influence_matrix([query_batch], trained.train_batches)
-            neighbours = proponents_and_opponents(scores, config.num_neighbours)
+            neighbours = strongest_neighbours(
+                calc, trained.model, [query_batch], trained.train_batches, config.num_neighbours
+            )
         say(
             f"scores of {queries.size} test digits against the training set "
             f"({stages.seconds['scores']:.1f} s)"
