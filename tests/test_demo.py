@@ -221,7 +221,8 @@ def test_numpy_demo_imports_no_framework(tmp_path: Path) -> None:
         "from krylov_influence.cli import main\n"
         "main(['demo', '--quiet', '--subspace-dim', '30', '--k', '5', '--out', "
         f"{str(tmp_path)!r}])\n"
-        "print(json.dumps([m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules]))\n"
+        "frameworks = ('torch', 'jax', 'jaxlib', 'tensorflow', 'keras')\n"
+        "print(json.dumps([m for m in frameworks if m in sys.modules]))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "backends")])}
     done = subprocess.run(
