@@ -1,7 +1,8 @@
 """Wall time of the torch engine's operators on the digits-sized MLP (64-32-10 tanh, p = 2410).
 
-One Hessian-vector product over the 1437 examples (one batch), one projection with k = 50,
-one per-example-gradient pass; median of 5 after two warm-up calls, float64 and float32.
+One Hessian-vector product over the 1437 examples (one batch; both ``hvp_mode``s), one
+projection with k = 50, one per-example-gradient pass; median of 5 after two warm-up calls,
+float64 and float32.
 
     python benchmarks/torch_operator_timings.py            # OMP_NUM_THREADS=1 on a busy machine
 """
@@ -35,6 +36,9 @@ def median_ms(fn, repeats: int = 5) -> float:
 def time_operators(spec, dtype: str) -> dict[str, float]:
     """Median milliseconds of one HVP, one k = 50 projection and one per-example-gradient pass."""
     model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
+    reverse = TorchEngine.bind(
+        model.module, model._loss_fn, l2=spec.l2, hvp_mode="reverse-over-reverse"
+    )
     rng = np.random.default_rng(1)
     vector = model.from_numpy(rng.standard_normal(model.num_parameters))
     projector = model.from_numpy(rng.standard_normal((50, model.num_parameters)))
@@ -42,6 +46,7 @@ def time_operators(spec, dtype: str) -> dict[str, float]:
     batch = model.prepare(batches[0])
     return {
         "hvp": median_ms(lambda: operator.mv(vector)),
+        "hvp(reverse-over-reverse)": median_ms(lambda: reverse.hvp(vector, [batch])),
         "project(k=50)": median_ms(lambda: model.project(projector, batch)),
         "per_example_grads": median_ms(lambda: model.per_example_grads(batch)),
     }

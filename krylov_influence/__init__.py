@@ -7,8 +7,11 @@ The public API::
     model = ki.InfluenceModel(net, loss_fn)          # engine inferred from the model's type
     calc = ki.ArnoldiInfluenceCalculator(model, train, subspace_dim=200,
                                          force_hermitian=True, k_largest_eig_vals=50)
-    for batch, values in calc.compute_influence_values(train):
+    for batch, values in calc.compute_influence_values(train):      # values: (B,)
         ...
+    for queries, values, indices in calc.top_k(test, train, k=10):  # (B_query, 10) each
+        ...
+    calc.save("basis.npz")     # later: ki.ArnoldiInfluenceCalculator.load("basis.npz", model)
 
 Scores follow ``I(x, z) = ∇L(z)ᵀ H⁻¹ ∇L(x)`` with ``H`` the Hessian of the *mean* training
 loss; a positive score means that up-weighting ``x`` lowers the loss on ``z`` (a proponent).

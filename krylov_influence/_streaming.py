@@ -206,7 +206,7 @@ def prepare_training_vectors(
     placement: Placement,
     train_set: Iterable[Any],
     cache: CACHE,
-    key: StoreKey,
+    store_key: Callable[[], StoreKey],
     *,
     load_path: Any,
     save_path: Any,
@@ -216,15 +216,18 @@ def prepare_training_vectors(
 ) -> TrainingVectors:
     """The training vectors as ``cache`` asks.
 
-    - ``load_path``: the store there (it must match ``key``), copied to memory for
+    - ``load_path``: the store there (it must match ``store_key()``), copied to memory for
       ``CACHE.MEMORY``, streamed from disk otherwise;
     - otherwise ``CACHE.MEMORY`` computes into memory, ``CACHE.DISK`` into a store (the save
       path, or ``scratch_path()``), ``CACHE.NO_CACHE`` computes nothing now;
     - ``save_path`` (when given) receives the vectors as a store, which then serves as the
       disk store (also for ``CACHE.NO_CACHE``: nothing left to recompute).
+
+    ``store_key`` is only called when a store is read or written (it hashes the parameters).
     """
     model = placement.model
     if load_path is not None:
+        key = store_key()
         loaded = DiskStore(resolve_path(load_path, "influence_vectors"), argument=load_argument)
         loaded.check(key)
         if save_path is not None:
@@ -240,21 +243,21 @@ def prepare_training_vectors(
     require_data(train_set, "train_set")
     if cache is CACHE.MEMORY:
         arrays = [v for _, v in placement.vector_stream(train_set, "train_set")]
+        saved_key = None
         if save_path is not None:
+            saved_key = store_key()
             target = resolve_path(save_path, "influence_vectors")
             host = (model.to_numpy(a) for a in arrays)
-            write_disk_store(target, key, host, argument=save_argument)
-        return TrainingVectors(placement, train_set, MemoryStore(key, arrays), save_argument)
-    if save_path is not None:
-        target = resolve_path(save_path, "influence_vectors")
-        store = write_vector_store(placement, train_set, target, key, save_argument)
-        return TrainingVectors(placement, train_set, store, save_argument)
-    if cache is CACHE.DISK:
-        target = scratch_path()
-        store = write_vector_store(placement, train_set, target, key, save_argument)
+            write_disk_store(target, saved_key, host, argument=save_argument)
+        memory = MemoryStore(saved_key, arrays)
+        return TrainingVectors(placement, train_set, memory, save_argument)
+    if save_path is not None or cache is CACHE.DISK:
+        scratch = save_path is None
+        target = scratch_path() if scratch else resolve_path(save_path, "influence_vectors")
+        store = write_vector_store(placement, train_set, target, store_key(), save_argument)
         training = TrainingVectors(placement, train_set, store, save_argument)
-        # A scratch store lives as long as the streams that read it.
-        weakref.finalize(training, _remove_quietly, target)
+        if scratch:  # a scratch store lives as long as the streams that read it
+            weakref.finalize(training, _remove_quietly, target)
         return training
     return TrainingVectors(placement, train_set, None, save_argument)
 

@@ -239,12 +239,13 @@ class InfluenceVectorStore(abc.ABC):
 
     Attributes
     ----------
-    key : StoreKey
+    key : StoreKey or None
+        What the vectors were computed for (``None`` for a memory store made for one call).
     batch_sizes : tuple of int
         Examples per block, in training-set order.
     """
 
-    key: StoreKey
+    key: StoreKey | None
     batch_sizes: tuple[int, ...]
 
     @property
@@ -269,11 +270,12 @@ class MemoryStore(InfluenceVectorStore):
 
     Parameters
     ----------
-    key : StoreKey
+    key : StoreKey or None
+        ``None`` when the vectors were computed for this call only (never compared).
     arrays : list of arrays, each shape (B, k)
     """
 
-    def __init__(self, key: StoreKey, arrays: list[Any]):
+    def __init__(self, key: StoreKey | None, arrays: list[Any]):
         self.key = key
         self._arrays = list(arrays)
         self.batch_sizes = tuple(int(a.shape[0]) for a in self._arrays)
@@ -293,6 +295,8 @@ class DiskStore(InfluenceVectorStore):
     IncompatibleStoreError
         If the file is not an influence-vector store, or is incomplete.
     """
+
+    key: StoreKey
 
     def __init__(self, path: Any, *, argument: str = "path"):
         self.reader = ArchiveReader(path, argument)

@@ -364,11 +364,13 @@ class ArnoldiInfluenceCalculator:
     # ------------------------------------------------------------------------ placement
     def _placed(self, device: Any) -> Placement:
         """The model on ``device`` and the fitted state there, cached per device."""
-        model = self.model.on_device(device)
-        key = str(model.device)
+        # Keyed by the argument, so an engine's on_device (which may copy the model) runs
+        # once per device, not once per call.
+        key = "" if device is None else str(device)
         placement = self._placements.get(key)
-        if placement is not None and placement.model is model:
+        if placement is not None:
             return placement
+        model = self.model.on_device(device)
         xp = model.xp
         if model is self.model:
             projector = self.eigenbasis.projector
@@ -415,6 +417,7 @@ class ArnoldiInfluenceCalculator:
             If the store at the path belongs to another model, fit or dtype, or its batches
             do not line up with ``train_set``'s.
         """
+        require_data(train_set, "train_set")
         placement = self._placed(device)
         if save_influence_vector_ds_path is None:
             return placement.vector_stream(train_set, "train_set")
@@ -532,7 +535,7 @@ class ArnoldiInfluenceCalculator:
             placement,
             train_set,
             cache,
-            self._store_key(placement),
+            lambda: self._store_key(placement),
             load_path=load_path,
             save_path=save_path,
             load_argument=arguments[0],

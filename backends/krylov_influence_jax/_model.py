@@ -225,30 +225,26 @@ class JaxInfluenceModel(InfluenceModel):
 class _StagedHessian(HessianOperator):
     """The Hessian over an in-memory dataset, staged on the device once.
 
-    Consecutive batches of equal shapes are stacked into groups; one compiled program scans
-    every group, so a product is one dispatch whatever the number of batches.
+    Batches whose leaves agree in everything but the number of examples form one group: the
+    shorter ones (typically the last) are padded to the longest by repeating their first
+    example with weight 0, and the group is stacked. One compiled program scans every group,
+    so a product is one dispatch whatever the number of batches, and an uneven last batch
+    costs no second compilation.
     """
 
     def __init__(self, model: JaxInfluenceModel, batches: Iterable[Any]):
         super().__init__(model, batches)
-        groups: list[tuple[Any, list[Any], list[Any]]] = []
+        groups: dict[Any, list[tuple[Any, Any, int]]] = {}
         count = 0
         for batch in batches:
             x, y, size = model._stage(batch)
-            signature = (
-                jax.tree_util.tree_structure((x, y)),
-                [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves((x, y))],
-            )
-            if groups and groups[-1][0] == signature:
-                groups[-1][1].append(x)
-                groups[-1][2].append(y)
-            else:
-                groups.append((signature, [x], [y]))
+            leaves, treedef = jax.tree_util.tree_flatten((x, y))
+            key = (treedef, tuple((leaf.shape[1:], leaf.dtype) for leaf in leaves))
+            groups.setdefault(key, []).append((x, y, size))
             count += size
         if count == 0:
             raise ValueError("batches: the Hessian data is empty")
-        stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
-        self._groups = tuple((stack(xs), stack(ys)) for _, xs, ys in groups)
+        self._groups = tuple(_stack_padded(members, model.dtype) for members in groups.values())
         self._count = count
 
     def mv(self, v: Any) -> Any:
@@ -276,6 +272,20 @@ class _StagedHessian(HessianOperator):
             vectors,
             model._l2_array,
         )
+
+
+def _stack_padded(members: list[tuple[Any, Any, int]], dtype: np.dtype) -> tuple[Any, Any, Any]:
+    """Stack ``(x, y, B)`` batches into ``(xs, ys, weights)``, padding to the largest B."""
+    width = max(size for _, _, size in members)
+    xs, ys, weights = [], [], []
+    for x, y, size in members:
+        # Padding repeats example 0 (finite loss) and gives it weight 0.
+        index = jnp.concatenate([jnp.arange(size), jnp.zeros(width - size, dtype=int)])
+        xs.append(jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], x))
+        ys.append(jax.tree_util.tree_map(lambda leaf, i=index: leaf[i], y))
+        weights.append(jnp.concatenate([jnp.ones(size, dtype), jnp.zeros(width - size, dtype)]))
+    stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    return stack(xs), stack(ys), jnp.stack(weights)
 
 
 def bind_jax(

@@ -250,15 +250,20 @@ class TensorFlowInfluenceModel(InfluenceModel):
     @staticmethod
     def _count(value: Any) -> int:
         first = tf.nest.flatten(value)[0]
-        shape = first.shape
-        if shape.rank is None or shape.rank == 0:
+        if isinstance(first, tf.Tensor):
+            shape = first.shape
+            if shape.rank == 0:
+                raise ValueError("batch: expected x and y with a leading batch dimension")
+            return int(shape[0]) if shape[0] is not None else int(tf.shape(first)[0])
+        shape = np.shape(first)
+        if not shape:
             raise ValueError("batch: expected x and y with a leading batch dimension")
-        return int(shape[0]) if shape[0] is not None else int(tf.shape(first)[0])
+        return int(shape[0])
 
     def batch_size(self, batch: Any) -> int:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"batch: expected an (x, y) pair, got {type(batch).__name__}")
-        return self._count(batch[0]) if not isinstance(batch[0], np.ndarray) else len(batch[0])
+        return self._count(batch[0])
 
     def losses(self, batch: Any) -> tf.Tensor:
         x, y = self._stage(batch)
@@ -272,12 +277,24 @@ class TensorFlowInfluenceModel(InfluenceModel):
     def _vectors(self, vectors: Any, name: str, rank: int) -> tf.Tensor:
         tensor = namespace.asarray(vectors, dtype=self._dtype, device=self._device)
         p = self.num_parameters
+        expected = "(p,)" if rank == 1 else f"({'m' if name == 'vectors' else 'k'}, p)"
         if tensor.shape.rank != rank or int(tensor.shape[-1]) != p:
-            expected = "(p,)" if rank == 1 else f"({'m' if name == 'vectors' else 'k'}, p)"
             raise ValueError(
                 f"{name}: expected shape {expected} with p = {p}, got {tuple(tensor.shape)}"
             )
+        if rank == 2 and int(tensor.shape[0]) == 0:
+            raise ValueError(f"{name}: expected shape {expected} with at least one row, got none")
         return tensor
+
+    def tracing_counts(self) -> dict[str, int]:
+        """How many times each compiled kernel was traced (for tests of retracing)."""
+        kernels = {
+            "hvps": self._hvp_sum,
+            "project": self._project,
+            "per_example_grads": self._per_example,
+            "losses": self._losses,
+        }
+        return {name: fn.experimental_get_tracing_count() for name, fn in kernels.items()}
 
     def hvp(self, vector: Any, batches: Iterable[Any]) -> tf.Tensor:
         vector = self._vectors(vector, "vector", 1)

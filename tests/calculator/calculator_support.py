@@ -27,7 +27,9 @@ FRAMEWORKS = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
 def engine_class(name: str) -> Any:
     """The engine class, or a skip when its framework or registration is missing."""
     if name in FRAMEWORKS:
-        pytest.importorskip(FRAMEWORKS[name])
+        module = pytest.importorskip(FRAMEWORKS[name])
+        if name == "jax":  # these tests compute in float64 (process-global; dtypes explicit)
+            module.config.update("jax_enable_x64", True)
     try:
         return get_engine(name)
     except EngineNotFoundError as error:

@@ -188,6 +188,8 @@ def test_hvp_is_symmetric_linear_and_batch_independent(dtype, spec):
     assert_close(combined, 2.0 * hu - 3.0 * hv, rtol_of(dtype))
     # The uneven batches of the spec give the Hessian of the mean over all examples.
     assert_close(model.hvp(v, all_data(spec, model)), hv, rtol_of(dtype))
+    # The staged operator pads the short batches of the spec with weight-0 examples.
+    assert_close(model.hessian_operator(batches).mv(v), hv, rtol_of(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -197,8 +199,8 @@ def test_vectorised_and_staged_products_equal_hvp(dtype):
     vectors = model.from_numpy(np.random.default_rng(14).standard_normal((3, model.num_parameters)))
     expected = np.stack([np.asarray(model.hvp(vectors[i], batches)) for i in range(3)])
     assert_close(model.hvps(vectors, batches), expected, rtol_of(dtype))
-    operator = model.hessian_operator(batches)  # two groups: 2 batches of 4, then 1 of 3
-    assert [len(xs) for xs, _ in operator._groups] == [2, 1]
+    operator = model.hessian_operator(batches)  # one group: 3 batches of 4, the last padded
+    assert [xs.shape for xs, _, _ in operator._groups] == [(3, 4, 3)]
     assert_close(operator.mv(vectors[1]), expected[1], rtol_of(dtype))
     assert_close(operator.mm(vectors), expected, rtol_of(dtype))
     streamed = model.hessian_operator(iter_again(batches))  # not a list: streamed per product
@@ -533,3 +535,42 @@ def test_importing_the_engine_does_not_import_jax():
         "assert 'jax' not in sys.modules, 'jax imported'\n"
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_every_matrix_product_is_traced_at_highest_precision():
+    # float32 on GPUs would otherwise run in TF32 (~1e-3 relative); CPUs ignore the flag, so
+    # the property is checked on the traced programs, including the transposed products.
+    from jax.extend.core import jaxprs_in_params
+
+    from krylov_influence_jax import _kernels
+
+    spec = common_spec(17)
+    model, batches = JaxEngine.from_neutral_spec(spec, dtype="float32")
+    x, y = batches[0]
+    args = (model._program, model._theta, model._fixed, x, y)
+    G = jnp.stack([model._theta] * 3)
+    traced = [
+        _kernels.losses.trace(*args, model._l2_array),
+        _kernels.hvp_sum.trace(*args, model._theta),
+        _kernels.hvps_sum.trace(*args, G),
+        _kernels.project.trace(*args, G, model._l2_array, chunk=3),
+        _kernels.project.trace(*args, G, model._l2_array, chunk=2),
+        _kernels.per_example_grads.trace(*args, model._l2_array),
+    ]
+    operator = model.hessian_operator(batches)
+    staged = (model._program, model._theta, model._fixed, operator._groups, operator._count)
+    traced.append(_kernels.staged_hvp.trace(*staged, model._theta, model._l2_array))
+    traced.append(_kernels.staged_hvps.trace(*staged, G, model._l2_array))
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    for trace in traced:
+        found = list(dots(trace.jaxpr.jaxpr))
+        assert found
+        for eqn in found:
+            assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, eqn

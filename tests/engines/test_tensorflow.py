@@ -325,6 +325,30 @@ def test_outputs_follow_the_model_dtype_and_device(dtype):
     assert model.on_device("/CPU:0") is model
 
 
+def test_new_batch_sizes_do_not_retrace_every_time():
+    spec = random_mlp_spec(np.random.default_rng(4), (3, 4, 2), num_examples=40, batch_size=40)
+    model, (whole,) = TensorFlowEngine.from_neutral_spec(spec, dtype="float64")
+    p = model.num_parameters
+
+    def run(sizes, rows):
+        batches = [(whole[0][:size], whole[1][:size]) for size in sizes]
+        for batch, k in zip(batches, rows):
+            model.losses(batch)
+            model.per_example_grads(batch)
+            model.project(model.from_numpy(np.ones((k, p))), batch)
+            model.hvps(model.from_numpy(np.ones((k, p))), [batch])
+        return batches
+
+    # reduce_retracing: each dimension that varies is generalised to None once
+    run((3, 5, 7), (2, 3, 4))
+    warm = model.tracing_counts()
+    batches = run((11, 13, 17, 19, 23, 1, 40), (5, 1, 7, 2, 9, 3, 6))
+    model.hvp(model.from_numpy(np.ones(p)), batches)
+    assert model.tracing_counts() == warm
+    with pytest.raises(ValueError, match="at least one row"):
+        model.project(model.from_numpy(np.ones((0, p))), batches[0])
+
+
 # ------------------------------------------------------------------------- Keras binding
 def _keras_mlp(dtype="float32"):
     keras.utils.set_random_seed(0)
