@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--quiet", action="store_true", help="no progress bars, a plain report without decorations"
     )
+    # Errors found after parsing (--k against --subspace-dim) are reported by this parser.
+    demo.set_defaults(subparser=demo)
     commands.add_parser("engines", help="list the engines found, their versions and devices")
     return parser
 
@@ -173,7 +175,7 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from krylov_influence.demo.report import format_report
     from krylov_influence.demo.training import num_parameters
 
-    demo_parser = parser._subparsers._group_actions[0].choices["demo"]  # type: ignore[union-attr]
+    demo_parser: argparse.ArgumentParser = args.subparser
     if args.k > args.subspace_dim:
         demo_parser.error(
             f"argument --k: expected at most --subspace-dim = {args.subspace_dim}, got {args.k}"
