@@ -61,9 +61,11 @@ def draw_demo(
     # Fixed margins rather than layout="constrained": the constrained solver draws the
     # figure an extra time, which doubled the cost of this stage with 40-odd axes.
     figure = Figure(figsize=(13, 4.95 + 1.3 * len(queries)))
-    heading, top, middle, bottom = figure.subfigures(
+    # An array of 4 subfigures (typed as "array or one subfigure").
+    panels: Any = figure.subfigures(
         4, 1, height_ratios=[0.35, 1.15, 2.3, 1.3 * len(queries)], hspace=0.0
     )
+    heading, top, middle, bottom = panels
     heading.text(0.5, 0.5, title, ha="center", va="center", fontsize=13, fontweight="bold")
     _top_self_influence(top, data, self_influence)
     left, centre, right = middle.subplots(

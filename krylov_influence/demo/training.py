@@ -32,6 +32,10 @@ from tqdm.auto import tqdm
 from krylov_influence.demo.data import NUM_CLASSES, DigitsData
 from krylov_influence.engine import InfluenceModel
 
+# ``krylov_influence.InfluenceModel(model, loss_fn, ...)`` dispatches to ``bind_model`` through
+# a metaclass that type checkers cannot follow; the demo calls the typed function directly.
+from krylov_influence.registry import bind_model
+
 __all__ = [
     "DEMO_ENGINES",
     "MLP_SIZES",
@@ -262,7 +266,7 @@ def _train_numpy(data: DigitsData, config: TrainingConfig) -> TrainedModel:
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         # The per-example loss already carries ½ l2 ‖θ‖², so its mean is the objective.
-        bound = InfluenceModel(regression(theta), engine="numpy", dtype="float64")
+        bound = bind_model(regression(theta), engine="numpy", dtype="float64")
         return float(np.mean(bound.losses(full_batch))), bound.per_example_grads(full_batch).mean(
             axis=0
         )
@@ -277,7 +281,7 @@ def _train_numpy(data: DigitsData, config: TrainingConfig) -> TrainedModel:
             options={"maxiter": 2000, "gtol": config.lbfgs_gtol},
         )
     regression_model = regression(result.x)
-    model = InfluenceModel(regression_model, engine="numpy", dtype="float64")
+    model = bind_model(regression_model, engine="numpy", dtype="float64")
 
     def logits(x: np.ndarray) -> np.ndarray:
         return x @ regression_model.weight + regression_model.bias
@@ -312,8 +316,6 @@ def _mlp_description(config: TrainingConfig, optimizer: str) -> str:
 def _train_torch(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     import torch
 
-    import krylov_influence
-
     dtype = torch.float64
     layers = glorot_mlp(MLP_SIZES, config.seed)
     modules: list[torch.nn.Module] = []
@@ -347,13 +349,13 @@ def _train_torch(data: DigitsData, config: TrainingConfig) -> TrainedModel:
             schedule.step()
             bar.update(1)
     gradients = torch.autograd.grad(objective(), parameters)
-    gradient_norm = float(torch.sqrt(sum(torch.sum(g * g) for g in gradients)))
+    gradient_norm = float(torch.sqrt(torch.stack([torch.sum(g * g) for g in gradients]).sum()))
     network.eval()
     with torch.no_grad():
         train_predictions = network(x).argmax(dim=1).numpy()
         test_predictions = network(torch.from_numpy(data.x_test)).argmax(dim=1).numpy()
 
-    model = krylov_influence.InfluenceModel(network, loss_fn, engine="torch", l2=config.l2)
+    model = bind_model(network, loss_fn, engine="torch", l2=config.l2)
 
     def make_batch(features: np.ndarray, labels: np.ndarray) -> Any:
         return torch.as_tensor(features, dtype=dtype), torch.as_tensor(labels, dtype=torch.int64)
@@ -380,9 +382,7 @@ def _train_jax(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     import jax.numpy as jnp
     from jax.example_libraries import optimizers
 
-    import krylov_influence
-
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         raise RuntimeError("the jax demo runs in float64: call it inside engine_context('jax')")
 
     def apply_fn(params: Any, x: Any) -> Any:
@@ -432,9 +432,7 @@ def _train_jax(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     test_logits = apply_fn(params, jnp.asarray(data.x_test, dtype=jnp.float64))
     test_predictions = np.asarray(jnp.argmax(test_logits, axis=1))
 
-    model = krylov_influence.InfluenceModel(
-        apply_fn, loss_fn, params=params, engine="jax", l2=config.l2
-    )
+    model = bind_model(apply_fn, loss_fn, params=params, engine="jax", l2=config.l2)
 
     def make_batch(features: np.ndarray, labels: np.ndarray) -> Any:
         return jnp.asarray(features, dtype=jnp.float64), jnp.asarray(labels, dtype=jnp.int32)
@@ -460,8 +458,6 @@ def _train_tensorflow(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
     import tensorflow as tf
-
-    import krylov_influence
 
     layers = glorot_mlp(MLP_SIZES, config.seed)
     dense = [
@@ -509,7 +505,7 @@ def _train_tensorflow(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     test_logits = network(tf.constant(data.x_test, dtype=tf.float64)).numpy()
     test_predictions = np.argmax(test_logits, axis=1)
 
-    model = krylov_influence.InfluenceModel(network, loss_fn, engine="tensorflow", l2=config.l2)
+    model = bind_model(network, loss_fn, engine="tensorflow", l2=config.l2)
 
     def make_batch(features: np.ndarray, labels: np.ndarray) -> Any:
         return tf.constant(features, dtype=tf.float64), tf.constant(labels, dtype=tf.int64)
