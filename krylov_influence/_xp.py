@@ -10,14 +10,14 @@ has no compatible namespace (TensorFlow) supplies an object with exactly these n
 - shape: ``stack(arrays, axis=)``, ``concat(arrays, axis=)``, ``reshape(x, shape)``,
   ``expand_dims(x, axis=)``, ``permute_dims(x, axes)`` (the core's transpose: TensorFlow
   tensors have no ``.T``)
-- arithmetic: operators ``+ - * / @`` and unary ``-`` on arrays, ``matmul``, ``sum(x, axis=)``,
+- arithmetic: operators ``+ - *`` and ``/`` and unary ``-`` on arrays (and with Python floats),
+  ``matmul`` (1-D operands allowed; the ``@`` operator is not used), ``sum(x, axis=)``,
   ``sqrt``, ``abs``, ``linalg.vector_norm(x)``, ``vecdot(a, b)``
 - reductions and search: ``max(x)``, ``all(x)``, ``isfinite(x)``, ``argsort(x, axis=,
   descending=, stable=)``, ``take_along_axis(x, indices, axis=)``, ``take(x, indices, axis=)``
 - dtype: ``astype(x, dtype)``, ``float32``, ``float64``, ``int64``, ``finfo(dtype).eps``;
   optionally ``__array_namespace_info__()`` (for the default index dtype, else ``int64``)
-- indexing: basic slicing ``x[a:b]``, ``x[:, a:b]`` and ``x[i, ...]``; matrix transpose
-  ``x.T`` on 2-D arrays (older code; new code uses ``permute_dims``)
+- indexing: basic slicing ``x[a:b]``, ``x[:, a:b]`` and ``x[i, ...]`` (never ``x.T``)
 - attributes: ``x.shape`` (ints) and ``x.dtype`` (comparable with ``==`` to the namespace's
   dtypes)
 - optional hooks: ``to_numpy(x)`` (host copy) and ``set_row(matrix, i, row) -> matrix``

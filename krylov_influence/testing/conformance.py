@@ -262,8 +262,10 @@ class EngineConformance:
             try:
                 partner = (other, *available_engines()[other].from_neutral_spec(spec, dtype=dtype))
                 break
-            except NotImplementedError:
-                continue  # e.g. the NumPy engine builds no hidden layer
+            except (NotImplementedError, ValueError):
+                # The NumPy engine builds no hidden layer; JAX refuses float64 without x64.
+                # Each partner is checked by its own suite, so skipping one here hides nothing.
+                continue
         assume(partner is not None)
         assert partner is not None
         name, theirs_model, theirs_batches = partner
