@@ -15,26 +15,41 @@ loss; a positive score means that up-weighting ``x`` lowers the loss on ``z`` (a
 """
 
 from krylov_influence.arnoldi import ArnoldiResult, MatrixOperator, arnoldi_iteration
+from krylov_influence.cache import CACHE
 from krylov_influence.calculator import ArnoldiInfluenceCalculator
 from krylov_influence.eigen import EigenBasis, RitzPairs, build_eigenbasis, ritz_pairs
 from krylov_influence.engine import Engine, EngineCapabilities, HessianOperator, InfluenceModel
-from krylov_influence.errors import EngineNotFoundError, NonFiniteError
+from krylov_influence.errors import EngineNotFoundError, IncompatibleStoreError, NonFiniteError
 from krylov_influence.registry import available_engines, get_engine, infer_engine
+from krylov_influence.topk import (
+    ORDER,
+    BaseNearestNeighbors,
+    LinearNearestNeighbors,
+    TopKBatch,
+    TrainingTopK,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACHE",
+    "ORDER",
     "ArnoldiInfluenceCalculator",
     "ArnoldiResult",
+    "BaseNearestNeighbors",
     "EigenBasis",
     "Engine",
     "EngineCapabilities",
     "EngineNotFoundError",
     "HessianOperator",
+    "IncompatibleStoreError",
     "InfluenceModel",
+    "LinearNearestNeighbors",
     "MatrixOperator",
     "NonFiniteError",
     "RitzPairs",
+    "TopKBatch",
+    "TrainingTopK",
     "__version__",
     "arnoldi_iteration",
     "available_engines",

@@ -5,15 +5,20 @@ arrays. NumPy, PyTorch and JAX get theirs from ``array_api_compat``; an engine w
 has no compatible namespace (TensorFlow) supplies an object with exactly these names:
 
 - creation: ``asarray(x, dtype=, device=)``, ``zeros(shape, dtype=, device=)``,
-  ``ones(shape, dtype=, device=)``, ``arange(n, dtype=, device=)``
+  ``ones(shape, dtype=, device=)``, ``arange(start, stop, dtype=, device=)`` (also
+  ``arange(n, ...)``)
 - shape: ``stack(arrays, axis=)``, ``concat(arrays, axis=)``, ``reshape(x, shape)``,
-  ``expand_dims(x, axis=)``
+  ``expand_dims(x, axis=)``, ``permute_dims(x, axes)`` (the core's transpose: TensorFlow
+  tensors have no ``.T``)
 - arithmetic: operators ``+ - * / @`` and unary ``-`` on arrays, ``matmul``, ``sum(x, axis=)``,
   ``sqrt``, ``abs``, ``linalg.vector_norm(x)``, ``vecdot(a, b)``
 - reductions and search: ``max(x)``, ``all(x)``, ``isfinite(x)``, ``argsort(x, axis=,
   descending=, stable=)``, ``take_along_axis(x, indices, axis=)``, ``take(x, indices, axis=)``
 - dtype: ``astype(x, dtype)``, ``float32``, ``float64``, ``int64``, ``finfo(dtype).eps``
-- indexing: basic slicing ``x[a:b]`` and ``x[i, ...]``; matrix transpose ``x.T`` on 2-D arrays
+- indexing: basic slicing ``x[a:b]``, ``x[:, a:b]`` and ``x[i, ...]``; matrix transpose
+  ``x.T`` on 2-D arrays (older code; new code uses ``permute_dims``)
+- attributes: ``x.shape`` (ints) and ``x.dtype`` (comparable with ``==`` to the namespace's
+  dtypes)
 - optional hooks: ``to_numpy(x)`` (host copy) and ``set_row(matrix, i, row) -> matrix``
   (row assignment, in place where the framework allows it).
 
@@ -54,15 +59,16 @@ def dtype_name(dtype: Any) -> str:
     ValueError
         If ``dtype`` is not a 32- or 64-bit float type.
     """
+    attribute = getattr(dtype, "name", None)  # tf.DType, np.dtype
     if isinstance(dtype, str):
         name = dtype
+    elif isinstance(attribute, str):
+        name = attribute
     else:
-        name = getattr(dtype, "name", None)  # tf.DType, np.dtype
-        if not isinstance(name, str):
-            try:
-                name = np.dtype(dtype).name  # numpy scalar types, jnp.float32
-            except TypeError:
-                name = str(dtype).rsplit(".", 1)[-1]  # torch.float64 -> "float64"
+        try:
+            name = np.dtype(dtype).name  # numpy scalar types, jnp.float32
+        except TypeError:
+            name = str(dtype).rsplit(".", 1)[-1]  # torch.float64 -> "float64"
     name = name.strip().lower()
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype={dtype!r}: expected float32 or float64")

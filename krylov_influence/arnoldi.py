@@ -191,7 +191,9 @@ def arnoldi_iteration(
         w = operator.mv(q if op_dtype == work_dtype else xp.astype(q, op_dtype))
         if w.dtype != work_dtype:
             w = xp.astype(w, work_dtype)
-        w, coeffs, product_norm, beta = _orthogonalise(xp, basis[: j + 1, ...], w, host)
+        active = basis[: _padded_rows(j + 1, n), ...]
+        w, coeffs, product_norm, beta = _orthogonalise(xp, active, w, host)
+        coeffs = coeffs[: j + 1]
         if not (np.all(np.isfinite(coeffs)) and math.isfinite(beta + product_norm)):
             raise NonFiniteError(
                 f"the operator product at Arnoldi iteration {j + 1} of {n} returned non-finite "
@@ -208,7 +210,7 @@ def arnoldi_iteration(
             # Invariant subspace: never divide by a round-off-sized beta. The dropped coupling
             # q_{j+1}ᵀ A q_j is below rtol·‖A‖, so H_n stays Q A Qᵀ to working precision.
             restarts.append(j + 1)
-            nxt = _fresh_direction(xp, basis[: j + 1, ...], rng, to_device, host)
+            nxt = _fresh_direction(xp, active, rng, to_device, host)
         else:
             hessenberg[j + 1, j] = beta
             nxt = w * (1.0 / beta)
@@ -226,6 +228,19 @@ def arnoldi_iteration(
         orthogonality_loss=loss,
         operator_norm_estimate=float(norm_estimate),
     )
+
+
+_ROW_BLOCK = 32
+
+
+def _padded_rows(rows: int, limit: int) -> int:
+    """``rows`` rounded up to a multiple of 32 (at most ``limit``).
+
+    The rows past the filled ones are exact zeros and add nothing to the projections, while
+    the basis slices take only ⌈n/32⌉ distinct shapes: frameworks that compile per shape
+    (JAX, XLA) compile a handful of kernels instead of one per iteration.
+    """
+    return min(limit, -(-rows // _ROW_BLOCK) * _ROW_BLOCK)
 
 
 def _orthogonalise(

@@ -6,12 +6,25 @@ by JVPs), and every quantity is k-dimensional algebra on projections:
 
 - influence vector ``v(x) = diag(1/(λ+δ)) G g_x``, shape (k,);
 - self-influence ``S(x) = Σ_i (G g_x)_i² / (λ_i + δ)``;
-- pairwise score ``I(x, z) = (G g_z)ᵀ diag(1/(λ+δ)) (G g_x)`` (positive: x is a proponent of z).
+- pairwise score ``I(x, z) = (G g_z)ᵀ diag(1/(λ+δ)) (G g_x) = P_z · v(x)`` (positive: x is a
+  proponent of z).
+
+Results are lazy :class:`~krylov_influence._data.BatchStream` objects: re-iterable, computed
+batch by batch as they are consumed, in the engine's own array type. Nothing of size
+``N_train × p`` is ever formed; training data is held in memory only as k-dimensional influence
+vectors, and only when ``CACHE.MEMORY`` asks for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+import itertools
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,11 +38,46 @@ from krylov_influence._data import (
     resolve_show_progress,
 )
 from krylov_influence.arnoldi import arnoldi_iteration
+from krylov_influence.cache import (
+    CACHE,
+    ArchiveReader,
+    AtomicArchiveWriter,
+    DiskStore,
+    InfluenceVectorStore,
+    MemoryStore,
+    StoreKey,
+    as_cache,
+    resolve_path,
+    write_disk_store,
+)
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
-from krylov_influence.errors import NonFiniteError
+from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
+from krylov_influence.registry import bind_model
+from krylov_influence.topk import (
+    ORDER,
+    BaseNearestNeighbors,
+    LinearNearestNeighbors,
+    RunningTopK,
+    TopKBatch,
+    TrainingTopK,
+    as_order,
+)
 
 __all__ = ["ArnoldiInfluenceCalculator"]
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """The model on one device, with the fitted state placed there in the model's dtype."""
+
+    model: InfluenceModel
+    projector: Any  # (k, p)
+    inverse: Any  # (k,): 1 / (λ + δ)
+
+    @property
+    def xp(self) -> Any:
+        return self.model.xp
 
 
 class ArnoldiInfluenceCalculator:
@@ -78,6 +126,11 @@ class ArnoldiInfluenceCalculator:
     ValueError
         On ``k_largest_eig_vals > subspace_dim``, ``subspace_dim > p``, an empty dataset,
         or non-finite losses (naming the batch).
+
+    Notes
+    -----
+    Every method taking ``device=`` runs on ``model.on_device(device)`` (``None``: the model's
+    own device); the fitted state is copied there once and reused.
     """
 
     def __init__(
@@ -95,12 +148,48 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
     ):
-        self.model: InfluenceModel = (
-            model if isinstance(model, InfluenceModel) else InfluenceModel(model)
+        self._configure(
+            model,
+            train_dataset,
+            hessian_dataset,
+            dtype=dtype,
+            force_hermitian=force_hermitian,
+            k_largest_eig_vals=k_largest_eig_vals,
+            subspace_dim=subspace_dim,
+            damping=damping,
+            seed=seed,
+            eigenvalue_selection=eigenvalue_selection,
+            show_progress=show_progress,
         )
-        self.train_dataset = require_reiterable(train_dataset, "train_dataset")
-        self.hessian_dataset = require_reiterable(
-            train_dataset if hessian_dataset is None else hessian_dataset, "hessian_dataset"
+        assert self.hessian_dataset is not None  # the constructor always has train data
+        self.num_hessian_examples = self._validate_data(
+            self.hessian_dataset, "train_dataset" if hessian_dataset is None else "hessian_dataset"
+        )
+        self._set_eigenbasis(self._fit(self.subspace_dim))
+
+    def _configure(
+        self,
+        model: Any,
+        train_dataset: Iterable[Any] | None,
+        hessian_dataset: Iterable[Any] | None,
+        *,
+        dtype: Any,
+        force_hermitian: bool,
+        k_largest_eig_vals: int,
+        subspace_dim: int,
+        damping: float,
+        seed: int,
+        eigenvalue_selection: str,
+        show_progress: bool | None,
+    ) -> None:
+        """Validate and store the settings (shared by the constructor and :meth:`load`)."""
+        self.model: InfluenceModel = bind_model(model)
+        self.train_dataset = (
+            None if train_dataset is None else require_reiterable(train_dataset, "train_dataset")
+        )
+        hessian = train_dataset if hessian_dataset is None else hessian_dataset
+        self.hessian_dataset = (
+            None if hessian is None else require_reiterable(hessian, "hessian_dataset")
         )
         self.dtype = _xp.dtype_name(dtype)
         self.force_hermitian = bool(force_hermitian)
@@ -117,8 +206,9 @@ class ArnoldiInfluenceCalculator:
         self.show_progress = resolve_show_progress(show_progress)
         if self.dtype == "float64" and not self.model.capabilities.float64:
             raise ValueError(f"dtype='float64': the {self.model.engine_name} engine has no float64")
-        self.num_hessian_examples = self._validate_data(self.hessian_dataset, "hessian_dataset")
-        self.eigenbasis: EigenBasis = self._fit(self.subspace_dim)
+        self._placements: dict[str, _Placement] = {}
+        self._digest: str | None = None
+        self._scratch_dir: str | None = None
 
     # --------------------------------------------------------------------------- fitting
     def _validate_data(self, dataset: Iterable[Any], name: str) -> int:
@@ -146,6 +236,11 @@ class ArnoldiInfluenceCalculator:
                 f"k_largest_eig_vals={self.k_largest_eig_vals}: expected at most "
                 f"subspace_dim = {subspace_dim}"
             )
+        if self.hessian_dataset is None:
+            raise ValueError(
+                "hessian_dataset: this calculator was loaded without Hessian data; pass "
+                "hessian_dataset= (or train_dataset=) to ArnoldiInfluenceCalculator.load to refit"
+            )
         operator = model.hessian_operator(self.hessian_dataset)
         with progress_bar(self.show_progress, subspace_dim, "Arnoldi") as bar:
             result = arnoldi_iteration(
@@ -168,6 +263,11 @@ class ArnoldiInfluenceCalculator:
             device=model.device,
         )
 
+    def _set_eigenbasis(self, eigenbasis: EigenBasis) -> None:
+        self.eigenbasis = eigenbasis
+        self._placements = {}
+        self._digest = None
+
     def arnoldi(self, dim: int) -> tuple[Any, Any]:
         """Refit with a Krylov subspace of dimension ``dim``; return ``(eig_vals, G)``.
 
@@ -184,8 +284,10 @@ class ArnoldiInfluenceCalculator:
         G : array, shape (k, p)
             The projector; its rows are orthonormal Ritz vectors.
         """
-        self.subspace_dim = _positive_int(dim, "dim")
-        self.eigenbasis = self._fit(self.subspace_dim)
+        dim = _positive_int(dim, "dim")
+        eigenbasis = self._fit(dim)
+        self.subspace_dim = dim
+        self._set_eigenbasis(eigenbasis)
         return self.eig_vals, self.G
 
     @property
@@ -198,27 +300,118 @@ class ArnoldiInfluenceCalculator:
         """The projector, shape (k, p), in the working dtype on the model's device."""
         return self.eigenbasis.projector
 
-    # ------------------------------------------------------------------------ projections
-    def _projections(self, batch: Any, index: int, stage: str) -> Any:
-        """``G g`` for every example of ``batch``: shape (B, k), model dtype."""
-        model = self.model
-        projector = self.eigenbasis.projector
-        if projector.dtype != model.dtype:
-            projector = model.xp.astype(projector, model.dtype)
-        projected = model.project(projector, batch)
+    @property
+    def eigenbasis_digest(self) -> str:
+        """A digest of the kept eigenvalues, damping and projector ``G`` (hex, 32 chars).
+
+        Stores of influence vectors carry it, so a store computed with another fit is never
+        reused. Computed once per fit (one host copy of ``G``).
+        """
+        if self._digest is None:
+            digest = hashlib.sha256()
+            digest.update(np.ascontiguousarray(self.eigenbasis.damped_eigenvalues, "<f8").data)
+            projector = self.model.to_numpy(self.eigenbasis.projector)
+            digest.update(np.ascontiguousarray(projector, "<f8").data)
+            self._digest = digest.hexdigest()[:32]
+        return self._digest
+
+    # --------------------------------------------------------------------- save and load
+    def save(self, path: Any) -> str:
+        """Save the fitted eigenbasis and settings to an ``.npz`` archive (atomically).
+
+        See :func:`krylov_influence.persistence.save_calculator` for the format.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file path, or an existing directory (the file is then ``calculator.npz``).
+
+        Returns
+        -------
+        str
+            The path written.
+        """
+        from krylov_influence.persistence import save_calculator
+
+        return save_calculator(self, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: Any,
+        model: Any,
+        *,
+        train_dataset: Iterable[Any] | None = None,
+        hessian_dataset: Iterable[Any] | None = None,
+        show_progress: bool | None = None,
+    ) -> ArnoldiInfluenceCalculator:
+        """Load a calculator saved by :meth:`save` onto ``model`` (any engine).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        model : InfluenceModel or a model an engine recognises
+            Must have the same parameter count and fingerprint (the same parameter values,
+            in the same flat order and precision) as the model the basis was fitted on; the
+            engine may differ.
+        train_dataset, hessian_dataset : re-iterable of batches, optional
+            Only needed to refit with :meth:`arnoldi`.
+        show_progress : bool, optional
+
+        Returns
+        -------
+        ArnoldiInfluenceCalculator
+
+        Raises
+        ------
+        IncompatibleStoreError
+            If the file is not a saved calculator, or ``model`` differs from the fitted one.
+        """
+        from krylov_influence.persistence import load_calculator
+
+        return load_calculator(
+            cls,
+            path,
+            model,
+            train_dataset=train_dataset,
+            hessian_dataset=hessian_dataset,
+            show_progress=show_progress,
+        )
+
+    # ------------------------------------------------------------------------ placement
+    def _placed(self, device: Any) -> _Placement:
+        """The model on ``device`` and the fitted state there, cached per device."""
+        model = self.model.on_device(device)
+        key = str(model.device)
+        placement = self._placements.get(key)
+        if placement is not None and placement.model is model:
+            return placement
         xp = model.xp
+        if model is self.model:
+            projector = self.eigenbasis.projector
+        else:
+            host = self.model.to_numpy(self.eigenbasis.projector)
+            projector = model.from_numpy(host)
+        if projector.dtype != model.dtype:
+            projector = xp.astype(projector, model.dtype)
+        inverse = model.from_numpy(self.eigenbasis.inverse_eigenvalues)
+        placement = _Placement(model, projector, inverse)
+        self._placements[key] = placement
+        return placement
+
+    def _projections(self, placement: _Placement, batch: Any, index: int, stage: str) -> Any:
+        """``G g`` for every example of ``batch``: shape (B, k), model dtype."""
+        xp = placement.xp
+        projected = placement.model.project(placement.projector, batch)
         if not bool(xp.all(xp.isfinite(projected))):
             raise NonFiniteError(
                 f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
             )
         return projected
 
-    def _inverse_eigenvalues(self) -> Any:
-        return self.model.from_numpy(self.eigenbasis.inverse_eigenvalues)
-
     def _stream(self, dataset: Iterable[Any], name: str, produce: Any) -> BatchStream:
         """Lazy per-batch results of ``produce(index, batch)``; empty data is an error."""
-        require_reiterable(dataset, name)
+        _require_data(dataset, name)
 
         def run() -> Iterator[Any]:
             seen = False
@@ -232,64 +425,285 @@ class ArnoldiInfluenceCalculator:
 
         return BatchStream(run, dataset_length(dataset))
 
+    def _vector_stream(self, placement: _Placement, dataset: Iterable[Any], name: str) -> Any:
+        """``(batch, influence vectors (B, k))`` per batch, computed now."""
+
+        def produce(index: int, batch: Any) -> tuple[Any, Any]:
+            return batch, self._projections(placement, batch, index, name) * placement.inverse
+
+        return self._stream(dataset, name, produce)
+
+    # ------------------------------------------------------------------- influence vectors
     def compute_influence_vector(
         self,
         train_set: Iterable[Any],
         save_influence_vector_ds_path: Any = None,
         device: Any = None,
     ) -> BatchStream:
-        """Influence vectors ``diag(1/(λ+δ)) G g`` of every example, batch by batch.
+        """Influence vectors ``diag(1/(λ+δ)) G g_x`` of every example, batch by batch.
 
         Parameters
         ----------
         train_set : re-iterable of batches
-        save_influence_vector_ds_path : optional
-            Reserved for the disk cache.
+        save_influence_vector_ds_path : str or os.PathLike, optional
+            An ``.npz`` store (or a directory, holding ``influence_vectors.npz``). When a store
+            there exists and was computed with this model (fingerprint), this eigenbasis
+            (digest) and this dtype, it is **loaded** and nothing is recomputed; when none
+            exists, the vectors are computed now and saved there atomically. A store of
+            another model, fit or dtype is refused (:class:`IncompatibleStoreError`).
         device : optional
-            Reserved for device placement.
+            Where to compute (``model.on_device(device)``).
 
         Returns
         -------
         BatchStream of ``(batch, vectors)``
-            ``vectors`` has shape (B, k), in the model's namespace.
+            ``batch`` is the batch of ``train_set`` untouched; ``vectors`` has shape
+            (B, k) in the model's namespace and dtype. Lazy: without a path, each iteration
+            computes batch by batch; with a path, it reads the store batch by batch.
+
+        Raises
+        ------
+        IncompatibleStoreError
+            If the store at the path belongs to another model, fit or dtype, or its batches
+            do not line up with ``train_set``'s.
         """
-        inverse = self._inverse_eigenvalues()
-
-        def produce(index: int, batch: Any) -> tuple[Any, Any]:
-            return batch, self._projections(batch, index, "train_set") * inverse
-
-        return self._stream(train_set, "train_set", produce)
+        placement = self._placed(device)
+        if save_influence_vector_ds_path is None:
+            return self._vector_stream(placement, train_set, "train_set")
+        argument = "save_influence_vector_ds_path"
+        path = resolve_path(save_influence_vector_ds_path, "influence_vectors")
+        key = self._store_key(placement)
+        if os.path.exists(path):
+            store: InfluenceVectorStore = DiskStore(path, argument=argument)
+            store.check(key)  # type: ignore[attr-defined]
+        else:
+            store = self._write_store(placement, train_set, path, key, argument)
+        return BatchStream(
+            lambda: self._paired(placement, store, train_set, argument),
+            len(store.batch_sizes),
+        )
 
     def compute_influence_values(self, train_set: Iterable[Any], device: Any = None) -> BatchStream:
-        """Self-influence ``g_xᵀ H⁻¹ g_x`` of every example, batch by batch.
+        """Self-influence ``S(x) = g_xᵀ H⁻¹ g_x`` of every example, batch by batch.
 
         Parameters
         ----------
         train_set : re-iterable of batches
         device : optional
-            Reserved for device placement.
+            Where to compute (``model.on_device(device)``).
 
         Returns
         -------
         BatchStream of ``(batch, values)``
-            ``values`` has shape (B,), in the model's namespace.
+            ``values`` has shape (B,), in the model's namespace and dtype.
         """
-        inverse = self._inverse_eigenvalues()
-        xp = self.model.xp
+        placement = self._placed(device)
+        xp = placement.xp
 
         def produce(index: int, batch: Any) -> tuple[Any, Any]:
-            projected = self._projections(batch, index, "train_set")
-            return batch, xp.sum(projected * projected * inverse, axis=1)
+            projected = self._projections(placement, batch, index, "train_set")
+            return batch, xp.sum(projected * projected * placement.inverse, axis=1)
 
         return self._stream(train_set, "train_set", produce)
 
+    def compute_top_k_from_training_dataset(
+        self,
+        train_set: Iterable[Any],
+        k: int,
+        order: ORDER = ORDER.DESCENDING,
+        device: Any = None,
+    ) -> TrainingTopK:
+        """The ``k`` training examples of highest (or lowest) self-influence.
+
+        One pass over ``train_set`` with a running top-k: memory ``O(k + B)``.
+
+        Parameters
+        ----------
+        train_set : re-iterable of batches
+        k : int
+            ``1 ≤ k ≤ N`` (the number of examples).
+        order : ORDER, default ORDER.DESCENDING
+            ``DESCENDING``: highest self-influence first (e.g. mislabelled candidates);
+            ``ASCENDING``: lowest first.
+        device : optional
+            Where to compute.
+
+        Returns
+        -------
+        TrainingTopK ``(indices, values)``
+            ``indices``: int64 array of shape (k,), global positions in ``train_set``
+            (counting across batches from 0); ``values``: shape (k,), their self-influence,
+            best first. Ties keep the smaller index. The examples themselves are
+            ``locate_examples(train_set, indices)`` away.
+
+        Raises
+        ------
+        ValueError
+            If ``k`` exceeds the number of examples, ``order`` is unknown, or the data is empty.
+        """
+        k = _positive_int(k, "k")
+        order = as_order(order)
+        placement = self._placed(device)
+        xp = placement.xp
+        running = RunningTopK(k, order, xp=xp, device=placement.model.device)
+        start = 0
+        for _, values in self.compute_influence_values(train_set, device=device):
+            size = int(values.shape[0])
+            running.update(xp.reshape(values, (1, size)), start)
+            start += size
+        values, indices = running.result()
+        return TrainingTopK(xp.reshape(indices, (k,)), xp.reshape(values, (k,)))
+
+    # ----------------------------------------------------------------- training stores
+    def _store_key(self, placement: _Placement) -> StoreKey:
+        return StoreKey(
+            fingerprint=self.model.fingerprint(),
+            eigenbasis=self.eigenbasis_digest,
+            dtype=placement.model.dtype_name,
+            rank=self.eigenbasis.rank,
+        )
+
+    def _write_store(
+        self,
+        placement: _Placement,
+        train_set: Iterable[Any],
+        path: str,
+        key: StoreKey,
+        argument: str,
+    ) -> DiskStore:
+        model = placement.model
+        blocks = (
+            model.to_numpy(v) for _, v in self._vector_stream(placement, train_set, "train_set")
+        )
+        return write_disk_store(path, key, blocks, argument=argument)
+
+    def _scratch_path(self) -> str:
+        """A fresh file name in a private directory removed with the calculator."""
+        if self._scratch_dir is None:
+            self._scratch_dir = tempfile.mkdtemp(prefix="krylov_influence_")
+            weakref.finalize(self, shutil.rmtree, self._scratch_dir, ignore_errors=True)
+        handle, path = tempfile.mkstemp(dir=self._scratch_dir, suffix=".npz")
+        os.close(handle)
+        os.remove(path)
+        return path
+
+    def _prepare_store(
+        self,
+        placement: _Placement,
+        train_set: Iterable[Any],
+        cache: CACHE,
+        load_path: Any,
+        save_path: Any,
+        load_argument: str,
+        save_argument: str,
+    ) -> InfluenceVectorStore | None:
+        """The training influence vectors as ``cache`` asks (``None``: recompute on demand).
+
+        - ``load_path``: the store there (must match), held in memory for ``CACHE.MEMORY``;
+        - otherwise ``CACHE.MEMORY`` computes into memory, ``CACHE.DISK`` into a store (the
+          save path, or a scratch file), ``CACHE.NO_CACHE`` computes nothing now;
+        - ``save_path`` (when given) receives a copy of the vectors as a store, and is then
+          used as the disk store (also for ``CACHE.NO_CACHE``: no need to recompute).
+        """
+        key = self._store_key(placement)
+        model = placement.model
+        if load_path is not None:
+            loaded = DiskStore(resolve_path(load_path, "influence_vectors"), argument=load_argument)
+            loaded.check(key)
+            if save_path is not None:
+                target = resolve_path(save_path, "influence_vectors")
+                if os.path.abspath(target) != os.path.abspath(loaded.path):
+                    loaded = write_disk_store(
+                        target, key, loaded.blocks(lambda a: a), argument=save_argument
+                    )
+            if cache is CACHE.MEMORY:
+                return MemoryStore(key, list(loaded.blocks(model.from_numpy)))
+            return loaded
+        _require_data(train_set, "train_set")
+        if cache is CACHE.MEMORY:
+            arrays = [v for _, v in self._vector_stream(placement, train_set, "train_set")]
+            if save_path is not None:
+                target = resolve_path(save_path, "influence_vectors")
+                write_disk_store(
+                    target, key, (model.to_numpy(a) for a in arrays), argument=save_argument
+                )
+            return MemoryStore(key, arrays)
+        if cache is CACHE.DISK or save_path is not None:
+            if save_path is not None:
+                target = resolve_path(save_path, "influence_vectors")
+            else:
+                target = self._scratch_path()
+            return self._write_store(placement, train_set, target, key, save_argument)
+        return None
+
+    def _paired(
+        self,
+        placement: _Placement,
+        store: InfluenceVectorStore | None,
+        train_set: Iterable[Any],
+        argument: str,
+    ) -> Iterator[tuple[Any, Any]]:
+        """``(train batch, influence vectors)`` pairs from ``store`` (or computed).
+
+        Checks that every batch of ``train_set`` has as many examples as the stored block.
+        """
+        if store is None:
+            yield from self._vector_stream(placement, train_set, "train_set")
+            return
+        model = placement.model
+        batches = iter(train_set)
+        sentinel = object()
+        for index, vectors in enumerate(store.blocks(model.from_numpy)):
+            batch = next(batches, sentinel)
+            expected = int(vectors.shape[0])
+            if batch is sentinel or model.batch_size(batch) != expected:
+                got = "no batch" if batch is sentinel else f"{model.batch_size(batch)} examples"
+                raise IncompatibleStoreError(
+                    f"{argument}: batch {index} of train_set has {got} but the influence-vector "
+                    f"store has {expected}; the store was computed on another training set"
+                )
+            yield batch, vectors
+        if next(batches, sentinel) is not sentinel:
+            raise IncompatibleStoreError(
+                f"{argument}: train_set has more batches than the influence-vector store "
+                f"({len(store.batch_sizes)}); the store was computed on another training set"
+            )
+
+    def _indexed_blocks(
+        self,
+        placement: _Placement,
+        store: InfluenceVectorStore | None,
+        train_set: Iterable[Any],
+        convert: Callable[[Any], Any],
+    ) -> Iterator[tuple[int, Any]]:
+        """``(start, influence vectors (B, k))`` over the training set, in order."""
+        if store is not None:
+            for start, vectors in store.indexed_blocks(placement.model.from_numpy):
+                yield start, convert(vectors)
+            return
+        start = 0
+        for index, batch in enumerate(train_set):
+            projected = self._projections(placement, batch, index, "train_set")
+            yield start, convert(projected * placement.inverse)
+            start += int(projected.shape[0])
+
+    # --------------------------------------------------------------------- pairwise scores
     def estimate_influence_values_in_batches(
-        self, dataset_to_evaluate: Iterable[Any], train_set: Iterable[Any]
+        self,
+        dataset_to_evaluate: Iterable[Any],
+        train_set: Iterable[Any],
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        load_influence_vector_path: Any = None,
+        save_influence_vector_path: Any = None,
+        save_influence_value_path: Any = None,
+        device: Any = None,
     ) -> BatchStream:
         """Scores of every query against every training example, streamed.
 
-        Each query batch is projected once; the training influence vectors are computed
-        once and kept in memory (k numbers per example).
+        Each query batch is projected once (``G g_z``, by JVPs); its scores against a
+        training batch are one ``(B_query, k) @ (k, B_train)`` product with the training
+        influence vectors, which are computed once per call (or loaded) and kept as
+        ``influence_vector_in_cache`` says.
 
         Parameters
         ----------
@@ -297,43 +711,361 @@ class ArnoldiInfluenceCalculator:
             The queries z.
         train_set : re-iterable of batches
             The training examples x.
+        influence_vector_in_cache : CACHE, default CACHE.MEMORY
+            ``MEMORY``: training vectors held in memory (``N_train × k`` numbers);
+            ``DISK``: streamed from a store on disk; ``NO_CACHE``: recomputed from
+            ``train_set`` for every query batch.
+        load_influence_vector_path : str or os.PathLike, optional
+            A store written earlier (``save_influence_vector_path``, or
+            ``compute_influence_vector(..., save_influence_vector_ds_path)``) to use instead
+            of computing; it must match this model, fit and dtype.
+        save_influence_vector_path : str or os.PathLike, optional
+            Save the training vectors there as a store (atomically).
+        save_influence_value_path : str or os.PathLike, optional
+            Compute every score **now** and save them in an ``.npz`` archive (member
+            ``scores_{q:06d}_{t:06d}`` is the (B_query, B_train) block of query batch q and
+            training batch t); the returned stream then reads them back from the file.
+        device : optional
+            Where to compute.
 
         Returns
         -------
         BatchStream of ``(query_batch, BatchStream of (train_batch, scores))``
-            ``scores`` has shape (B_query, B_train): ``scores[i, j] = I(x_j, z_i)``.
+            ``scores`` has shape (B_query, B_train), in the model's namespace and dtype:
+            ``scores[i, j] = I(x_j, z_i) = g_{z_i}ᵀ H⁻¹ g_{x_j}``. The inner stream is
+            re-iterable and reuses the query projections.
+
+        Raises
+        ------
+        ValueError
+            On an unknown ``influence_vector_in_cache`` or an empty dataset.
+        IncompatibleStoreError
+            If a store to load belongs to another model, fit, dtype or training set.
         """
-        cached = [vectors for _, vectors in self.compute_influence_vector(train_set)]
-        train_batches = train_set
+        cache = as_cache(influence_vector_in_cache, "influence_vector_in_cache")
+        _require_data(dataset_to_evaluate, "dataset_to_evaluate")
+        placement = self._placed(device)
+        xp = placement.xp
+        store = self._prepare_store(
+            placement,
+            train_set,
+            cache,
+            load_influence_vector_path,
+            save_influence_vector_path,
+            "load_influence_vector_path",
+            "save_influence_vector_path",
+        )
+        argument = (
+            "load_influence_vector_path"
+            if load_influence_vector_path is not None
+            else "save_influence_vector_path"
+        )
+
+        def scores_against_training(projected: Any) -> BatchStream:
+            def run() -> Iterator[tuple[Any, Any]]:
+                for batch, vectors in self._paired(placement, store, train_set, argument):
+                    yield batch, xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
+
+            return BatchStream(run, _batch_count(store, train_set))
 
         def produce(index: int, query: Any) -> tuple[Any, BatchStream]:
-            projected = self._projections(query, index, "dataset_to_evaluate")
+            projected = self._projections(placement, query, index, "dataset_to_evaluate")
+            return query, scores_against_training(projected)
 
-            def inner() -> Iterator[Any]:
-                for batch, vectors in zip(train_batches, cached):
-                    yield batch, projected @ vectors.T
+        stream = self._stream(dataset_to_evaluate, "dataset_to_evaluate", produce)
+        if save_influence_value_path is None:
+            return stream
+        return self._save_scores(
+            placement, stream, save_influence_value_path, dataset_to_evaluate, train_set
+        )
 
-            return query, BatchStream(inner, len(cached))
+    def _save_scores(
+        self,
+        placement: _Placement,
+        stream: BatchStream,
+        path: Any,
+        queries: Iterable[Any],
+        train_set: Iterable[Any],
+    ) -> BatchStream:
+        target = resolve_path(path, "influence_values")
+        model = placement.model
+        query_sizes: list[int] = []
+        train_sizes: list[int] = []
+        with AtomicArchiveWriter(target) as writer:
+            for q, (_, per_train) in enumerate(stream):
+                for t, (_, scores) in enumerate(per_train):
+                    writer.write_array(f"scores_{q:06d}_{t:06d}", model.to_numpy(scores))
+                    if q == 0:
+                        train_sizes.append(int(scores.shape[1]))
+                query_sizes.append(int(scores.shape[0]))
+            writer.write_json(
+                "metadata",
+                {
+                    "kind": "influence_values",
+                    "version": 1,
+                    "query_batch_sizes": query_sizes,
+                    "train_batch_sizes": train_sizes,
+                    **self._provenance(placement),
+                },
+            )
+        reader = ArchiveReader(target, "save_influence_value_path")
 
-        return self._stream(dataset_to_evaluate, "dataset_to_evaluate", produce)
+        # The query and training batches come from the datasets again; the scores from the file.
+        def run() -> Iterator[tuple[Any, BatchStream]]:
+            for q, query in enumerate(queries):
+
+                def inner(q: int = q) -> Iterator[tuple[Any, Any]]:
+                    names = [f"scores_{q:06d}_{t:06d}" for t in range(len(train_sizes))]
+                    for batch, scores in zip(train_set, reader.iter_arrays(names)):
+                        yield batch, model.from_numpy(scores)
+
+                yield query, BatchStream(inner, len(train_sizes))
+
+        return BatchStream(run, len(query_sizes))
+
+    def _provenance(self, placement: _Placement) -> dict[str, Any]:
+        return {
+            "fingerprint": self.model.fingerprint(),
+            "eigenbasis": self.eigenbasis_digest,
+            "dtype": placement.model.dtype_name,
+            "rank": self.eigenbasis.rank,
+        }
+
+    # ------------------------------------------------------------------------------ top-k
+    def top_k(
+        self,
+        dataset_to_evaluate: Iterable[Any],
+        train_set: Iterable[Any],
+        k: int = 5,
+        nearest_neighbors: BaseNearestNeighbors | None = None,
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        load_influence_vector_ds_path: Any = None,
+        save_influence_vector_ds_path: Any = None,
+        save_top_k_ds_path: Any = None,
+        order: ORDER = ORDER.DESCENDING,
+        d_type: Any = None,
+        device: Any = None,
+    ) -> BatchStream:
+        """For each query, the ``k`` most influential training examples: values and indices.
+
+        An exact blocked search: every query batch is projected once, then scored against
+        the training influence vectors one training batch at a time, keeping a running
+        top-k per query (memory ``O(B_query · (k + B_train))``, plus ``N_train × k`` for
+        ``CACHE.MEMORY``).
+
+        Parameters
+        ----------
+        dataset_to_evaluate : re-iterable of batches
+            The queries z.
+        train_set : re-iterable of batches
+            The training examples x.
+        k : int, default 5
+            ``1 ≤ k ≤ N_train``.
+        nearest_neighbors : BaseNearestNeighbors, optional
+            The search; default a new :class:`~krylov_influence.topk.LinearNearestNeighbors`
+            (exact). It is (re)built for this call.
+        influence_vector_in_cache : CACHE, default CACHE.MEMORY
+            Where the training vectors live (see
+            :meth:`estimate_influence_values_in_batches`).
+        load_influence_vector_ds_path : str or os.PathLike, optional
+            A matching store of training vectors to use instead of computing them.
+        save_influence_vector_ds_path : str or os.PathLike, optional
+            Save the training vectors there as a store (atomically).
+        save_top_k_ds_path : str or os.PathLike, optional
+            Compute every result **now** and save them in an ``.npz`` archive (members
+            ``values_{q:06d}`` and ``indices_{q:06d}`` per query batch); the returned
+            stream then reads them back from the file.
+        order : ORDER, default ORDER.DESCENDING
+            ``DESCENDING``: highest scores (proponents) first; ``ASCENDING``: lowest
+            (opponents) first.
+        d_type : dtype, optional
+            dtype of the search (``"float32"``, ``"float64"`` or a framework dtype); default
+            the model's.
+        device : optional
+            Where to compute.
+
+        Returns
+        -------
+        BatchStream of TopKBatch ``(queries, values, indices)``
+            ``queries``: the query batch untouched; ``values``: shape (B_query, k), the
+            scores ``I(x, z_i)`` best first; ``indices``: int64, shape (B_query, k), the
+            global positions of those training examples in ``train_set`` (counting across
+            batches from 0; ties keep the smaller index). Training examples are not held:
+            :meth:`locate_examples` maps indices to (batch, row).
+
+        Raises
+        ------
+        ValueError
+            On ``k`` above the number of training examples, an unknown ``order`` or
+            ``influence_vector_in_cache``, an empty dataset.
+        IncompatibleStoreError
+            If a store to load belongs to another model, fit or dtype.
+        """
+        k = _positive_int(k, "k")
+        order = as_order(order)
+        cache = as_cache(influence_vector_in_cache, "influence_vector_in_cache")
+        if nearest_neighbors is None:
+            nearest_neighbors = LinearNearestNeighbors()
+        elif not isinstance(nearest_neighbors, BaseNearestNeighbors):
+            raise TypeError(
+                "nearest_neighbors: expected a krylov_influence.BaseNearestNeighbors, got "
+                f"{type(nearest_neighbors).__name__}"
+            )
+        _require_data(dataset_to_evaluate, "dataset_to_evaluate")
+        placement = self._placed(device)
+        xp = placement.xp
+        score_dtype = (
+            placement.model.dtype if d_type is None else getattr(xp, _xp.dtype_name(d_type))
+        )
+
+        def convert(array: Any) -> Any:
+            return array if array.dtype == score_dtype else xp.astype(array, score_dtype)
+
+        store = self._prepare_store(
+            placement,
+            train_set,
+            cache,
+            load_influence_vector_ds_path,
+            save_influence_vector_ds_path,
+            "load_influence_vector_ds_path",
+            "save_influence_vector_ds_path",
+        )
+        num_examples = None if store is None else store.num_examples
+        if num_examples is not None and k > num_examples:
+            raise ValueError(
+                f"k={k}: expected at most the number of training examples ({num_examples})"
+            )
+        nearest_neighbors.build(
+            lambda: self._indexed_blocks(placement, store, train_set, convert),
+            num_examples=num_examples,
+            xp=xp,
+        )
+        search = nearest_neighbors
+
+        def produce(index: int, query: Any) -> TopKBatch:
+            projected = convert(self._projections(placement, query, index, "dataset_to_evaluate"))
+            values, indices = search.query(projected, k, order)
+            return TopKBatch(query, values, indices)
+
+        stream = self._stream(dataset_to_evaluate, "dataset_to_evaluate", produce)
+        if save_top_k_ds_path is None:
+            return stream
+        return self._save_top_k(
+            placement, stream, save_top_k_ds_path, dataset_to_evaluate, k, order, convert
+        )
+
+    def _save_top_k(
+        self,
+        placement: _Placement,
+        stream: BatchStream,
+        path: Any,
+        queries: Iterable[Any],
+        k: int,
+        order: ORDER,
+        convert: Callable[[Any], Any],
+    ) -> BatchStream:
+        target = resolve_path(path, "top_k")
+        model = placement.model
+        sizes: list[int] = []
+        with AtomicArchiveWriter(target) as writer:
+            for q, (_, values, indices) in enumerate(stream):
+                writer.write_array(f"values_{q:06d}", model.to_numpy(values))
+                writer.write_array(f"indices_{q:06d}", model.to_numpy(indices))
+                sizes.append(int(values.shape[0]))
+            writer.write_json(
+                "metadata",
+                {
+                    "kind": "top_k",
+                    "version": 1,
+                    "k": k,
+                    "order": order.name,
+                    "query_batch_sizes": sizes,
+                    **self._provenance(placement),
+                },
+            )
+        reader = ArchiveReader(target, "save_top_k_ds_path")
+        xp = placement.xp
+
+        def run() -> Iterator[TopKBatch]:
+            names = itertools.chain.from_iterable(
+                (f"values_{q:06d}", f"indices_{q:06d}") for q in range(len(sizes))
+            )
+            arrays = reader.iter_arrays(list(names))
+            for query in queries:
+                values = convert(model.from_numpy(next(arrays)))
+                indices = model.from_numpy(next(arrays), dtype=xp.int64)
+                yield TopKBatch(query, values, indices)
+
+        return BatchStream(run, len(sizes))
 
     # ------------------------------------------------------------------------ helpers
+    def locate_examples(self, train_set: Iterable[Any], indices: Any) -> tuple[Any, Any]:
+        """Map global training indices to ``(batch number, row in batch)``.
+
+        One pass over ``train_set`` reading only batch sizes (no gradients).
+
+        Parameters
+        ----------
+        train_set : re-iterable of batches
+            The training set the indices refer to.
+        indices : array of int, any shape
+            Global indices, e.g. ``TopKBatch.indices`` or ``TrainingTopK.indices``.
+
+        Returns
+        -------
+        batch_numbers, rows : numpy.ndarray of int64, the shape of ``indices``
+            Example ``indices[...]`` is row ``rows[...]`` of batch ``batch_numbers[...]``
+            (for a list of batches: ``train_set[b][...][r]``).
+
+        Raises
+        ------
+        IndexError
+            If an index is negative or not below the number of training examples.
+        """
+        host = np.asarray(_xp.to_numpy(indices), dtype=np.int64)
+        sizes = np.array([self.model.batch_size(b) for b in train_set], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        total = int(ends[-1]) if ends.size else 0
+        if host.size and (host.min() < 0 or host.max() >= total):
+            raise IndexError(
+                f"indices: expected values in [0, {total}), got {host.min()}..{host.max()}"
+            )
+        batch_numbers = np.searchsorted(ends, host, side="right")
+        rows = host - (ends[batch_numbers] - sizes[batch_numbers])
+        return batch_numbers.astype(np.int64), rows.astype(np.int64)
+
     def influence_matrix(
-        self, dataset_to_evaluate: Iterable[Any], train_set: Iterable[Any]
+        self, dataset_to_evaluate: Iterable[Any], train_set: Iterable[Any], device: Any = None
     ) -> np.ndarray:
         """All scores as one host matrix, shape (N_queries, N_train), float64 (small data)."""
         rows = []
         for _, per_train in self.estimate_influence_values_in_batches(
-            dataset_to_evaluate, train_set
+            dataset_to_evaluate, train_set, device=device
         ):
             rows.append(np.concatenate([self.model.to_numpy(s) for _, s in per_train], axis=1))
         return np.concatenate(rows, axis=0).astype(np.float64)
 
-    def self_influence(self, train_set: Iterable[Any]) -> np.ndarray:
+    def self_influence(self, train_set: Iterable[Any], device: Any = None) -> np.ndarray:
         """All self-influence values as one host vector, shape (N,), float64."""
         return np.concatenate(
-            [self.model.to_numpy(v) for _, v in self.compute_influence_values(train_set)]
+            [
+                self.model.to_numpy(v)
+                for _, v in self.compute_influence_values(train_set, device=device)
+            ]
         ).astype(np.float64)
+
+
+def _batch_count(store: InfluenceVectorStore | None, dataset: Iterable[Any]) -> int | None:
+    if store is not None:
+        return len(store.batch_sizes)
+    return dataset_length(dataset)
+
+
+def _require_data(dataset: Any, name: str) -> None:
+    """Re-iterable and, when its length is known, non-empty."""
+    require_reiterable(dataset, name)
+    if dataset_length(dataset) == 0:
+        raise ValueError(f"{name}: the dataset is empty")
 
 
 def _positive_int(value: Any, name: str) -> int:

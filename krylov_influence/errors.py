@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["EngineNotFoundError", "NonFiniteError"]
+__all__ = ["EngineNotFoundError", "IncompatibleStoreError", "NonFiniteError"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -11,3 +11,9 @@ class NonFiniteError(FloatingPointError):
 
 class EngineNotFoundError(LookupError):
     """No engine by that name, or none recognises the model; the message lists the installed."""
+
+
+class IncompatibleStoreError(ValueError):
+    """A saved file (influence vectors, results, a fitted calculator) does not match the model,
+    the eigenbasis or the dtype it is used with, or is not a krylov_influence archive at all.
+    The message names the argument, the path and what differs."""

@@ -104,7 +104,7 @@ def _type_roots(cls: type) -> frozenset[str]:
 
 def _object_roots(obj: Any, depth: int = 3) -> frozenset[str]:
     """Top-level modules of ``obj``'s type and, for containers, of a few of its leaves."""
-    roots = set(_type_roots(type(obj)))
+    roots = set(_type_roots(type(obj)))  # type: ignore[arg-type]
     if depth > 0:
         children: list[Any] = []
         if isinstance(obj, dict):

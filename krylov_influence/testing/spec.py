@@ -120,6 +120,56 @@ class MLPSpec:
             data = 0.5 * np.sum((out - y) ** 2, axis=1)
         return data + 0.5 * self.l2 * float(flat @ flat)
 
+    def gradients(
+        self, x: np.ndarray, y: np.ndarray, theta: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Analytic per-example gradients by NumPy backpropagation (float64), shape (B, p).
+
+        Independent of every engine: the conformance suite's oracle for gradients.
+        """
+        flat = self.flat_parameters() if theta is None else theta
+        weights, biases = self.unflatten(flat)
+        inputs, pre = [np.asarray(x, dtype=np.float64)], []
+        for layer, (w, b) in enumerate(zip(weights, biases)):
+            a = inputs[-1] @ w + b
+            pre.append(a)
+            if layer < len(weights) - 1:
+                inputs.append(numpy_activation(self.activation, a))
+        out = pre[-1]
+        if self.loss == "cross_entropy":
+            e = np.exp(out - out.max(axis=1, keepdims=True))
+            delta = e / e.sum(axis=1, keepdims=True)
+            delta[np.arange(len(y)), np.asarray(y, dtype=np.intp)] -= 1.0
+        else:
+            delta = out - y
+        per_layer = []
+        for layer in range(len(weights) - 1, -1, -1):
+            grad_w = inputs[layer][:, :, None] * delta[:, None, :]
+            per_layer.append((grad_w.reshape(len(delta), -1), delta))
+            if layer:
+                delta = (delta @ weights[layer].T) * _activation_derivative(
+                    self.activation, pre[layer - 1]
+                )
+        parts = [part for pair in reversed(per_layer) for part in pair]
+        return np.concatenate(parts, axis=1) + self.l2 * flat[None, :]
+
+    def hessian(self, step: float = 1e-5) -> np.ndarray:
+        """Hessian of the mean loss over all examples, shape (p, p), float64.
+
+        Central differences of the analytic mean gradient (error ~1e-10 relative for smooth
+        activations), symmetrised. Independent of every engine.
+        """
+        theta = self.flat_parameters()
+        columns = []
+        for i in range(theta.size):
+            shift = np.zeros_like(theta)
+            shift[i] = step
+            plus = self.gradients(self.x, self.y, theta + shift).mean(axis=0)
+            minus = self.gradients(self.x, self.y, theta - shift).mean(axis=0)
+            columns.append((plus - minus) / (2 * step))
+        hessian = np.stack(columns, axis=1)
+        return 0.5 * (hessian + hessian.T)
+
     def unflatten(self, theta: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Split a flat θ into per-layer ``(weights, biases)`` in the neutral order."""
         weights, biases, offset = [], [], 0
@@ -164,6 +214,22 @@ def numpy_activation(name: str, h: np.ndarray) -> np.ndarray:
     raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
 
 
+def _activation_derivative(name: str, h: np.ndarray) -> np.ndarray:
+    """Derivative of the hidden activation at pre-activations ``h``."""
+    if name == "tanh":
+        return 1.0 - np.tanh(h) ** 2
+    if name == "softplus":
+        return 0.5 * (1.0 + np.tanh(0.5 * h))  # the logistic sigmoid, overflow-free
+    if name == "relu":
+        return (h > 0).astype(h.dtype)
+    if name == "gelu":
+        from math import erf
+
+        cdf = 0.5 * (1.0 + np.vectorize(erf)(h / np.sqrt(2.0)))
+        return cdf + h * np.exp(-0.5 * h**2) / np.sqrt(2.0 * np.pi)
+    raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS}")
+
+
 def random_mlp_spec(
     rng: np.random.Generator,
     layer_sizes: tuple[int, ...],
@@ -204,6 +270,7 @@ def random_mlp_spec(
     )
     biases = tuple(0.1 * rng.standard_normal(fan_out) for fan_out in layer_sizes[1:])
     x = rng.standard_normal((num_examples, layer_sizes[0]))
+    y: np.ndarray
     if loss == "cross_entropy":
         y = rng.integers(0, layer_sizes[-1], num_examples)
     else:

@@ -1,0 +1,477 @@
+"""``TorchInfluenceModel``: a ``torch.nn.Module`` and a per-example loss, bound to the engine."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import array_api_compat.torch as torch_xp
+import numpy as np
+import torch
+
+from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence_torch._data import Batch, batch_size, prepare_batch
+from krylov_influence_torch._ops import Functional
+from krylov_influence_torch._params import select_parameters
+
+__all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
+
+# Rows of a projector (or vectors of an ``hvps``) per vectorised pass default to this many
+# example-directions: memory grows as rows × B × (activations per example).
+_DEFAULT_VECTORISED_BUDGET = 2**17
+
+
+def available_devices() -> tuple[str, ...]:
+    """``"cpu"``, then ``"cuda:i"`` for every visible GPU, then ``"mps"`` when available."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return tuple(devices)
+
+
+class TorchInfluenceModel(InfluenceModel):
+    """A ``torch.nn.Module`` with a per-example loss, as an :class:`InfluenceModel`.
+
+    Build it with ``krylov_influence.InfluenceModel(module, loss_fn, ...)`` (the engine is
+    inferred) or ``TorchEngine.bind``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network. It is never modified: the chosen parameters are copied into θ at bind
+        time (rebind after further training), the other parameters and the buffers are read
+        (and copied only to change device or dtype), and every computation runs the module in
+        eval mode through ``torch.func.functional_call``, restoring its mode afterwards.
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> (B,)``: per-example losses, e.g.
+        ``torch.nn.CrossEntropyLoss(reduction="none")``.
+    parameters : optional
+        ``None`` (every parameter with ``requires_grad``), an iterable of parameter names
+        (``"fc2.weight"``), submodule names (``"fc2"``) or parameter objects, or a predicate
+        ``(name, param) -> bool``.
+    device : str or torch.device, optional
+        ``"cpu"``, ``"cuda:0"``, ``"mps"``...; default the device of the chosen parameters.
+    dtype : {"float32", "float64"} or torch dtype, optional
+        Default the dtype of the chosen parameters.
+    l2 : float, default 0.0
+        Adds ``½ l2 ‖θ‖²`` (chosen parameters only) to every per-example loss.
+    chunk_size : int, optional
+        Rows of a projector (or vectors of ``hvps``) per vectorised pass; default
+        ``max(1, 2**17 // B)``. Lower it if a projection runs out of memory.
+
+    Notes
+    -----
+    Flat order: the chosen parameters in ``module.named_parameters()`` order (a shared
+    parameter once, under its first name), each flattened in C order (row-major, as
+    ``tensor.reshape(-1)``). :attr:`parameter_layout` lists it.
+    """
+
+    engine_name = "torch"
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], Any],
+        *,
+        parameters: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        l2: float = 0.0,
+        chunk_size: int | None = None,
+    ):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(module).__name__}")
+        _check_loss(loss_fn)
+        names = select_parameters(module, parameters)
+        named = dict(module.named_parameters())
+        chosen = [named[name] for name in names]
+        torch_dtype = _resolve_dtype(dtype, chosen)
+        torch_device = _resolve_device(device, chosen)
+        if torch_device.type == "mps" and torch_dtype == torch.float64:
+            raise ValueError(
+                "dtype='float64': the MPS device has no float64; pass dtype='float32' "
+                "or device='cpu'"
+            )
+        self._module = module
+        self._loss_fn = loss_fn
+        self._names = names
+        self._shapes = [tuple(param.shape) for param in chosen]
+        self._dtype = torch_dtype
+        self._device = torch_device
+        self._l2 = _check_l2(l2)
+        self._chunk_size = _check_chunk_size(chunk_size)
+        with torch.no_grad():
+            self._theta = torch.cat([param.detach().reshape(-1) for param in chosen]).to(
+                device=torch_device, dtype=torch_dtype
+            )
+        fixed = {
+            name: tensor for name, tensor in module.named_parameters() if name not in set(names)
+        }
+        fixed.update(module.named_buffers())
+        self._fixed = {name: self._place(tensor) for name, tensor in fixed.items()}
+        self._submodules = list(module.modules())
+        self._functional = Functional(module, loss_fn, names, self._shapes, self._fixed)
+        if module.training:
+            warnings.warn(
+                "the module is in training mode; influence computations run it in eval mode "
+                "(no dropout, batch-norm running statistics) and restore its mode afterwards. "
+                "Call module.eval() before binding to silence this warning.",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+
+    def _place(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            return tensor.to(device=self._device, dtype=self._dtype)
+        return tensor.to(device=self._device)
+
+    # ----------------------------------------------------------------- placement and precision
+    @property
+    def xp(self) -> Any:
+        """``array_api_compat.torch``."""
+        return torch_xp
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """``torch.float32`` or ``torch.float64``."""
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The ``torch.device`` of θ and of every output."""
+        return self._device
+
+    @property
+    def num_parameters(self) -> int:
+        """``p``: the number of chosen scalars."""
+        return int(self._theta.numel())
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(
+            float64=self._device.type != "mps", vectorised_hvp=True, devices=available_devices()
+        )
+
+    @property
+    def parameter_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``[(name, shape), ...]`` in flat order (each flattened in C order)."""
+        return list(zip(self._names, self._shapes))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The user's module (read only by the engine)."""
+        return self._module
+
+    def on_device(self, device: Any) -> TorchInfluenceModel:
+        """This model with θ, the fixed tensors and all outputs on ``device``.
+
+        Parameters
+        ----------
+        device : str or torch.device
+
+        Returns
+        -------
+        TorchInfluenceModel
+            ``self`` when already there, otherwise a copy (the module itself is shared).
+        """
+        if device is None:
+            return self
+        target = _resolve_device(device, [self._theta])
+        if target == self._device:
+            return self
+        if target.type == "mps" and self._dtype == torch.float64:
+            raise ValueError("device='mps': the MPS device has no float64; bind in float32")
+        moved = object.__new__(type(self))
+        moved.__dict__.update(self.__dict__)
+        moved._device = target
+        moved._theta = self._theta.to(target)
+        moved._fixed = {name: tensor.to(target) for name, tensor in self._fixed.items()}
+        moved._functional = Functional(
+            self._module, self._loss_fn, self._names, self._shapes, moved._fixed
+        )
+        return moved
+
+    # ------------------------------------------------------------------------------- the data
+    def prepare(self, batch: Any) -> Batch:
+        """Convert a batch to tensors on this model's device and dtype (see ``_data``)."""
+        return prepare_batch(batch, self._device, self._dtype)
+
+    def batch_size(self, batch: Any) -> int:
+        return batch_size(batch)
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode and no autograd graph for the duration; the module's modes restored."""
+        modes = [sub.training for sub in self._submodules]
+        training = any(modes)
+        if training:
+            self._module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if training:
+                for sub, mode in zip(self._submodules, modes):
+                    sub.training = mode
+
+    def _penalty(self) -> torch.Tensor:
+        return 0.5 * self._l2 * torch.dot(self._theta, self._theta)
+
+    def losses(self, batch: Any) -> torch.Tensor:
+        """Per-example losses (including the L2 term), shape (B,)."""
+        prepared = self.prepare(batch)
+        with self._evaluating():
+            values = self._functional.losses(self._theta, prepared.x, prepared.y, prepared.size)
+            if self._l2:
+                values = values + self._penalty()
+        return values.to(self._dtype)
+
+    # ---------------------------------------------------------------------------- operators
+    def flat_parameters(self) -> torch.Tensor:
+        """θ, shape (p,): a copy, in the order of :attr:`parameter_layout`."""
+        return self._theta.clone()
+
+    def _chunk(self, rows: int, size: int) -> int | None:
+        chunk = self._chunk_size or max(1, _DEFAULT_VECTORISED_BUDGET // max(size, 1))
+        return None if chunk >= rows else chunk
+
+    def _prepared(self, batches: Iterable[Any]) -> Iterator[Batch]:
+        if isinstance(batches, (torch.Tensor, np.ndarray, dict)) or (
+            isinstance(batches, tuple)
+            and len(batches) == 2
+            and isinstance(batches[0], (torch.Tensor, np.ndarray))
+        ):
+            raise TypeError(
+                "batches: got a single batch; expected an iterable of batches such as "
+                "[(x, y)] or a DataLoader"
+            )
+        for batch in batches:
+            yield self.prepare(batch)
+
+    def hvp(self, vector: Any, batches: Iterable[Any]) -> torch.Tensor:
+        """Hessian of the mean loss over ``batches`` times ``vector``.
+
+        Parameters
+        ----------
+        vector : tensor, shape (p,)
+        batches : re-iterable of batches
+
+        Returns
+        -------
+        tensor, shape (p,)
+        """
+        vector = self._as_matrix(vector, 1, "vector")
+        total = torch.zeros_like(self._theta)
+        count = 0
+        with self._evaluating():
+            for batch in self._prepared(batches):
+                total += self._functional.hvp_sum(self._theta, vector, batch)
+                count += batch.size
+        return self._mean(total, count).add_(vector, alpha=self._l2)
+
+    def hvps(self, vectors: Any, batches: Iterable[Any]) -> torch.Tensor:
+        """Hessian of the mean loss times each row of ``vectors`` (m, p), vectorised.
+
+        Returns
+        -------
+        tensor, shape (m, p)
+        """
+        vectors = self._as_matrix(vectors, 2, "vectors")
+        total = torch.zeros_like(vectors)
+        count = 0
+        with self._evaluating():
+            for batch in self._prepared(batches):
+                chunk = self._chunk(vectors.shape[0], batch.size)
+                total += self._functional.hvps_sum(self._theta, vectors, batch, chunk)
+                count += batch.size
+        return self._mean(total, count).add_(vectors, alpha=self._l2)
+
+    @staticmethod
+    def _mean(total: torch.Tensor, count: int) -> torch.Tensor:
+        if count == 0:
+            raise ValueError("batches: the Hessian data is empty")
+        return total.div_(count)
+
+    def project(self, projector: Any, batch: Any) -> torch.Tensor:
+        """Per-example ``G ∇ℓ_b`` by JVPs vectorised over the rows of ``G``.
+
+        Parameters
+        ----------
+        projector : tensor, shape (k, p)
+        batch : a batch of B examples
+
+        Returns
+        -------
+        tensor, shape (B, k)
+        """
+        projector = self._as_matrix(projector, 2, "projector")
+        prepared = self.prepare(batch)
+        chunk = self._chunk(projector.shape[0], prepared.size)
+        with self._evaluating():
+            projected = self._functional.directional(self._theta, projector, prepared, chunk)
+            if self._l2:
+                projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
+        return projected
+
+    def per_example_grads(self, batch: Any) -> torch.Tensor:
+        """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``."""
+        prepared = self.prepare(batch)
+        with self._evaluating():
+            grads = self._functional.per_example_grads(self._theta, prepared)
+            if self._l2:
+                grads.add_(self._theta[None, :], alpha=self._l2)
+        return grads
+
+    def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
+        """The Hessian over ``batches``; an in-memory list is converted to tensors once."""
+        if isinstance(batches, (list, tuple)):
+            batches = [self.prepare(batch) for batch in self._prepared(batches)]
+        return HessianOperator(self, batches)
+
+    # ----------------------------------------------------------------------------- conversion
+    def to_numpy(self, array: Any) -> np.ndarray:
+        if isinstance(array, torch.Tensor):
+            return array.detach().cpu().numpy()
+        return np.asarray(array)
+
+    def _as_matrix(self, value: Any, ndim: int, name: str) -> torch.Tensor:
+        tensor = torch.as_tensor(value)
+        p = self.num_parameters
+        if tensor.ndim != ndim or tensor.shape[-1] != p:
+            expected = "(p,)" if ndim == 1 else f"({'m' if name == 'vectors' else 'k'}, p)"
+            raise ValueError(
+                f"{name}: expected shape {expected} with p = {p}, got {tuple(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name}: expected a floating tensor, got {tensor.dtype}")
+        return tensor.to(device=self._device, dtype=self._dtype)
+
+
+# ---------------------------------------------------------------------------- validation
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside krylov_influence."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("krylov_influence"):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _check_loss(loss_fn: Any) -> None:
+    if loss_fn is None or not callable(loss_fn):
+        raise TypeError(
+            "loss_fn: expected a callable loss_fn(outputs, targets) -> (B,) per-example "
+            f"losses, e.g. torch.nn.CrossEntropyLoss(reduction='none'); got {loss_fn!r}"
+        )
+    reduction = getattr(loss_fn, "reduction", None)
+    if isinstance(loss_fn, torch.nn.Module) and reduction not in (None, "none"):
+        raise ValueError(
+            f"loss_fn: {type(loss_fn).__name__}(reduction={reduction!r}) reduces the batch to "
+            f"one number; pass reduction='none' for per-example losses"
+        )
+
+
+def _check_l2(l2: Any) -> float:
+    try:
+        value = float(l2)
+    except (TypeError, ValueError):
+        raise TypeError(f"l2={l2!r}: expected a finite number >= 0") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"l2={l2!r}: expected a finite number >= 0")
+    return value
+
+
+def _check_chunk_size(chunk_size: Any) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive integer or None")
+    return chunk_size
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """``torch.float32`` or ``torch.float64`` from a name, a torch dtype or a NumPy dtype.
+
+    Raises
+    ------
+    ValueError
+        For anything else (half precision, integers, unknown names).
+    """
+    if isinstance(dtype, torch.dtype):
+        found = dtype
+    else:
+        try:
+            name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype.strip().lower()
+        except TypeError:
+            name = str(dtype)
+        found = {"float32": torch.float32, "float64": torch.float64}.get(name)
+    if found not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype={dtype!r}: expected float32 or float64")
+    return found
+
+
+def _resolve_dtype(dtype: Any, chosen: list[torch.Tensor]) -> torch.dtype:
+    if dtype is not None:
+        return torch_dtype(dtype)
+    found = {param.dtype for param in chosen}
+    if len(found) != 1:
+        raise ValueError(
+            f"dtype=None: the chosen parameters mix dtypes {sorted(map(str, found))}; pass "
+            "dtype='float32' or 'float64'"
+        )
+    (only,) = found
+    if only not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"dtype=None: the chosen parameters are {only}; pass dtype='float32' or 'float64' "
+            "(the engine computes in one of those)"
+        )
+    return only
+
+
+def _resolve_device(device: Any, chosen: list[torch.Tensor]) -> torch.device:
+    if device is None:
+        found = {param.device for param in chosen}
+        if len(found) != 1:
+            raise ValueError(
+                f"device=None: the chosen parameters live on several devices "
+                f"{sorted(map(str, found))}; pass device=..."
+            )
+        (target,) = found
+        return target
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device={device!r}: not a torch device (expected e.g. 'cpu', 'cuda:0')"
+        ) from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available in this process")
+        index = torch.cuda.current_device() if target.index is None else target.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return torch.device("cuda", index)
+    if target.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device={device!r}: MPS is not available in this process")
+    elif target.type != "cpu":
+        try:
+            torch.empty(0, device=target)
+        except (RuntimeError, AssertionError):
+            raise ValueError(
+                f"device={device!r}: not usable in this process; available here: "
+                f"{', '.join(available_devices())}"
+            ) from None
+    return target

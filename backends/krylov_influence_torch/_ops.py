@@ -1,0 +1,149 @@
+"""The operators as pure functions of the flat parameters θ, built on ``torch.func``.
+
+Everything here differentiates with respect to one flat tensor θ (shape (p,)), split into
+the chosen parameters inside the function, so gradients come out flat with no concatenation
+in Python. The module runs through ``torch.func.functional_call`` with *every* parameter and
+buffer supplied (θ for the chosen ones, fixed copies for the rest), so the user's tensors are
+never read or written during a computation.
+
+- Hessian-vector products: forward-over-reverse, ``jvp(grad(Σ_b ℓ_b))``; several vectors at
+  once with ``vmap`` over the tangents (the primal pass is shared).
+- Projections ``G g_b``: the JVP of the per-example loss vector (B,) along a row of G *is*
+  the column of directional derivatives, so ``vmap`` over the rows of G of one JVP gives
+  (k, B) with no per-example gradient ever formed.
+- Per-example gradients: ``vmap(grad(ℓ))`` over the examples, each seen as a batch of one.
+
+The L2 term ``½ l2 ‖θ‖²`` is added analytically by the caller (``+l2·v``, ``+l2·θ``,
+``+l2·Gθ``): exact, and no derivative work for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from krylov_influence_torch._data import Batch, map_leaves
+
+__all__ = ["Functional"]
+
+
+class Functional:
+    """A module and loss as functions of the flat chosen parameters.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Called in whatever mode it is in; the caller switches it to eval mode.
+    loss_fn : callable
+        ``loss_fn(outputs, targets) -> (B,)``.
+    names : list of str
+        The chosen parameters, in flat order.
+    shapes : list of tuple of int
+        Their shapes.
+    fixed : dict of str to tensor
+        Every other parameter and every buffer, already on the device and in the dtype.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        loss_fn: Callable[[Any, Any], Any],
+        names: list[str],
+        shapes: list[tuple[int, ...]],
+        fixed: dict[str, torch.Tensor],
+    ):
+        self.module = module
+        self.loss_fn = loss_fn
+        self.names = names
+        self.shapes = shapes
+        self.numels = [int(torch.Size(shape).numel()) for shape in shapes]
+        self.fixed = fixed
+
+    # ------------------------------------------------------------------ building blocks
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split θ (p,) into the chosen parameters, by name."""
+        pieces = torch.split(theta, self.numels)
+        return {
+            name: piece.view(shape) for name, piece, shape in zip(self.names, pieces, self.shapes)
+        }
+
+    def forward(self, theta: torch.Tensor, x: Any) -> Any:
+        """The module's outputs at θ for inputs ``x`` (tensor, tuple, or dict)."""
+        tensors = (self.unflatten(theta), self.fixed)
+        if isinstance(x, dict):
+            return functional_call(self.module, tensors, (), x)
+        if isinstance(x, (tuple, list)):
+            return functional_call(self.module, tensors, tuple(x))
+        return functional_call(self.module, tensors, (x,))
+
+    def losses(self, theta: torch.Tensor, x: Any, y: Any, size: int) -> torch.Tensor:
+        """Per-example data losses (no L2 term), shape (size,)."""
+        values = self.loss_fn(self.forward(theta, x), y)
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(
+                f"loss_fn: expected a tensor of per-example losses, got {type(values).__name__}"
+            )
+        if tuple(values.shape) != (size,):
+            hint = (
+                " It looks reduced to a scalar: use reduction='none'."
+                if values.ndim == 0
+                else " Sum or average the other axes inside loss_fn."
+            )
+            raise ValueError(
+                f"loss_fn: expected per-example losses of shape ({size},) for a batch of "
+                f"{size}, got shape {tuple(values.shape)}.{hint}"
+            )
+        return values
+
+    def _loss_sum(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.losses(theta, batch.x, batch.y, batch.size).sum()
+
+    def _example_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+        # Inside vmap each example arrives without its batch axis; the module and the loss
+        # see a batch of one, as they would outside.
+        x = map_leaves(lambda t: t.unsqueeze(0), x)
+        y = map_leaves(lambda t: t.unsqueeze(0), y)
+        return self.losses(theta, x, y, 1)[0]
+
+    # ------------------------------------------------------------------------ operators
+    def hvp_sum(self, theta: torch.Tensor, vector: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``∇²(Σ_b ℓ_b) v`` over one batch, shape (p,)."""
+
+        def gradient(th: torch.Tensor) -> torch.Tensor:
+            return grad(self._loss_sum)(th, batch)
+
+        return jvp(gradient, (theta,), (vector,))[1]
+
+    def hvps_sum(
+        self, theta: torch.Tensor, vectors: torch.Tensor, batch: Batch, chunk: int | None
+    ) -> torch.Tensor:
+        """``∇²(Σ_b ℓ_b) V_i`` for every row of ``vectors`` (m, p), shape (m, p)."""
+
+        def gradient(th: torch.Tensor) -> torch.Tensor:
+            return grad(self._loss_sum)(th, batch)
+
+        def one(vector: torch.Tensor) -> torch.Tensor:
+            return jvp(gradient, (theta,), (vector,))[1]
+
+        return vmap(one, chunk_size=chunk)(vectors)
+
+    def directional(
+        self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch, chunk: int | None
+    ) -> torch.Tensor:
+        """``(G ∇ℓ_b)`` for every example and row of ``projector`` (k, p), shape (B, k)."""
+
+        def batch_losses(th: torch.Tensor) -> torch.Tensor:
+            return self.losses(th, batch.x, batch.y, batch.size)
+
+        def one(row: torch.Tensor) -> torch.Tensor:
+            return jvp(batch_losses, (theta,), (row,))[1]
+
+        return vmap(one, chunk_size=chunk)(projector).T.contiguous()
+
+    def per_example_grads(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``∇ℓ_b`` for every example, shape (B, p)."""
+        per_example = vmap(grad(self._example_loss), in_dims=(None, 0, 0))
+        return per_example(theta, batch.x, batch.y)

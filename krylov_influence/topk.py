@@ -1,0 +1,260 @@
+"""Exact streaming top-k over influence vectors, in bounded memory.
+
+Training examples are k-dimensional influence vectors ``v_j = diag(1/(λ+δ)) G g_j`` and a
+query is its projection ``P_z = G g_z``, so the score ``I(x_j, z) = P_z · v_j`` is an inner
+product and "the most influential training examples of z" is a maximum-inner-product search.
+
+The search here is exact and blocked: the training vectors arrive block by block (one
+training batch at a time, from memory, from disk or recomputed), every block is scored
+against all the queries of one query batch at once, and a running top-k per query is merged
+with the block's scores. Memory is ``O(Q · (k + B))`` for ``Q`` queries, blocks of ``B`` and
+``k`` results, whatever the number of training examples. Ties keep the smaller training index.
+
+:class:`BaseNearestNeighbors` is the interface a faster (e.g. approximate) search implements;
+:class:`LinearNearestNeighbors` is the exact default.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from krylov_influence._xp import device_of
+
+__all__ = [
+    "ORDER",
+    "BaseNearestNeighbors",
+    "LinearNearestNeighbors",
+    "RunningTopK",
+    "TopKBatch",
+    "TrainingTopK",
+    "as_order",
+]
+
+
+class ORDER(enum.Enum):
+    """Which end of the scores a top-k search keeps (influenciae's names and values).
+
+    Attributes
+    ----------
+    ASCENDING : 1
+        The k *lowest* scores, lowest first (e.g. opponents, or the least self-influential).
+    DESCENDING : 2
+        The k *highest* scores, highest first (proponents, the most self-influential).
+    """
+
+    ASCENDING = 1
+    DESCENDING = 2
+
+
+def as_order(order: Any, name: str = "order") -> ORDER:
+    """Return ``order`` as an :class:`ORDER` member (also accepts its value, 1 or 2).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, if ``order`` is neither.
+    """
+    if isinstance(order, ORDER):
+        return order
+    if isinstance(order, int) and not isinstance(order, bool):
+        for member in ORDER:
+            if member.value == order:
+                return member
+    raise ValueError(f"{name}={order!r}: expected ORDER.ASCENDING (1) or ORDER.DESCENDING (2)")
+
+
+class TopKBatch(NamedTuple):
+    """One batch of :meth:`ArnoldiInfluenceCalculator.top_k` results.
+
+    Positions follow influenciae's ``(samples_to_evaluate, influence_values,
+    training_samples)``, with the training *indices* in the place of the samples.
+
+    Attributes
+    ----------
+    queries : batch
+        The batch of ``dataset_to_evaluate``, untouched (B_query examples).
+    values : array, shape (B_query, k)
+        ``values[i, r]`` is the r-th best score ``I(x, z_i)`` over the training set, best
+        first (highest for ``ORDER.DESCENDING``, lowest for ``ORDER.ASCENDING``).
+    indices : array of int64, shape (B_query, k)
+        Global training indices of those scores: position in the order of ``train_set``,
+        counting from 0 across batches. Map one to its batch and row with
+        :meth:`ArnoldiInfluenceCalculator.locate_examples`.
+    """
+
+    queries: Any
+    values: Any
+    indices: Any
+
+
+class TrainingTopK(NamedTuple):
+    """Result of :meth:`ArnoldiInfluenceCalculator.compute_top_k_from_training_dataset`.
+
+    Positions follow influenciae's ``(training_samples, influences_values)``, with the
+    *indices* of the samples in the place of the samples.
+
+    Attributes
+    ----------
+    indices : array of int64, shape (k,)
+        Global training indices, best first.
+    values : array, shape (k,)
+        Their self-influence ``g_xᵀ H⁻¹ g_x``, best first.
+    """
+
+    indices: Any
+    values: Any
+
+
+class RunningTopK:
+    """The k best scores per row seen so far, merged one block of columns at a time.
+
+    Parameters
+    ----------
+    k : int
+        Number of results per row.
+    order : ORDER
+        ``DESCENDING`` keeps the highest scores, ``ASCENDING`` the lowest.
+    xp : namespace
+        Array namespace of the scores.
+    device : optional
+        Device of the index arrays (that of the scores).
+
+    Notes
+    -----
+    Each :meth:`update` sorts ``k + B`` candidates per row, so a full scan of ``N`` columns in
+    blocks of ``B`` costs ``O(N/B · (k + B) log(k + B))`` per row and holds ``(k + B)``
+    candidates per row at a time. The sort is stable and the running results come first, so
+    equal scores keep the smaller column index.
+    """
+
+    def __init__(self, k: int, order: ORDER, *, xp: Any, device: Any = None):
+        self.k = int(k)
+        self.order = as_order(order)
+        self.xp = xp
+        self.device = device
+        self.seen = 0
+        self._values: Any = None
+        self._indices: Any = None
+
+    def update(self, scores: Any, start: int) -> None:
+        """Merge a block of scores whose column ``j`` is global index ``start + j``.
+
+        Parameters
+        ----------
+        scores : array, shape (Q, B)
+        start : int
+            Global index of the block's first column.
+        """
+        xp = self.xp
+        rows, width = int(scores.shape[0]), int(scores.shape[1])
+        columns = xp.arange(start, start + width, dtype=xp.int64, device=self.device)
+        # Broadcast (1, B) against (Q, 1) by addition: no broadcast_to needed in the namespace.
+        indices = xp.reshape(columns, (1, width)) + xp.zeros(
+            (rows, 1), dtype=xp.int64, device=self.device
+        )
+        if self._values is not None:
+            scores = xp.concat([self._values, scores], axis=1)
+            indices = xp.concat([self._indices, indices], axis=1)
+        # Descending order by sorting the negated scores ascending keeps the sort stable in
+        # every namespace (the earlier, smaller index wins a tie).
+        key = -scores if self.order is ORDER.DESCENDING else scores
+        # Slicing past the end is unspecified in the array API: clip to the candidates.
+        best = xp.argsort(key, axis=1, stable=True)[:, : min(self.k, int(scores.shape[1]))]
+        self._values = xp.take_along_axis(scores, best, axis=1)
+        self._indices = xp.take_along_axis(indices, best, axis=1)
+        self.seen += width
+
+    def result(self) -> tuple[Any, Any]:
+        """The best ``k`` scores and their global indices, best first.
+
+        Returns
+        -------
+        values : array, shape (Q, k)
+        indices : array of int64, shape (Q, k)
+
+        Raises
+        ------
+        ValueError
+            If fewer than ``k`` columns were seen (``k`` larger than the training set).
+        """
+        if self.seen < self.k:
+            raise ValueError(
+                f"k={self.k}: expected at most the number of training examples ({self.seen})"
+            )
+        return self._values, self._indices
+
+
+BlockSource = Callable[[], Iterable[tuple[int, Any]]]
+
+
+class BaseNearestNeighbors(abc.ABC):
+    """Maximum-inner-product search over training influence vectors (the ``top_k`` backend).
+
+    ``top_k`` calls :meth:`build` once with a source of training blocks, then :meth:`query`
+    once per batch of queries. An implementation may index the vectors in ``build`` (an
+    approximate search would) or scan the source at query time (the exact default).
+    """
+
+    @abc.abstractmethod
+    def build(self, blocks: BlockSource, *, num_examples: int | None, xp: Any) -> None:
+        """Prepare the search over the training vectors.
+
+        Parameters
+        ----------
+        blocks : callable returning an iterable of ``(start, vectors)``
+            Each call iterates over the whole training set afresh: ``vectors`` has shape
+            (B, d) and holds the influence vectors of examples ``start .. start + B - 1``.
+        num_examples : int or None
+            ``N`` when known in advance (``None`` when the vectors are recomputed on the fly).
+        xp : namespace
+            Array namespace of the vectors and queries.
+        """
+
+    @abc.abstractmethod
+    def query(self, queries: Any, k: int, order: ORDER) -> tuple[Any, Any]:
+        """The ``k`` training examples of highest (lowest) score for every query.
+
+        Parameters
+        ----------
+        queries : array, shape (Q, d)
+            Projected query gradients ``G g_z``; the score of training example ``j`` is
+            ``queries @ vectors[j]``.
+        k : int
+        order : ORDER
+
+        Returns
+        -------
+        values : array, shape (Q, k)
+            Scores, best first.
+        indices : array of int64, shape (Q, k)
+            Global training indices (position in the order of the training set).
+        """
+
+
+class LinearNearestNeighbors(BaseNearestNeighbors):
+    """Exact search: a blocked scan with a running top-k (see :class:`RunningTopK`).
+
+    Holds no training vectors itself: each :meth:`query` streams the blocks of the source
+    given to :meth:`build`, so memory is ``O(Q · (k + B))``.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: BlockSource | None = None
+        self._xp: Any = None
+
+    def build(self, blocks: BlockSource, *, num_examples: int | None, xp: Any) -> None:
+        self._blocks = blocks
+        self._xp = xp
+
+    def query(self, queries: Any, k: int, order: ORDER) -> tuple[Any, Any]:
+        if self._blocks is None:
+            raise RuntimeError("LinearNearestNeighbors.query called before build")
+        xp = self._xp
+        running = RunningTopK(k, order, xp=xp, device=device_of(queries))
+        for start, vectors in self._blocks():
+            scores = xp.matmul(queries, xp.permute_dims(vectors, (1, 0)))
+            running.update(scores, start)
+        return running.result()

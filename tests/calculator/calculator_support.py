@@ -1,0 +1,101 @@
+"""Support of the calculator tests: every engine that builds neutral specs, small problems.
+
+An engine is skipped (never failed) when its framework is not installed, when it is not
+registered, or when its ``from_neutral_spec`` raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+from krylov_influence import ArnoldiInfluenceCalculator, exact
+from krylov_influence.errors import EngineNotFoundError
+from krylov_influence.registry import get_engine
+from krylov_influence.testing import random_mlp_spec
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ENGINES = ("numpy", "torch", "jax", "tensorflow")
+FRAMEWORKS = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
+
+
+def engine_class(name: str) -> Any:
+    """The engine class, or a skip when its framework or registration is missing."""
+    if name in FRAMEWORKS:
+        pytest.importorskip(FRAMEWORKS[name])
+    try:
+        return get_engine(name)
+    except EngineNotFoundError as error:
+        pytest.skip(f"engine {name!r} not available: {error}")
+
+
+def build(engine: Any, spec: Any, dtype: str = "float64") -> tuple[Any, list[Any]]:
+    """``engine.from_neutral_spec`` or a skip when the engine does not build specs yet."""
+    try:
+        return engine.from_neutral_spec(spec, dtype=dtype)
+    except NotImplementedError as error:
+        pytest.skip(f"{engine.name}: from_neutral_spec not implemented ({error})")
+
+
+def training_spec(seed: int = 0, *, num_examples: int = 23, batch_size: int = 5) -> Any:
+    """Softmax regression, 4 features, 3 classes (p = 15); 23 examples: a partial batch."""
+    rng = np.random.default_rng(seed)
+    return random_mlp_spec(rng, (4, 3), num_examples=num_examples, batch_size=batch_size, l2=0.1)
+
+
+def query_spec(spec: Any, seed: int = 1, *, num_examples: int = 7, batch_size: int = 3) -> Any:
+    """Same weights as ``spec``, fresh data: 7 queries in batches of 3 (partial last)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_examples, spec.layer_sizes[0]))
+    y = rng.integers(0, spec.layer_sizes[-1], num_examples)
+    return dataclasses.replace(spec, x=x, y=y, batch_size=batch_size)
+
+
+@dataclasses.dataclass
+class Problem:
+    """A fitted calculator with its data and the exact oracle."""
+
+    engine: Any
+    spec: Any
+    model: Any
+    train: list[Any]
+    queries: list[Any]
+    calc: ArnoldiInfluenceCalculator
+    scores: np.ndarray  # exact (N_queries, N_train)
+    self_influence: np.ndarray  # exact (N_train,)
+    gradients: np.ndarray  # exact per-example training gradients (N_train, p)
+
+    @property
+    def rtol(self) -> float:
+        return 1e-9  # float64 throughout; round-off of a p = 15 problem is far below
+
+
+def make_problem(engine: Any, *, k: int | None = None, damping: float = 0.0) -> Problem:
+    """Fit with subspace_dim = p (exact up to round-off); the oracle is the NumPy engine's
+    dense Hessian of the same neutral spec, so it shares no code path with ``engine``."""
+    spec = training_spec()
+    model, train = build(engine, spec)
+    _, queries = build(engine, query_spec(spec))
+    p = model.num_parameters
+    calc = ArnoldiInfluenceCalculator(
+        model, train, p, True, p if k is None else k, "float64", damping=damping
+    )
+    reference = get_engine("numpy")
+    ref_model, ref_train = reference.from_neutral_spec(spec)
+    _, ref_queries = reference.from_neutral_spec(query_spec(spec))
+    return Problem(
+        engine,
+        spec,
+        model,
+        train,
+        queries,
+        calc,
+        exact.exact_influence(ref_model, ref_train, ref_queries, damping=damping),
+        exact.exact_self_influence(ref_model, ref_train, damping=damping),
+        exact.per_example_gradients(ref_model, ref_train),
+    )

@@ -1,0 +1,35 @@
+"""``import krylov_influence`` and a NumPy-engine computation load no deep-learning framework."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_core_and_numpy_engine_import_no_framework():
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import krylov_influence as ki
+        import krylov_influence.testing
+        from krylov_influence.reference import SoftmaxRegression
+
+        engines = ki.available_engines()          # loads every engine plugin class
+        assert "numpy" in engines, engines
+        rng = np.random.default_rng(0)
+        batches = [(rng.standard_normal((8, 3)), rng.integers(0, 2, 8))]
+        model = SoftmaxRegression(rng.standard_normal((3, 2)), np.zeros(2), l2=0.1)
+        calc = ki.ArnoldiInfluenceCalculator(model, batches, 8, True, 4, "float64")
+        values = [v for _, v in calc.compute_influence_values(batches)]
+        assert values[0].shape == (8,)
+        frameworks = ("torch", "jax", "jaxlib", "tensorflow", "keras")
+        loaded = sorted(m for m in frameworks if m in sys.modules)
+        print(",".join(loaded))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "", f"frameworks imported: {out.stdout.strip()}"
