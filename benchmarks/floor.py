@@ -25,20 +25,30 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_common import load_problem
-from bench_torch import load_model, tensors
 from torch.func import functional_call, grad, jvp, vmap
 
+from bench_common import load_problem
+from bench_torch import load_model, tensors
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after ``warmup`` calls."""
+CPU_TIMES: dict[str, float] = {}
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2, name: str = "") -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after ``warmup`` calls.
+
+    The median CPU time (all threads) goes to ``CPU_TIMES[name]``: on a shared machine it is
+    the steadier of the two.
+    """
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    if name:
+        CPU_TIMES[name] = statistics.median(cpu)
     return statistics.median(times)
 
 
@@ -89,12 +99,16 @@ def measure(problem_name: str, repeats: int) -> dict[str, Any]:
 
     with torch.no_grad():
         figures = {
-            "hvp_s": median_time(lambda: hvp_fwd_rev(v), repeats),
-            "hvp_vmap10_per_vector_s": median_time(lambda: hvp10(v10), repeats) / 10,
-            "per_example_grads_s": median_time(lambda: per_example(params, x, y), repeats),
-            f"project_jvp_k{k}_s": median_time(lambda: project(vk), repeats),
+            "hvp_s": median_time(lambda: hvp_fwd_rev(v), repeats, name="hvp"),
+            "hvp_vmap10_per_vector_s": median_time(lambda: hvp10(v10), repeats, name="hvp10") / 10,
+            "per_example_grads_s": median_time(
+                lambda: per_example(params, x, y), repeats, name="per_example_grads"
+            ),
+            f"project_jvp_k{k}_s": median_time(lambda: project(vk), repeats, name="project"),
         }
-    figures["hvp_rev_rev_s"] = median_time(hvp_rev_rev, repeats)
+    figures["hvp_rev_rev_s"] = median_time(hvp_rev_rev, repeats, name="hvp_rev_rev")
+    figures["cpu_s"] = dict(CPU_TIMES)
+    figures["cpu_s"]["hvp10"] /= 10
     figures["subspace_dim"] = config["subspace_dim"]
     figures["hvp_floor_fit_s"] = config["subspace_dim"] * min(
         figures["hvp_s"], figures["hvp_rev_rev_s"]

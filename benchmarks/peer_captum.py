@@ -16,6 +16,7 @@ import captum
 import numpy as np
 import torch
 from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
+
 from peer_torch_common import run_peer
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from dattri.algorithm.influence_function import IFAttributorArnoldi
 from dattri.task import AttributionTask
+
 from peer_torch_common import run_peer
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
 from bench_common import TOP_K, StageRecorder, load_problem, peer_arguments, write_result
 
 

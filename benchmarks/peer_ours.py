@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+
 from bench_common import (
     TOP_K,
     StageRecorder,
@@ -32,9 +33,9 @@ from bench_common import (
 
 def torch_side(problem: dict[str, Any], which: str, threads: int) -> tuple[Any, Any, Any]:
     import torch
-    from bench_torch import load_model, tensors
 
     import krylov_influence as ki
+    from bench_torch import load_model, tensors
 
     if threads:
         torch.set_num_threads(threads)

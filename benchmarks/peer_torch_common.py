@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, TensorDataset
+
 from bench_common import TOP_K, StageRecorder, load_problem, peer_arguments, write_result
 from bench_torch import load_model, tensors
-from torch.utils.data import DataLoader, TensorDataset
 
 
 def loaders(problem: dict[str, Any], which: str = "clean") -> dict[str, Any]:

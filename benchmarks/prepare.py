@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from bench_common import RESULTS
 from bench_torch import build_model, regularised_loss
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from bench_common import HERE, RESULTS, STAGES, TOP_K, load_problem, top_k_indices
 
 ROOT = HERE.parent
@@ -62,8 +63,9 @@ def _exact_for(problem: dict[str, Any], which: str) -> dict[str, np.ndarray]:
     whose Krylov space has converged computes. Independent of every library.
     """
     import torch
-    from bench_torch import load_model, tensors
     from torch.func import functional_call, grad, jvp, vmap
+
+    from bench_torch import load_model, tensors
 
     config = problem["config"]
     model = load_model(problem, which).to(torch.float64)
@@ -205,11 +207,16 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def run_peer(peer: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    out = out_dir / f"{args.problem}-{peer}.json"
+    if peer in args.reuse:
+        if not out.exists():
+            return {"peer": peer, "error": f"--reuse: {out} does not exist"}
+        print(f"-- {peer}: reusing {out}", flush=True)
+        return {**json.loads(out.read_text()), "reused": True}
     python, why = interpreter(peer)
     if python is None:
         return {"peer": peer, "error": why}
     script = HERE / ("peer_ours.py" if peer in OURS else f"peer_{peer}.py")
-    out = out_dir / f"{args.problem}-{peer}.json"
     if out.exists():
         out.unlink()
     repeats = args.peer_repeats.get(peer, args.repeats)
@@ -338,7 +345,8 @@ def table(
                 continue
             ratio = s["median_s"] / fastest[stage] if fastest[stage] else None
             cells.append(fmt_s(s["median_s"]) + (f" ({ratio:.2f}×)" if ratio else ""))
-        lines.append(f"| {r['peer']} | " + " | ".join(cells) + " |")
+        name = r["peer"] + (" (earlier run)" if r.get("reused") else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| peer | CPU s: fit | self-influence | scores | top-10 | peak MB: fit | "
@@ -440,6 +448,11 @@ def main() -> None:
         help="per-peer repeats overriding --repeats, e.g. influenciae=1",
     )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per peer")
+    parser.add_argument(
+        "--reuse",
+        default="",
+        help="peers whose JSON from an earlier run (same --out-dir) is reused",
+    )
     parser.add_argument("--no-mislabel", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--out-dir", default=str(RESULTS))
@@ -453,6 +466,7 @@ def main() -> None:
         }
     except ValueError:
         parser.error(f"--peer-repeats={args.peer_repeats!r}: expected peer=int[,peer=int...]")
+    args.reuse = {p.strip() for p in args.reuse.split(",") if p.strip()}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
