@@ -212,7 +212,8 @@ def run_peer(peer: str, args: argparse.Namespace, out_dir: Path) -> dict[str, An
         if not out.exists():
             return {"peer": peer, "error": f"--reuse: {out} does not exist"}
         print(f"-- {peer}: reusing {out}", flush=True)
-        return {**json.loads(out.read_text()), "reused": True}
+        earlier = json.loads(out.read_text())
+        return earlier if "error" in earlier else {**earlier, "reused": True}
     python, why = interpreter(peer)
     if python is None:
         return {"peer": peer, "error": why}
@@ -262,6 +263,9 @@ def run_peer(peer: str, args: argparse.Namespace, out_dir: Path) -> dict[str, An
 
 def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any] | None:
     out = out_dir / f"{args.problem}-floor.json"
+    if "floor" in args.reuse and out.exists():
+        print(f"-- floor: reusing {out}", flush=True)
+        return json.loads(out.read_text())
     cmd = [
         sys.executable,
         str(HERE / "floor.py"),
@@ -321,6 +325,13 @@ def table(
         )
         for stage in STAGES
     }
+    fastest_cpu = {
+        stage: min(
+            (r["stages"][stage]["median_cpu_s"] for r in libraries if stage in r["stages"]),
+            default=None,
+        )
+        for stage in STAGES
+    }
     lines = [
         f"Problem `{args.problem}`: {info['problem']}.",
         "",
@@ -355,7 +366,13 @@ def table(
     ]
     for r in ok:
         st = r["stages"]
-        cpu = [fmt_s(st[s]["median_cpu_s"]) if s in st else "–" for s in STAGES]
+        cpu = [
+            fmt_s(st[s]["median_cpu_s"])
+            + (f" ({st[s]['median_cpu_s'] / fastest_cpu[s]:.2f}×)" if fastest_cpu[s] else "")
+            if s in st
+            else "–"
+            for s in STAGES
+        ]
         mem = [f"{st[s]['peak_mb']:.0f}" if s in st else "–" for s in STAGES]
         lines.append(f"| {r['peer']} | " + " | ".join(cpu + mem) + f" | {r['max_rss_mb']:.0f} |")
     lines += [
@@ -402,17 +419,29 @@ def table(
             f"(forward-over-reverse) / {fmt_s(floor['hvp_rev_rev_s'])} (reverse-over-reverse); "
             f"10 HVPs sharing a vmap pass {fmt_s(floor['hvp_vmap10_per_vector_s'])} per vector; "
             f"one vmap(grad) per-example-gradient pass {fmt_s(pg)}; k JVPs of every "
-            f"per-example loss vmapped over k {fmt_s(project)}.",
+            f"per-example loss vmapped over k {fmt_s(project)}. CPU time of the same: "
+            + ", ".join(f"{k} {fmt_s(v)}" for k, v in floor.get("cpu_s", {}).items())
+            + " (hvp10: per vector).",
             "",
-            f"| peer | fit / ({floor['subspace_dim']} × one HVP = {fit_floor}) "
-            f"| self-influence / one per-example-gradient pass |",
-            "|---|---|---|",
+            "Lower-bound ratios: a stage's time over the autodiff it cannot avoid, by wall "
+            "time and by CPU time (CPU seconds of the stage over CPU seconds of the floor "
+            "operation; steadier on a shared machine).",
+            "",
+            f"| peer | fit / ({floor['subspace_dim']} × one HVP = {fit_floor}), wall | "
+            "fit / HVPs, CPU | self-influence / one per-example-gradient pass, wall | "
+            "self-influence / per-example gradients, CPU |",
+            "|---|---|---|---|---|",
         ]
+        cpu = floor.get("cpu_s", {})
+        hvp_cpu = min(cpu.get("hvp", np.inf), cpu.get("hvp_rev_rev", np.inf))
+        pg_cpu = cpu.get("per_example_grads")
         for r in ok:
             st = r["stages"]
+            fit_cpu = st["fit"]["median_cpu_s"] / (floor["subspace_dim"] * hvp_cpu)
+            si_cpu = st["self_influence"]["median_cpu_s"] / pg_cpu if pg_cpu else np.nan
             lines.append(
                 f"| {r['peer']} | {st['fit']['median_s'] / (floor['subspace_dim'] * hvp):.2f} | "
-                f"{st['self_influence']['median_s'] / pg:.2f} |"
+                f"{fit_cpu:.2f} | {st['self_influence']['median_s'] / pg:.2f} | {si_cpu:.2f} |"
             )
     failed = [r for r in results if "error" in r]
     if failed:
@@ -505,6 +534,9 @@ def main() -> None:
     results = []
     for peer in peers:
         result = run_peer(peer, args, out_dir)
+        if "error" in result and not result.get("reused"):
+            # Kept so that a later --reuse reports the same reason.
+            (out_dir / f"{args.problem}-{peer}.json").write_text(json.dumps(result))
         if "stages" in result:
             result["accuracy"] = accuracy(result, oracle, problem)
         else:
