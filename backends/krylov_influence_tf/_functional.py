@@ -178,9 +178,7 @@ def from_keras(model: Any, parameters: Any, dtype: str | None, device: str) -> F
 def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(tree, dict):
         return [
-            leaf
-            for key in sorted(tree, key=str)
-            for leaf in _leaves(tree[key], f"{prefix}{key}/")
+            leaf for key in sorted(tree, key=str) for leaf in _leaves(tree[key], f"{prefix}{key}/")
         ]
     if isinstance(tree, (list, tuple)):
         return [leaf for i, item in enumerate(tree) for leaf in _leaves(item, f"{prefix}{i}/")]

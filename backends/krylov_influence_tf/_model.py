@@ -48,7 +48,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
     dtype : str
         ``"float32"`` or ``"float64"``.
     device : str
-        Canonical device name (``"/device:CPU:0"``).
+        Canonical device name (see ``canonical_device``).
     l2 : float
         Coefficient of ``½ l2 ‖θ‖²`` added to every per-example loss.
     chunk_size : int
@@ -100,8 +100,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
             )
         if rank != 1:
             raise ValueError(
-                f"loss_fn: returned shape {losses.shape}; expected per-example losses of shape "
-                "(B,)"
+                f"loss_fn: returned shape {losses.shape}; expected per-example losses of shape (B,)"
             )
         return tf.cast(losses, self._dtype)
 
@@ -177,7 +176,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
     @property
     def device(self) -> str:
-        """Canonical TensorFlow device name, e.g. ``"/device:CPU:0"``."""
+        """Full TensorFlow device name, ``"/job:localhost/replica:0/task:0/device:CPU:0"``."""
         return self._device
 
     @property
@@ -220,9 +219,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
     # ----------------------------------------------------------------------------- data
     def _stage(self, batch: Any) -> tuple[Any, Any]:
         """``(x, y)`` as tensors on the device; floating inputs and targets in the dtype."""
-        if isinstance(batch, dict) or not (
-            isinstance(batch, (tuple, list)) and len(batch) == 2
-        ):
+        if isinstance(batch, dict) or not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(
                 "batch: expected an (x, y) pair of tensors or NumPy arrays (a tf.data.Dataset "
                 f"element or a tuple), got {type(batch).__name__}"

@@ -28,7 +28,10 @@ _DEVICE = re.compile(r"^/?(?:device:)?(cpu|gpu|tpu)(?::(\d+))?$", re.IGNORECASE)
 
 
 def canonical_device(device: Any) -> str:
-    """``"/device:CPU:0"`` style name of ``device``.
+    """The full name TensorFlow gives tensors on ``device``.
+
+    That is ``"/job:localhost/replica:0/task:0/device:CPU:0"`` in a local process: the string
+    ``tensor.device`` reports, so a model's ``device`` compares equal to its outputs' devices.
 
     Parameters
     ----------
@@ -48,7 +51,7 @@ def canonical_device(device: Any) -> str:
     """
     if device is None:
         gpus = tf.config.list_logical_devices("GPU")
-        return "/device:GPU:0" if gpus else "/device:CPU:0"
+        return _canonical_name("/device:GPU:0" if gpus else "/device:CPU:0")
     name = getattr(device, "name", device)
     if isinstance(name, str):
         return _canonical_name(name)
@@ -76,14 +79,15 @@ def _canonical_name(name: str) -> str:
     available = [d.name for d in tf.config.list_logical_devices(kind)]
     canonical = f"/device:{kind}:{index}"
     if not any(d.endswith(canonical) for d in available):
-        listed = ", ".join(d.split("/device:")[-1] for d in tf.config.list_logical_devices())
+        listed = ", ".join(d.name.split("/device:")[-1] for d in tf.config.list_logical_devices())
         raise ValueError(f"device={device!r}: no such TensorFlow device here (have: {listed})")
-    return canonical
+    with tf.device(canonical):
+        return tf.constant(0.0).device
 
 
 def same_device(array: Any, device: str) -> bool:
     """Whether tensor ``array`` lives on ``device`` (a :func:`canonical_device` name)."""
-    return str(getattr(array, "device", "")).upper().endswith(device.upper())
+    return getattr(array, "device", None) == device
 
 
 def _as_dtype(dtype: Any) -> tf.DType | None:

@@ -51,9 +51,7 @@ def build_spec(engine: Any, spec: Any, *, dtype: Any, device: Any) -> tuple[Any,
     for w, b in zip(spec.weights, spec.biases):
         weights += [w.astype(name), b.astype(name)]
     model.set_weights(weights)
-    bound = engine.bind(
-        model, spec_loss(spec.loss), dtype=name, device=place, l2=spec.l2
-    )
+    bound = engine.bind(model, spec_loss(spec.loss), dtype=name, device=place, l2=spec.l2)
     batches = []
     with tf.device(place):
         for x, y in spec.numpy_batches():

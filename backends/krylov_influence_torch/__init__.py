@@ -30,7 +30,8 @@ class TorchEngine(Engine):
     """The ``torch`` engine: ``torch.nn.Module`` models with ``loss_fn(outputs, targets)``.
 
     Options of :meth:`bind` beyond the common ones: ``l2`` (float, adds ``½ l2 ‖θ‖²`` to every
-    per-example loss) and ``chunk_size`` (rows of a projector per vectorised pass).
+    per-example loss), ``chunk_size`` (rows of a projector per vectorised pass) and
+    ``hvp_mode`` (``"forward-over-reverse"`` or ``"reverse-over-reverse"``).
     """
 
     name = "torch"
@@ -77,7 +78,8 @@ class TorchEngine(Engine):
         parameters, device, dtype
             See :class:`~krylov_influence_torch._model.TorchInfluenceModel`.
         **options
-            ``l2`` (float, default 0) and ``chunk_size`` (int, optional).
+            ``l2`` (float, default 0), ``chunk_size`` (int, optional) and ``hvp_mode``
+            (``"forward-over-reverse"``, the default, or ``"reverse-over-reverse"``).
 
         Returns
         -------
@@ -85,10 +87,11 @@ class TorchEngine(Engine):
         """
         from krylov_influence_torch._model import TorchInfluenceModel
 
-        unknown = sorted(set(options) - {"l2", "chunk_size"})
+        unknown = sorted(set(options) - {"l2", "chunk_size", "hvp_mode"})
         if unknown:
             raise TypeError(
-                f"unexpected options for the torch engine: {unknown}; it takes l2= and chunk_size="
+                f"unexpected options for the torch engine: {unknown}; it takes l2=, "
+                "chunk_size= and hvp_mode="
             )
         return TorchInfluenceModel(
             model, loss_fn, parameters=parameters, device=device, dtype=dtype, **options

@@ -8,11 +8,11 @@ A batch is one of
 - a :class:`Batch` already prepared by the engine (e.g. staged by ``hessian_operator``).
 
 ``x`` is a tensor (passed as ``module(x)``), a tuple or list of tensors (``module(*x)``) or a
-dict of tensors (``module(**x)``). ``y`` is a tensor, or a tuple/list/dict of tensors that the
-loss receives as they are. Every leaf is a ``torch.Tensor`` or a NumPy array whose first axis
-is the batch axis (the same length B in every leaf). Floating leaves are cast to the model's
-dtype, NumPy integer arrays become ``int64`` tensors (what ``cross_entropy`` expects), and
-everything moves to the model's device.
+dict of tensors (``module(**x)``). ``y`` is a tensor, ``None``, or a tuple/list/dict of
+tensors that the loss receives as they are. Every leaf is a ``torch.Tensor`` or a NumPy array
+whose first axis is the batch axis (the same length B in every leaf). Floating leaves are cast
+to the model's dtype, NumPy integer arrays become ``int64`` tensors (what ``cross_entropy``
+expects), and everything moves to the model's device.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def prepare_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> Batch
     sizes: list[tuple[str, tuple[int, ...]]] = []
 
     def convert(where: str) -> Callable[[Any], torch.Tensor]:
-        def leaf(value: Any) -> torch.Tensor:
+        def leaf(value: Any) -> torch.Tensor | None:
+            if value is None:  # e.g. no targets for a loss that needs none
+                return None
             if isinstance(value, np.ndarray):
                 if np.issubdtype(value.dtype, np.integer):
                     value = value.astype(np.int64, copy=False)

@@ -37,7 +37,7 @@ from krylov_influence.reference import NumpyEngine  # noqa: E402
 from krylov_influence.testing import random_mlp_spec  # noqa: E402
 from krylov_influence_torch import TorchEngine  # noqa: E402
 from krylov_influence_torch._data import Batch  # noqa: E402
-from krylov_influence_torch._model import TorchInfluenceModel  # noqa: E402
+from krylov_influence_torch._model import HVP_MODES, TorchInfluenceModel  # noqa: E402
 
 DTYPES = ("float32", "float64")
 F64_RTOL = 1e-10
@@ -89,6 +89,14 @@ def specs(draw, hidden=None, activations=("tanh", "softplus", "gelu")):
     )
 
 
+def build(spec, dtype, **options):
+    """``from_neutral_spec``, rebound with engine ``options`` (``hvp_mode``, ``chunk_size``)."""
+    model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
+    if options:
+        model = TorchEngine.bind(model.module, model._loss_fn, dtype=dtype, l2=spec.l2, **options)
+    return model, batches
+
+
 def at_theta(spec, theta):
     """The same spec with its parameters replaced by the flat ``theta``."""
     weights, biases = spec.unflatten(theta)
@@ -132,10 +140,10 @@ def test_per_example_grads_equal_finite_differences(spec, dtype):
 
 
 @settings(deadline=None)
-@given(spec=specs(hidden=0), dtype=st.sampled_from(DTYPES))
-def test_hessian_equals_the_analytic_reference(spec, dtype):
+@given(spec=specs(hidden=0), dtype=st.sampled_from(DTYPES), mode=st.sampled_from(HVP_MODES))
+def test_hessian_equals_the_analytic_reference(spec, dtype, mode):
     assume(spec.loss == "cross_entropy" or spec.layer_sizes[-1] == 1)
-    model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
+    model, batches = build(spec, dtype, hvp_mode=mode)
     reference, ref_batches = NumpyEngine.from_neutral_spec(spec, dtype="float64")
     assert_close(
         dense_hessian(model, batches), dense_hessian(reference, ref_batches), rtol_for(dtype)
@@ -143,10 +151,10 @@ def test_hessian_equals_the_analytic_reference(spec, dtype):
 
 
 @settings(deadline=None)
-@given(spec=specs(hidden=1), seed=st.integers(0, 2**32 - 1))
-def test_hvp_equals_finite_differences_of_the_gradient(spec, seed):
+@given(spec=specs(hidden=1), seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(HVP_MODES))
+def test_hvp_equals_finite_differences_of_the_gradient(spec, seed, mode):
     v = np.random.default_rng(seed).standard_normal(spec.num_parameters)
-    model, batches = TorchEngine.from_neutral_spec(spec, dtype="float64")
+    model, batches = build(spec, "float64", hvp_mode=mode)
     theta = spec.flat_parameters()
     h = 1e-5 / np.linalg.norm(v)
     expected = (
@@ -157,9 +165,14 @@ def test_hvp_equals_finite_differences_of_the_gradient(spec, seed):
 
 
 @settings(deadline=None)
-@given(spec=specs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
-def test_hvp_is_symmetric_and_linear(spec, dtype, seed):
-    model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
+@given(
+    spec=specs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(HVP_MODES),
+)
+def test_hvp_is_symmetric_and_linear(spec, dtype, seed, mode):
+    model, batches = build(spec, dtype, hvp_mode=mode)
     rng = np.random.default_rng(seed)
     u, v = (model.from_numpy(rng.standard_normal(spec.num_parameters)) for _ in range(2))
     a, b = 0.7, -1.3
@@ -173,11 +186,16 @@ def test_hvp_is_symmetric_and_linear(spec, dtype, seed):
 
 
 @settings(deadline=None)
-@given(spec=specs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
-def test_uneven_batches_give_the_exact_mean(spec, dtype, seed):
+@given(
+    spec=specs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(HVP_MODES),
+)
+def test_uneven_batches_give_the_exact_mean(spec, dtype, seed, mode):
     one_batch = dataclasses.replace(spec, batch_size=spec.num_examples)
-    model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
-    whole, single = TorchEngine.from_neutral_spec(one_batch, dtype=dtype)
+    model, batches = build(spec, dtype, hvp_mode=mode)
+    whole, single = build(one_batch, dtype, hvp_mode=mode)
     vectors = model.from_numpy(
         np.random.default_rng(seed).standard_normal((3, spec.num_parameters))
     )
@@ -187,15 +205,20 @@ def test_uneven_batches_give_the_exact_mean(spec, dtype, seed):
 
 
 @settings(deadline=None)
-@given(spec=specs(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
-def test_hvps_equal_stacked_hvps_also_when_chunked(spec, dtype, seed):
-    model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
+@given(
+    spec=specs(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(HVP_MODES),
+)
+def test_hvps_equal_stacked_hvps_also_when_chunked(spec, dtype, seed, mode):
+    model, batches = build(spec, dtype, hvp_mode=mode)
     vectors = model.from_numpy(
         np.random.default_rng(seed).standard_normal((5, spec.num_parameters))
     )
     rows = np.stack([numpy_of(model.hvp(vectors[i], batches)) for i in range(5)])
     assert_close(model.hvps(vectors, batches), rows, rtol_for(dtype))
-    chunked = TorchEngine.bind(model.module, model._loss_fn, dtype=dtype, l2=spec.l2, chunk_size=2)
+    chunked, _ = build(spec, dtype, hvp_mode=mode, chunk_size=2)
     assert_close(chunked.hvps(vectors, batches), rows, rtol_for(dtype))
 
 
@@ -497,6 +520,19 @@ def test_batch_norm_uses_running_statistics_and_is_not_updated():
     assert_close(
         model.per_example_grads((x, y)), autograd_per_example_grads(net, x, y, names), 1e-12
     )
+    projector = model.from_numpy(
+        np.random.default_rng(7).standard_normal((4, model.num_parameters))
+    )
+    expected = numpy_of(model.per_example_grads((x, y))) @ numpy_of(projector).T
+    assert_close(model.project(projector, (x, y)), expected, 1e-12)
+    hessian = dense_hessian(model, [(x, y)])
+    assert_close(
+        model.hvps(projector, [(x[:4], y[:4]), (x[4:], y[4:])]),
+        numpy_of(projector) @ hessian,
+        1e-12,
+    )
+    reverse = ki.InfluenceModel(net, CE, hvp_mode="reverse-over-reverse")
+    assert_close(reverse.hvps(projector, [(x, y)]), numpy_of(projector) @ hessian, 1e-12)
     for key, value in net.named_buffers():
         assert torch.equal(value, buffers[key]), key
 
@@ -525,6 +561,30 @@ def test_batch_formats_agree():
     listed = [(xt[i : i + 3], yt[i : i + 3]) for i in range(0, 8, 3)]
     assert_close(model.hvp(v, loader), numpy_of(model.hvp(v, listed)), 1e-14)
     assert_close(model.hessian_operator(loader).mv(v), numpy_of(model.hvp(v, [(x, y)])), 1e-12)
+
+
+def test_targets_may_be_none():
+    net = mlp()
+    x, _ = classification_data()
+
+    def energy(outputs, targets):
+        assert targets is None
+        return 0.5 * (outputs**2).sum(dim=-1)
+
+    model = ki.InfluenceModel(net, energy)
+    named = dict(net.named_parameters())
+    rows = []
+    for i in range(len(x)):
+        loss = energy(net(torch.as_tensor(x[i : i + 1])), None)[0]
+        rows.append(
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(named.values()))])
+        )
+    assert_close(model.per_example_grads((x, None)), torch.stack(rows).numpy(), 1e-12)
+    assert_close(
+        model.losses({"x": x, "y": None}),
+        energy(net(torch.as_tensor(x)), None).detach().numpy(),
+        1e-14,
+    )
 
 
 def test_tuple_and_dict_inputs():
@@ -571,6 +631,18 @@ def test_hessian_operator_stages_lists_once():
     v = model.from_numpy(np.arange(model.num_parameters, dtype=float))
     assert_close(operator.mv(v), numpy_of(model.hvp(v, batches)), 1e-14)
     assert_close(operator.mm(v[None, :]), numpy_of(model.hvp(v, batches))[None, :], 1e-12)
+
+
+@pytest.mark.parametrize("mode", HVP_MODES)
+def test_losses_linear_or_constant_in_theta_have_a_zero_hessian(mode):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3, dtype=torch.float64)).eval()
+    x, _ = classification_data()
+    v = torch.linspace(-1, 1, 15, dtype=torch.float64)
+    linear = ki.InfluenceModel(net, lambda out, _: out.sum(dim=-1), hvp_mode=mode, l2=0.5)
+    assert_close(linear.hvp(v, [(x, None)]), 0.5 * v.numpy(), 1e-15)
+    assert_close(linear.hvps(v[None, :], [(x, None)]), 0.5 * v.numpy()[None, :], 1e-15)
+    constant = ki.InfluenceModel(net, lambda out, _: torch.ones(out.shape[0]), hvp_mode=mode)
+    assert_close(constant.hvp(v, [(x, None)]), np.zeros(15), 1e-15)
 
 
 def test_l2_adds_exactly_its_terms():
@@ -632,6 +704,8 @@ def test_bad_arguments_give_clear_errors(monkeypatch):
         model.hvp(torch.ones(p + 1, dtype=torch.float64), [(x, y)])
     with pytest.raises(ValueError, match=r"projector: expected shape \(k, p\)"):
         model.project(torch.ones(p, dtype=torch.float64), (x, y))
+    with pytest.raises(ValueError, match=r"projector: expected shape \(k, p\) with k >= 1"):
+        model.project(torch.ones(0, p, dtype=torch.float64), (x, y))
     with pytest.raises(ValueError, match="vectors"):
         model.hvps(torch.ones(2, p - 1, dtype=torch.float64), [(x, y)])
     with pytest.raises(ValueError, match="'fc9'"):
@@ -656,6 +730,8 @@ def test_bad_arguments_give_clear_errors(monkeypatch):
         ki.InfluenceModel(net, CE, l2=-1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         ki.InfluenceModel(net, CE, chunk_size=0)
+    with pytest.raises(ValueError, match="hvp_mode"):
+        ki.InfluenceModel(net, CE, hvp_mode="reverse")
     with pytest.raises(TypeError, match="unexpected options"):
         ki.InfluenceModel(net, CE, params={})
     with pytest.raises(ValueError, match="empty"):

@@ -1,0 +1,182 @@
+"""The compiled operators: losses, HVPs, JVP projections, per-example gradients.
+
+Every operator is one module-level ``jax.jit`` function whose first argument is a static
+:class:`Program` (the user's ``apply_fn`` and ``loss_fn`` and the parameter layout). Programs
+compare by the identity of the two functions and the value of the layout, so a program is
+compiled once per distinct input shape, and rebinding the same functions (another dtype,
+device, or a perturbed copy of the parameters) reuses what was compiled. The parameters,
+fixed leaves, data and ``l2`` are arguments, never closed over, so large arrays are not baked
+into the compiled programs as constants.
+
+The L2 term is added analytically: ``+l2·v`` to HVPs, ``+l2·θ`` to gradients, ``+l2·(Gθ)`` to
+projections. Matrix products are traced under ``jax.default_matmul_precision("highest")`` so
+float32 is not computed in TF32/bfloat16 passes on GPUs and TPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from krylov_influence_jax._params import ParameterLayout
+
+__all__ = [
+    "Program",
+    "finish",
+    "hvp_sum",
+    "hvps_sum",
+    "losses",
+    "per_example_grads",
+    "project",
+    "staged_hvp",
+    "staged_hvps",
+]
+
+_HIGHEST = "highest"
+
+
+class Program:
+    """The static part of a bound model: ``loss_fn(apply_fn(params, x), y)`` and the layout.
+
+    Parameters
+    ----------
+    apply_fn : callable
+        ``apply_fn(params, x) -> outputs``, pure.
+    loss_fn : callable
+        ``loss_fn(outputs, y) -> (B,)`` per-example losses.
+    layout : ParameterLayout
+    """
+
+    __slots__ = ("apply_fn", "layout", "loss_fn")
+
+    def __init__(self, apply_fn: Callable[..., Any], loss_fn: Callable[..., Any], layout: Any):
+        self.apply_fn = apply_fn
+        self.loss_fn = loss_fn
+        self.layout: ParameterLayout = layout
+
+    def __eq__(self, other: object) -> bool:
+        # Functions by identity: equal code in two closures may capture different constants.
+        return (
+            isinstance(other, Program)
+            and self.apply_fn is other.apply_fn
+            and self.loss_fn is other.loss_fn
+            and self.layout == other.layout
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.apply_fn), id(self.loss_fn), self.layout))
+
+    def data_losses(self, theta: Any, fixed: Any, x: Any, y: Any) -> Any:
+        """Per-example losses without the L2 term, shape (B,); checks the loss's shape."""
+        with jax.default_matmul_precision(_HIGHEST):
+            params = self.layout.rebuild(theta, fixed)
+            values = self.loss_fn(self.apply_fn(params, x), y)
+        size = jax.tree_util.tree_leaves(x)[0].shape[0]
+        shape = getattr(values, "shape", None)
+        if shape == ():
+            raise ValueError(
+                "loss_fn: returned a scalar; the jax engine needs per-example losses of shape "
+                "(B,), e.g. optax.softmax_cross_entropy_with_integer_labels(logits, y) "
+                "without the mean"
+            )
+        if shape != (size,):
+            raise ValueError(
+                f"loss_fn: expected per-example losses of shape ({size},) for a batch of "
+                f"{size}, got shape {shape}"
+            )
+        return values.astype(theta.dtype)
+
+
+def _static(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``jax.jit`` with the program (first argument) static."""
+    return jax.jit(function, static_argnums=0)
+
+
+def _penalty(theta: Any, l2: Any) -> Any:
+    return 0.5 * l2 * jnp.vdot(theta, theta)
+
+
+@_static
+def losses(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+    """Per-example losses including ``½·l2·‖θ‖²``, shape (B,)."""
+    return program.data_losses(theta, fixed, x, y) + _penalty(theta, l2)
+
+
+def _hvp_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, v: Any) -> Any:
+    """``Σ_b ∇²ℓ_b v`` over the batch (no L2), forward-over-reverse."""
+
+    def total_loss(t: Any) -> Any:
+        return jnp.sum(program.data_losses(t, fixed, x, y))
+
+    return jax.jvp(jax.grad(total_loss), (theta,), (v,))[1]
+
+
+def _hvps_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, vectors: Any) -> Any:
+    """``_hvp_sum`` for each row of ``vectors`` (m, p), vectorised."""
+    one = functools.partial(_hvp_sum, program, theta, fixed, x, y)
+    return jax.vmap(one)(vectors)
+
+
+hvp_sum = _static(_hvp_sum)
+hvps_sum = _static(_hvps_sum)
+
+
+@jax.jit
+def finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
+    """The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``."""
+    return total / count + l2 * v
+
+
+def _scan_groups(summed: Callable[..., Any]) -> Callable[..., Any]:
+    """One program for a staged dataset: a ``lax.scan`` per group of equal-shape batches."""
+
+    def run(
+        program: Program, theta: Any, fixed: Any, groups: Any, count: Any, v: Any, l2: Any
+    ) -> Any:
+        total = jnp.zeros_like(v)
+        for xs, ys in groups:
+
+            def body(acc: Any, batch: Any) -> tuple[Any, None]:
+                return acc + summed(program, theta, fixed, batch[0], batch[1], v), None
+
+            total = lax.scan(body, total, (xs, ys))[0]
+        return total / count + l2 * v
+
+    return _static(run)
+
+
+staged_hvp = _scan_groups(_hvp_sum)
+staged_hvps = _scan_groups(_hvps_sum)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk",))
+def project(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any, *, chunk: int
+) -> Any:
+    """``(B, k)`` directional derivatives of each example's loss along the rows of ``G``."""
+    # linearize evaluates the forward pass once; only the tangent map is vectorised over k.
+    _, tangent = jax.linearize(lambda t: program.data_losses(t, fixed, x, y), theta)
+    if chunk >= G.shape[0]:
+        along = jax.vmap(tangent, out_axes=1)(G)  # (B, k) directly, no transpose
+    else:
+        along = lax.map(tangent, G, batch_size=chunk).T
+    with jax.default_matmul_precision(_HIGHEST):
+        return along + l2 * (G @ theta)[None, :]
+
+
+@_static
+def per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+    """Per-example gradients including ``l2·θ``, shape (B, p), by ``vmap(grad)``."""
+
+    def one(xi: Any, yi: Any) -> Any:
+        # The model sees a batch of one: apply_fn and loss_fn keep their batched contract.
+        xb = jax.tree_util.tree_map(lambda leaf: leaf[None], xi)
+        yb = jax.tree_util.tree_map(lambda leaf: leaf[None], yi)
+        return jax.grad(lambda t: program.data_losses(t, fixed, xb, yb)[0])(theta)
+
+    return jax.vmap(one)(x, y) + l2 * theta[None, :]

@@ -1,0 +1,370 @@
+"""``JaxInfluenceModel``: a pure ``apply_fn(params, x)`` and a loss bound to the JAX engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence_jax import _batches, _kernels
+from krylov_influence_jax._kernels import Program
+from krylov_influence_jax._params import ParameterLayout, split_parameters
+from krylov_influence_jax._placement import (
+    device_names,
+    resolve_device,
+    resolve_dtype,
+    x64_enabled,
+)
+
+__all__ = ["JaxInfluenceModel", "bind_jax"]
+
+# Default bound on B × (directions vectorised at once) in a projection: the tangents of the
+# forward pass take that many times the activations of one example.
+_PROJECTION_BUDGET = 2**18
+
+
+class JaxInfluenceModel(InfluenceModel):
+    """A JAX model bound to the ``jax`` engine (see :class:`krylov_influence.InfluenceModel`).
+
+    Built by ``krylov_influence.InfluenceModel(apply_fn, loss_fn, params=...)``; see
+    :func:`bind_jax` for the arguments. Every array it returns is a ``jax.Array`` on
+    :attr:`device` in :attr:`dtype`; its namespace :attr:`xp` is ``jax.numpy``.
+
+    Attributes
+    ----------
+    params : pytree
+        The full parameter pytree (floating leaves cast to :attr:`dtype`, on :attr:`device`).
+    """
+
+    engine_name = "jax"
+
+    def __init__(
+        self,
+        program: Program,
+        theta: Any,
+        fixed: tuple[Any, ...],
+        *,
+        l2: float,
+        dtype: np.dtype,
+        device: Any,
+        batch_keys: tuple[str, str] | None,
+        jvp_chunk_size: int | None,
+    ):
+        self._program = program
+        self._l2 = float(l2)
+        self._l2_array = jax.device_put(jnp.asarray(l2, dtype=dtype), device)
+        self._theta = theta
+        self._fixed = fixed
+        self._dtype = dtype
+        self._device = device
+        self._batch_keys = batch_keys
+        self._jvp_chunk_size = jvp_chunk_size
+
+    # ----------------------------------------------------------------- placement and precision
+    @property
+    def xp(self) -> Any:
+        return jnp
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> Any:
+        return self._device
+
+    @property
+    def num_parameters(self) -> int:
+        return int(self._theta.shape[0])
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(
+            float64=x64_enabled(), vectorised_hvp=True, devices=device_names()
+        )
+
+    @property
+    def l2(self) -> float:
+        """The L2 coefficient added to every per-example loss."""
+        return self._l2
+
+    @property
+    def parameter_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``[(path, shape), ...]`` of the differentiated leaves, in flat order.
+
+        Paths are the pytree key paths joined by ``/`` (``"params/Dense_1/kernel"``, or
+        ``"0/1"`` for the bias of the first ``(W, b)`` pair of a list). The order is that of
+        ``jax.tree_util.tree_leaves(params)`` (dict keys sorted), each leaf in C order: the
+        order of ``jax.flatten_util.ravel_pytree`` over the selected leaves.
+        """
+        layout: ParameterLayout = self._program.layout
+        return list(zip(layout.names, layout.shapes))
+
+    @property
+    def params(self) -> Any:
+        return self.unflatten(self._theta)
+
+    def unflatten(self, vector: Any) -> Any:
+        """The full parameter pytree with the differentiated leaves taken from ``vector`` (p,)."""
+        return self._program.layout.rebuild(jnp.asarray(vector, dtype=self._dtype), self._fixed)
+
+    def on_device(self, device: Any) -> JaxInfluenceModel:
+        if device is None:
+            return self
+        target = resolve_device(device, [])
+        if target == self._device:
+            return self
+        return JaxInfluenceModel(
+            self._program,
+            jax.device_put(self._theta, target),
+            tuple(jax.device_put(leaf, target) for leaf in self._fixed),
+            l2=self._l2,
+            dtype=self._dtype,
+            device=target,
+            batch_keys=self._batch_keys,
+            jvp_chunk_size=self._jvp_chunk_size,
+        )
+
+    # ----------------------------------------------------------------------------- the data
+    def _stage(self, batch: Any) -> tuple[Any, Any, int]:
+        return _batches.stage(batch, self._batch_keys, self._dtype, self._device)
+
+    def batch_size(self, batch: Any) -> int:
+        return _batches.batch_size(*_batches.unpack(batch, self._batch_keys))
+
+    def losses(self, batch: Any) -> Any:
+        x, y, _ = self._stage(batch)
+        return _kernels.losses(self._program, self._theta, self._fixed, x, y, self._l2_array)
+
+    # ------------------------------------------------------------------------ the operators
+    def flat_parameters(self) -> Any:
+        return self._theta
+
+    def _vector(self, vector: Any, ndim: int, name: str) -> Any:
+        array = jax.device_put(jnp.asarray(vector, dtype=self._dtype), self._device)
+        p = self.num_parameters
+        if array.ndim != ndim or array.shape[-1] != p:
+            expected = "(p,)" if ndim == 1 else "(m, p)"
+            raise ValueError(f"{name}: expected shape {expected} with p = {p}, got {array.shape}")
+        return array
+
+    def _hessian_sum(self, kernel: Callable[..., Any], vector: Any, batches: Iterable[Any]) -> Any:
+        total, count = None, 0
+        for batch in batches:
+            x, y, size = self._stage(batch)
+            part = kernel(self._program, self._theta, self._fixed, x, y, vector)
+            total = part if total is None else total + part
+            count += size
+        if total is None or count == 0:
+            raise ValueError("batches: the Hessian data is empty")
+        return _kernels.finish(total, count, vector, self._l2_array)
+
+    def hvp(self, vector: Any, batches: Iterable[Any]) -> Any:
+        """Hessian of the mean loss over ``batches`` times ``vector``; (p,) -> (p,)."""
+        vector = self._vector(vector, 1, "vector")
+        return self._hessian_sum(_kernels.hvp_sum, vector, batches)
+
+    def hvps(self, vectors: Any, batches: Iterable[Any]) -> Any:
+        """``H @ vectors[i]`` for every row, in one vectorised pass; (m, p) -> (m, p)."""
+        vectors = self._vector(vectors, 2, "vectors")
+        return self._hessian_sum(_kernels.hvps_sum, vectors, batches)
+
+    def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
+        """The Hessian operator; a list or tuple of batches is staged on the device once."""
+        if isinstance(batches, (list, tuple)):
+            return _StagedHessian(self, batches)
+        return HessianOperator(self, batches)
+
+    def _chunk(self, size: int, k: int) -> int:
+        if self._jvp_chunk_size is not None:
+            return self._jvp_chunk_size
+        return max(1, min(k, _PROJECTION_BUDGET // max(size, 1)))
+
+    def project(self, projector: Any, batch: Any) -> Any:
+        """``G @ grad loss(z_b)`` for every example, by JVPs vectorised over the k rows.
+
+        Parameters
+        ----------
+        projector : array, shape (k, p)
+        batch : a batch of B examples
+
+        Returns
+        -------
+        jax.Array, shape (B, k)
+            The k directions are vectorised in chunks of ``jvp_chunk_size`` (default: as
+            many as keep B × chunk ≤ 2¹⁸), bounding memory to B × chunk activations.
+        """
+        G = self._vector(projector, 2, "projector")
+        x, y, size = self._stage(batch)
+        chunk = self._chunk(size, int(G.shape[0]))
+        return _kernels.project(
+            self._program, self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk
+        )
+
+    def per_example_grads(self, batch: Any) -> Any:
+        """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``."""
+        x, y, _ = self._stage(batch)
+        return _kernels.per_example_grads(
+            self._program, self._theta, self._fixed, x, y, self._l2_array
+        )
+
+    # --------------------------------------------------------------------------- conversion
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return np.asarray(jax.device_get(array))
+
+    def from_numpy(self, array: np.ndarray, dtype: Any = None) -> Any:
+        dtype = self._dtype if dtype is None else dtype
+        return jax.device_put(jnp.asarray(np.asarray(array), dtype=dtype), self._device)
+
+
+class _StagedHessian(HessianOperator):
+    """The Hessian over an in-memory dataset, staged on the device once.
+
+    Consecutive batches of equal shapes are stacked into groups; one compiled program scans
+    every group, so a product is one dispatch whatever the number of batches.
+    """
+
+    def __init__(self, model: JaxInfluenceModel, batches: Iterable[Any]):
+        super().__init__(model, batches)
+        groups: list[tuple[Any, list[Any], list[Any]]] = []
+        count = 0
+        for batch in batches:
+            x, y, size = model._stage(batch)
+            signature = (
+                jax.tree_util.tree_structure((x, y)),
+                [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves((x, y))],
+            )
+            if groups and groups[-1][0] == signature:
+                groups[-1][1].append(x)
+                groups[-1][2].append(y)
+            else:
+                groups.append((signature, [x], [y]))
+            count += size
+        if count == 0:
+            raise ValueError("batches: the Hessian data is empty")
+        stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+        self._groups = tuple((stack(xs), stack(ys)) for _, xs, ys in groups)
+        self._count = count
+
+    def mv(self, v: Any) -> Any:
+        model: JaxInfluenceModel = self.model  # type: ignore[assignment]
+        v = model._vector(v, 1, "vector")
+        return _kernels.staged_hvp(
+            model._program,
+            model._theta,
+            model._fixed,
+            self._groups,
+            self._count,
+            v,
+            model._l2_array,
+        )
+
+    def mm(self, vectors: Any) -> Any:
+        model: JaxInfluenceModel = self.model  # type: ignore[assignment]
+        vectors = model._vector(vectors, 2, "vectors")
+        return _kernels.staged_hvps(
+            model._program,
+            model._theta,
+            model._fixed,
+            self._groups,
+            self._count,
+            vectors,
+            model._l2_array,
+        )
+
+
+def bind_jax(
+    apply_fn: Any,
+    loss_fn: Any,
+    *,
+    params: Any = None,
+    parameters: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    l2: float = 0.0,
+    batch_keys: tuple[str, str] | None = None,
+    jvp_chunk_size: int | None = None,
+) -> JaxInfluenceModel:
+    """Bind ``apply_fn``, ``loss_fn`` and ``params`` (what ``JaxEngine.bind`` calls).
+
+    Parameters
+    ----------
+    apply_fn : callable
+        Pure ``apply_fn(params, x) -> outputs`` (Flax ``model.apply``, an Equinox
+        ``lambda p, x: jax.vmap(equinox.combine(p, static))(x)``, ...). A Flax linen module
+        itself is accepted and its ``apply`` used.
+    loss_fn : callable
+        ``loss_fn(outputs, y) -> (B,)`` per-example losses (no mean).
+    params : pytree of arrays
+        The parameters (for Flax, the whole variable dict ``{"params": ...}``).
+    parameters : None, callable or iterable of str
+        Leaves to differentiate: ``None`` (every floating leaf), a predicate
+        ``(path, leaf) -> bool``, or path prefixes (``["params/Dense_1"]``); the others are
+        held fixed. Paths are key paths joined by ``/``.
+    device : None, str or jax.Device
+        ``"cpu"``, ``"cpu:0"``, ``"gpu:0"``, a ``jax.Device``; default the device of the
+        params (or JAX's default device).
+    dtype : None, "float32" or "float64"
+        Default the params' dtype. float64 needs ``jax_enable_x64``.
+    l2 : float
+        ``½·l2·‖θ‖²`` over the differentiated parameters is added to every per-example loss.
+    batch_keys : (str, str), optional
+        The ``(x, y)`` keys of dict batches (default ``("x", "y")`` or
+        ``("inputs", "targets")``).
+    jvp_chunk_size : int, optional
+        Directions of a projection vectorised at once (default: B × chunk ≤ 2¹⁸).
+
+    Returns
+    -------
+    JaxInfluenceModel
+    """
+    if hasattr(apply_fn, "apply") and hasattr(apply_fn, "init"):  # a Flax linen module
+        apply_fn = apply_fn.apply
+    if not callable(apply_fn):
+        raise TypeError(
+            f"model: the jax engine takes a pure apply_fn(params, x), got {type(apply_fn).__name__}"
+        )
+    if loss_fn is None or not callable(loss_fn):
+        raise TypeError(
+            "loss_fn: expected a callable loss_fn(outputs, targets) -> per-example losses "
+            f"(B,), got {type(loss_fn).__name__}"
+        )
+    if params is None:
+        raise TypeError(
+            "params: the jax engine needs the parameter pytree, e.g. "
+            "InfluenceModel(apply_fn, loss_fn, params=variables)"
+        )
+    l2 = float(l2)
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2={l2!r}: expected a finite number >= 0")
+    if batch_keys is not None and not (
+        isinstance(batch_keys, (tuple, list))
+        and len(batch_keys) == 2
+        and all(isinstance(k, str) for k in batch_keys)
+    ):
+        raise TypeError(f"batch_keys={batch_keys!r}: expected a pair of strings (x_key, y_key)")
+    if jvp_chunk_size is not None and (
+        isinstance(jvp_chunk_size, bool)
+        or not isinstance(jvp_chunk_size, int)
+        or jvp_chunk_size < 1
+    ):
+        raise ValueError(f"jvp_chunk_size={jvp_chunk_size!r}: expected a positive integer")
+    leaves = jax.tree_util.tree_leaves(params)
+    target_dtype = resolve_dtype(dtype, leaves)
+    target_device = resolve_device(device, leaves)
+    layout, theta, fixed = split_parameters(params, parameters, target_dtype, target_device)
+    return JaxInfluenceModel(
+        Program(apply_fn, loss_fn, layout),
+        theta,
+        fixed,
+        l2=l2,
+        dtype=target_dtype,
+        device=target_device,
+        batch_keys=None if batch_keys is None else tuple(batch_keys),  # type: ignore[arg-type]
+        jvp_chunk_size=jvp_chunk_size,
+    )
