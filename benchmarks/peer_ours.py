@@ -31,7 +31,9 @@ from bench_common import (
 )
 
 
-def torch_side(problem: dict[str, Any], which: str, threads: int) -> tuple[Any, Any, Any]:
+def torch_side(
+    problem: dict[str, Any], which: str, threads: int, hvp_mode: str = ""
+) -> tuple[Any, Any, Any]:
     import torch
 
     import krylov_influence as ki
@@ -51,7 +53,10 @@ def torch_side(problem: dict[str, Any], which: str, threads: int) -> tuple[Any, 
         (t["x_query"][s : s + qb], t["y_query"][s : s + qb])
         for s in range(0, len(t["y_query"]), qb)
     ]
-    model = ki.InfluenceModel(module, torch.nn.CrossEntropyLoss(reduction="none"), l2=0.0)
+    options = {"hvp_mode": hvp_mode} if hvp_mode else {}
+    model = ki.InfluenceModel(
+        module, torch.nn.CrossEntropyLoss(reduction="none"), l2=0.0, **options
+    )
     return model, train, queries
 
 
@@ -74,6 +79,10 @@ def neutral_side(problem: dict[str, Any], which: str, engine: str) -> tuple[Any,
             tuple(sizes), "tanh", "cross_entropy", weights, biases, x, y, batch_size, 0.0
         )
 
+    if engine == "jax" and config["dtype"] == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # process-wide, before any array exists
     cls = get_engine(engine)
     model, train = cls.from_neutral_spec(
         spec(problem["x_train"], y_train, config["batch_size"]), dtype=config["dtype"]
@@ -88,6 +97,8 @@ def neutral_side(problem: dict[str, Any], which: str, engine: str) -> tuple[Any,
 def build(problem: dict[str, Any], which: str, engine: str, threads: int) -> tuple[Any, Any, Any]:
     if engine == "torch":
         return torch_side(problem, which, threads)
+    if engine == "torch-rr":  # the torch engine with reverse-over-reverse HVPs
+        return torch_side(problem, which, threads, "reverse-over-reverse")
     return neutral_side(problem, which, engine)
 
 

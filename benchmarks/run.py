@@ -31,7 +31,7 @@ from bench_common import HERE, RESULTS, STAGES, TOP_K, load_problem, top_k_indic
 ROOT = HERE.parent
 VENVS = HERE / ".venvs"
 LIBRARIES = ("captum", "dattri", "pydvl", "influenciae")
-OURS = ("ours-torch", "ours-jax", "ours-tensorflow")
+OURS = ("ours-torch", "ours-torch-rr", "ours-jax", "ours-tensorflow")
 ALL_PEERS = OURS + LIBRARIES
 
 
@@ -484,6 +484,7 @@ def main() -> None:
     )
     parser.add_argument("--no-mislabel", action="store_true")
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--floor-repeats", type=int, default=10, help="repeats of each floor op")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args()
     try:
