@@ -1,0 +1,179 @@
+"""Framework-free helpers shared by the benchmark driver and every peer script.
+
+Peers run in their own virtual environments (some without torch, one without NumPy 2), so this
+module imports only the standard library and NumPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+#: Stages every peer reports, in table order.
+STAGES = ("fit", "self_influence", "scores", "top_k")
+TOP_K = 10
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def max_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (``ru_maxrss``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Sample the RSS every ``interval`` s in a thread; ``peak_mb`` is the rise over the start.
+
+    tracemalloc does not see the C++ allocators of torch and TensorFlow, so the resident set
+    is sampled instead. The sampler sleeps between samples and costs well under 1 % of a core.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start_mb = 0.0
+        self.max_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        self.start_mb = self.max_mb = rss_mb()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.max_mb = max(self.max_mb, rss_mb())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.max_mb = max(self.max_mb, rss_mb())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.max_mb - self.start_mb
+
+
+class StageRecorder:
+    """Wall times, CPU times and peak memory of named stages, over repeats.
+
+    The CPU time (all threads of the process) is recorded next to the wall time because the
+    benchmark machine may be shared: under load the wall time stretches while the CPU time
+    of the work itself changes much less.
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, list[float]]] = {}
+
+    def run(self, stage: str, fn: Callable[[], Any]) -> Any:
+        with PeakMemory() as mem:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = fn()
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        entry = self.stages.setdefault(stage, {"seconds": [], "cpu_seconds": [], "peak_mb": []})
+        entry["seconds"].append(elapsed)
+        entry["cpu_seconds"].append(cpu)
+        entry["peak_mb"].append(mem.peak_mb)
+        return out
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "seconds": entry["seconds"],
+                "median_s": statistics.median(entry["seconds"]),
+                "cpu_seconds": entry["cpu_seconds"],
+                "median_cpu_s": statistics.median(entry["cpu_seconds"]),
+                "peak_mb": max(entry["peak_mb"]),
+            }
+            for name, entry in self.stages.items()
+        }
+
+
+def load_problem(name: str) -> dict[str, Any]:
+    """The arrays and settings written by ``prepare.py`` for problem ``name``."""
+    path = RESULTS / f"{name}.npz"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python benchmarks/prepare.py` first")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["config"] = json.loads(str(arrays.pop("config_json")))
+    return arrays
+
+
+def top_k_indices(scores: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Indices of the ``k`` largest scores of every row, best first, shape (Q, k)."""
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def peer_arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--problem", default="digits", help="digits or cnn (from prepare.py)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")
+    parser.add_argument(
+        "--no-mislabel", action="store_true", help="skip the fit on the flipped-label model"
+    )
+    parser.add_argument("--engine", default="torch", help="ours only: torch, jax or tensorflow")
+    return parser.parse_args()
+
+
+def write_result(
+    args: argparse.Namespace,
+    peer: str,
+    recorder: StageRecorder,
+    scores: np.ndarray | None,
+    self_influence: np.ndarray | None,
+    flipped_self_influence: np.ndarray | None,
+    topk: np.ndarray | None,
+    versions: dict[str, str],
+    notes: list[str],
+) -> None:
+    """Write the peer's figures as JSON, and its arrays (our convention) next to it as .npy."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, array in (
+        ("scores", scores),
+        ("self_influence", self_influence),
+        ("flipped_self_influence", flipped_self_influence),
+        ("top_k", topk),
+    ):
+        if array is not None:
+            path = out.with_suffix(f".{key}.npy")
+            np.save(path, np.asarray(array))
+            files[key] = str(path)
+    result = {
+        "peer": peer,
+        "problem": args.problem,
+        "repeats": args.repeats,
+        "stages": recorder.summary(),
+        "max_rss_mb": max_rss_mb(),
+        "files": files,
+        "versions": versions,
+        "notes": notes,
+    }
+    out.write_text(json.dumps(result, indent=1))
