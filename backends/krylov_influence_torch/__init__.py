@@ -30,8 +30,9 @@ class TorchEngine(Engine):
     """The ``torch`` engine: ``torch.nn.Module`` models with ``loss_fn(outputs, targets)``.
 
     Options of :meth:`bind` beyond the common ones: ``l2`` (float, adds ``½ l2 ‖θ‖²`` to every
-    per-example loss), ``chunk_size`` (rows of a projector per vectorised pass) and
-    ``hvp_mode`` (``"forward-over-reverse"`` or ``"reverse-over-reverse"``).
+    per-example loss), ``chunk_size`` (rows of a projector per vectorised pass), ``hvp_mode``
+    (``"reverse-over-reverse"`` or ``"forward-over-reverse"``) and ``projection`` (``"auto"``,
+    ``"jvp"`` or ``"gradients"``).
     """
 
     name = "torch"
@@ -78,8 +79,9 @@ class TorchEngine(Engine):
         parameters, device, dtype
             See :class:`~krylov_influence_torch._model.TorchInfluenceModel`.
         **options
-            ``l2`` (float, default 0), ``chunk_size`` (int, optional) and ``hvp_mode``
-            (``"forward-over-reverse"``, the default, or ``"reverse-over-reverse"``).
+            ``l2`` (float, default 0), ``chunk_size`` (int, optional), ``hvp_mode``
+            (``"reverse-over-reverse"``, the default, or ``"forward-over-reverse"``) and
+            ``projection`` (``"auto"``, ``"jvp"`` or ``"gradients"``).
 
         Returns
         -------
@@ -87,11 +89,11 @@ class TorchEngine(Engine):
         """
         from krylov_influence_torch._model import TorchInfluenceModel
 
-        unknown = sorted(set(options) - {"l2", "chunk_size", "hvp_mode"})
+        unknown = sorted(set(options) - {"l2", "chunk_size", "hvp_mode", "projection"})
         if unknown:
             raise TypeError(
                 f"unexpected options for the torch engine: {unknown}; it takes l2=, "
-                "chunk_size= and hvp_mode="
+                "chunk_size=, hvp_mode= and projection="
             )
         return TorchInfluenceModel(
             model, loss_fn, parameters=parameters, device=device, dtype=dtype, **options

@@ -25,7 +25,8 @@ __all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
 _DEFAULT_VECTORISED_BUDGET = 2**17
 
 #: The ways ``hvp`` and ``hvps`` can differentiate twice.
-HVP_MODES = ("forward-over-reverse", "reverse-over-reverse")
+HVP_MODES = ("reverse-over-reverse", "forward-over-reverse")
+PROJECTIONS = ("auto", "jvp", "gradients")
 
 
 def available_devices() -> tuple[str, ...]:
@@ -68,11 +69,18 @@ class TorchInfluenceModel(InfluenceModel):
     chunk_size : int, optional
         Rows of a projector (or vectors of ``hvps``) per vectorised pass; default
         ``max(1, 2**17 // B)``. Lower it if a projection runs out of memory.
-    hvp_mode : {"forward-over-reverse", "reverse-over-reverse"}
-        How Hessian-vector products are differentiated. Forward-over-reverse
-        (``torch.func.jvp`` of ``torch.func.grad``, the default) or reverse-over-reverse
-        (``torch.autograd.grad`` twice), which is 2–3× faster in PyTorch 2.13 on CPU for the
-        usual losses; both are exact.
+    hvp_mode : {"reverse-over-reverse", "forward-over-reverse"}
+        How Hessian-vector products are differentiated: reverse-over-reverse
+        (``torch.autograd.grad`` twice, the default) or forward-over-reverse
+        (``torch.func.jvp`` of ``torch.func.grad``). Both are exact; in PyTorch 2.13 on CPU
+        reverse-over-reverse is 2–3× faster for the usual losses (4.4 against 13.0 ms per HVP
+        on the digits MLP, ``benchmarks/floor.py``), because forward-mode AD through the
+        backward of cross-entropy runs Python decompositions.
+    projection : {"auto", "jvp", "gradients"}
+        How ``project`` computes ``G ∇ℓ``: k JVPs vectorised over the rows of ``G`` (memory
+        B × k × activations, never B × p), or per-example gradients times ``Gᵀ`` (memory
+        B × p; ~3× faster on CPU for small models). ``"auto"`` (default) takes gradients when
+        the (B, p) gradient block fits in :attr:`GRADIENT_PROJECTION_BYTES`, JVPs otherwise.
 
     Notes
     -----
@@ -82,6 +90,9 @@ class TorchInfluenceModel(InfluenceModel):
     """
 
     engine_name = "torch"
+    #: Largest per-example gradient block (B × p × itemsize) that ``projection="auto"``
+    #: forms; above it the projection uses JVPs, whose memory does not grow with p.
+    GRADIENT_PROJECTION_BYTES = 64 * 2**20
 
     def __init__(
         self,
@@ -93,7 +104,8 @@ class TorchInfluenceModel(InfluenceModel):
         dtype: Any = None,
         l2: float = 0.0,
         chunk_size: int | None = None,
-        hvp_mode: str = "forward-over-reverse",
+        hvp_mode: str = "reverse-over-reverse",
+        projection: str = "auto",
     ):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(module).__name__}")
@@ -119,6 +131,9 @@ class TorchInfluenceModel(InfluenceModel):
         if hvp_mode not in HVP_MODES:
             raise ValueError(f"hvp_mode={hvp_mode!r}: expected one of {HVP_MODES}")
         self._hvp_mode = hvp_mode
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection={projection!r}: expected one of {PROJECTIONS}")
+        self._projection = projection
         # Each piece moves first, so a module spread over several devices binds too.
         self._theta = torch.cat(
             [p.detach().reshape(-1).to(device=torch_device, dtype=torch_dtype) for p in chosen]
@@ -320,7 +335,9 @@ class TorchInfluenceModel(InfluenceModel):
         return total.div_(count)
 
     def project(self, projector: Any, batch: Any) -> torch.Tensor:
-        """Per-example ``G ∇ℓ_b`` by JVPs vectorised over the rows of ``G``.
+        """Per-example ``G ∇ℓ_b``: JVPs vectorised over the rows of ``G``, or gradients × Gᵀ.
+
+        See ``projection`` in the class docstring for which route is taken.
 
         Parameters
         ----------
@@ -333,6 +350,11 @@ class TorchInfluenceModel(InfluenceModel):
         """
         projector = self._as_matrix(projector, 2, "projector")
         prepared = self.prepare(batch)
+        block = prepared.size * self.num_parameters * self._theta.element_size()
+        if self._projection == "gradients" or (
+            self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
+        ):
+            return self.per_example_grads(prepared) @ projector.T
         chunk = self._chunk(projector.shape[0], prepared.size)
         with self._evaluating():
             projected = self._functional.directional(self._theta, projector, prepared, chunk)

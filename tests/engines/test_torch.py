@@ -229,11 +229,15 @@ def test_hvps_equal_stacked_hvps_also_when_chunked(spec, dtype, seed, mode):
     k=st.integers(1, 7),
     chunk=st.sampled_from((None, 1, 3)),
     seed=st.integers(0, 2**32 - 1),
+    route=st.sampled_from(("jvp", "gradients", "auto")),
 )
-def test_project_equals_projector_times_per_example_grads(spec, dtype, k, chunk, seed):
+def test_project_equals_projector_times_per_example_grads(spec, dtype, k, chunk, seed, route):
+    # Every route of `project` (JVPs chunked or not, gradients × Gᵀ, the automatic choice)
+    # against float64 per-example gradients times the projector.
     model, batches = TorchEngine.from_neutral_spec(spec, dtype=dtype)
-    if chunk is not None:
-        model = TorchEngine.bind(model.module, model._loss_fn, l2=spec.l2, chunk_size=chunk)
+    model = TorchEngine.bind(
+        model.module, model._loss_fn, l2=spec.l2, chunk_size=chunk, projection=route
+    )
     projector = np.random.default_rng(seed).standard_normal((k, spec.num_parameters))
     # The oracle in float64 from the float64 engine's gradients (checked above).
     full, full_batches = TorchEngine.from_neutral_spec(spec, dtype="float64")
