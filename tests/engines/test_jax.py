@@ -259,7 +259,13 @@ def test_outputs_follow_the_model_dtype_and_device(dtype):
         model.project(jnp.stack([v, v]), numpy_batch),
         model.per_example_grads(numpy_batch),
     ]
-    assert model.xp is array_api_compat.array_namespace(outputs[0])
+    # The model's namespace is jax.numpy (what array_api_compat finds for its arrays) plus
+    # the core's donating set_row hook.
+    namespace = array_api_compat.array_namespace(outputs[0])
+    assert model.xp.matmul is namespace.matmul and model.xp.float32 is namespace.float32
+    basis = model.xp.zeros((3, 4), dtype=model.dtype)
+    updated = model.xp.set_row(basis, 1, model.xp.ones(4, dtype=model.dtype))
+    np.testing.assert_array_equal(np.asarray(updated), [[0] * 4, [1] * 4, [0] * 4])
     assert model.dtype == np.dtype(dtype) and model.dtype_name == dtype
     for out in outputs:
         assert isinstance(out, jax.Array)
