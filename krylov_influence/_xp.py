@@ -20,8 +20,11 @@ has no compatible namespace (TensorFlow) supplies an object with exactly these n
 - indexing: basic slicing ``x[a:b]``, ``x[:, a:b]`` and ``x[i, ...]`` (never ``x.T``)
 - attributes: ``x.shape`` (ints) and ``x.dtype`` (comparable with ``==`` to the namespace's
   dtypes)
-- optional hooks: ``to_numpy(x)`` (host copy) and ``set_row(matrix, i, row) -> matrix``
-  (row assignment, in place where the framework allows it).
+- selection: ``where(condition, x1, x2)``, comparison operators ``<=`` on arrays
+- optional hooks: ``to_numpy(x)`` (host copy), ``set_row(matrix, i, row) -> matrix``
+  (row assignment, in place where the framework allows it) and
+  ``stable_smallest_k(keys, k)`` (the first ``k`` positions of a stable ascending sort of
+  every row; see :func:`krylov_influence.topk.stable_smallest_k`).
 
 Small dense algebra (the Hessenberg matrix and its eigen-decomposition) happens on the host in
 float64 NumPy, never in the engine's namespace.

@@ -21,6 +21,8 @@ import enum
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from krylov_influence._xp import device_of, index_dtype
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "TopKBatch",
     "TrainingTopK",
     "as_order",
+    "stable_smallest_k",
 ]
 
 
@@ -126,10 +129,11 @@ class RunningTopK:
 
     Notes
     -----
-    Each :meth:`update` sorts ``k + B`` candidates per row, so a full scan of ``N`` columns in
-    blocks of ``B`` costs ``O(N/B · (k + B) log(k + B))`` per row and holds ``(k + B)``
-    candidates per row at a time. The sort is stable and the running results come first, so
-    equal scores keep the smaller column index.
+    Each :meth:`update` selects among ``k + B`` candidates per row
+    (:func:`stable_smallest_k`), so a full scan of ``N`` columns in blocks of ``B`` costs
+    ``O(N/B · (k + B))`` per row and holds ``(k + B)`` candidates per row at a time. The
+    selection is stable and the running results come first, so equal scores keep the smaller
+    column index.
     """
 
     def __init__(self, k: int, order: ORDER, *, xp: Any, device: Any = None):
@@ -161,11 +165,10 @@ class RunningTopK:
         if self._values is not None:
             scores = xp.concat([self._values, scores], axis=1)
             indices = xp.concat([self._indices, indices], axis=1)
-        # Descending order by sorting the negated scores ascending keeps the sort stable in
-        # every namespace (the earlier, smaller index wins a tie).
+        # Descending order by selecting the smallest negated scores keeps the selection stable
+        # in every namespace (the earlier, smaller index wins a tie).
         key = -scores if self.order is ORDER.DESCENDING else scores
-        # Slicing past the end is unspecified in the array API: clip to the candidates.
-        best = xp.argsort(key, axis=1, stable=True)[:, : min(self.k, int(scores.shape[1]))]
+        best = stable_smallest_k(xp, key, min(self.k, int(scores.shape[1])))
         self._values = xp.take_along_axis(scores, best, axis=1)
         self._indices = xp.take_along_axis(indices, best, axis=1)
         self.seen += width
@@ -188,6 +191,71 @@ class RunningTopK:
                 f"k={self.k}: expected at most the number of training examples ({self.seen})"
             )
         return self._values, self._indices
+
+
+def stable_smallest_k(xp: Any, keys: Any, k: int) -> Any:
+    """Column positions of the ``k`` smallest keys of every row, as a stable sort orders them.
+
+    Equal to ``argsort(keys, axis=1, stable=True)[:, :k]`` (smallest first, ties to the
+    smaller position) without sorting whole rows: a sort of ``W`` columns costs
+    ``O(W log W)`` per row, a selection ``O(W)``.
+
+    Parameters
+    ----------
+    xp : namespace
+        May supply ``stable_smallest_k(keys, k)`` with these exact semantics (JAX's
+        ``lax.top_k`` and TensorFlow's ``math.top_k`` are stable).
+    keys : array, shape (Q, W)
+        Finite (scores of finite influence vectors).
+    k : int
+        ``1 ≤ k ≤ W``.
+
+    Returns
+    -------
+    array of int, shape (Q, k)
+
+    Notes
+    -----
+    Without a hook, an unstable selection (``Tensor.topk``, ``numpy.argpartition``) finds the
+    k-th smallest key ``t`` of every row; every key ``≤ t`` is a candidate (exactly k per row
+    unless there are ties at ``t``); the candidates, in column order, are then sorted stably.
+    Namespaces with no selection at all sort whole rows.
+    """
+    hook = getattr(xp, "stable_smallest_k", None)
+    if hook is not None:
+        return hook(keys, k)
+    width = int(keys.shape[1])
+    picked = _unstable_smallest_k(keys, k) if 4 * k < width else None
+    if picked is None:  # small rows, or no selection primitive: sorting is as good
+        # Slicing past the end is unspecified in the array API: k ≤ W here.
+        return xp.argsort(keys, axis=1, stable=True)[:, :k]
+    threshold = xp.max(xp.take_along_axis(keys, picked, axis=1), axis=1, keepdims=True)
+    inside = keys <= threshold
+    integer = index_dtype(xp, device_of(keys))
+    most = int(xp.max(xp.sum(xp.astype(inside, integer), axis=1)))
+    if most > k:  # ties at the threshold: take every candidate, padded with outsiders
+        device = device_of(keys)
+        positions = xp.reshape(xp.arange(width, dtype=integer, device=device), (1, width))
+        rank = xp.where(inside, positions, xp.asarray(width, dtype=integer, device=device))
+        picked = _unstable_smallest_k(rank, most)
+    candidates = xp.take_along_axis(picked, xp.argsort(picked, axis=1), axis=1)
+    candidate_keys = xp.take_along_axis(keys, candidates, axis=1)
+    if most > k:  # the padding sorts after every candidate
+        within = xp.take_along_axis(inside, candidates, axis=1)
+        infinity = xp.asarray(float("inf"), dtype=keys.dtype, device=device_of(keys))
+        candidate_keys = xp.where(within, candidate_keys, infinity)
+    order = xp.argsort(candidate_keys, axis=1, stable=True)[:, :k]
+    return xp.take_along_axis(candidates, order, axis=1)
+
+
+def _unstable_smallest_k(values: Any, k: int) -> Any:
+    """Positions of some ``k`` smallest values per row, in no order; ``None`` if no primitive."""
+    if isinstance(values, np.ndarray):
+        return np.argpartition(values, k - 1, axis=1)[:, :k]
+    topk = getattr(values, "topk", None)  # torch.Tensor, found by duck typing: no import
+    if topk is not None:
+        return topk(k, dim=1, largest=False, sorted=False).indices
+    return None
 
 
 BlockSource = Callable[[], Iterable[tuple[int, Any]]]
@@ -242,10 +310,25 @@ class LinearNearestNeighbors(BaseNearestNeighbors):
     """Exact search: a blocked scan with a running top-k (see :class:`RunningTopK`).
 
     Holds no training vectors itself: each :meth:`query` streams the blocks of the source
-    given to :meth:`build`, so memory is ``O(Q · (k + B))``.
+    given to :meth:`build`, joining consecutive blocks until they reach ``block_columns``
+    training examples, so that small training batches cost one product and one selection
+    per ``block_columns`` examples rather than per batch. Memory is
+    ``O(Q · (k + block_columns + B))``.
+
+    Parameters
+    ----------
+    block_columns : int, default 4096
+        Training examples scored at once (the width of one score block).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, block_columns: int = 4096) -> None:
+        if (
+            isinstance(block_columns, bool)
+            or not isinstance(block_columns, int)
+            or block_columns < 1
+        ):
+            raise ValueError(f"block_columns={block_columns!r}: expected a positive integer")
+        self.block_columns = block_columns
         self._blocks: BlockSource | None = None
         self._xp: Any = None
 
@@ -258,7 +341,23 @@ class LinearNearestNeighbors(BaseNearestNeighbors):
             raise RuntimeError("LinearNearestNeighbors.query called before build")
         xp = self._xp
         running = RunningTopK(k, order, xp=xp, device=device_of(queries))
+        pending: list[Any] = []
+        first = width = 0
+
+        def flush() -> None:
+            vectors = pending[0] if len(pending) == 1 else xp.concat(pending, axis=0)
+            running.update(xp.matmul(queries, xp.permute_dims(vectors, (1, 0))), first)
+            pending.clear()
+
         for start, vectors in self._blocks():
-            scores = xp.matmul(queries, xp.permute_dims(vectors, (1, 0)))
-            running.update(scores, start)
+            if pending and start != first + width:  # not contiguous: score what is held
+                flush()
+            if not pending:
+                first, width = start, 0
+            pending.append(vectors)
+            width += int(vectors.shape[0])
+            if width >= self.block_columns:
+                flush()
+        if pending:
+            flush()
         return running.result()

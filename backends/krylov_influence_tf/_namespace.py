@@ -250,6 +250,19 @@ class TensorFlowNamespace:
         return tf.cast(order, tf.int64)
 
     @staticmethod
+    def stable_smallest_k(keys: Any, k: int) -> tf.Tensor:
+        """Positions (int64) of the ``k`` smallest keys per row, smallest first.
+
+        The core's top-k hook: ``tf.math.top_k`` puts the lower index first among equal
+        values, so this is ``argsort(keys, stable=True)[:, :k]`` without sorting whole rows.
+        """
+        return tf.cast(tf.math.top_k(-keys, k=int(k)).indices, tf.int64)
+
+    @staticmethod
+    def where(condition: Any, x1: Any, x2: Any) -> tf.Tensor:
+        return tf.where(condition, x1, x2)
+
+    @staticmethod
     def take(x: Any, indices: Any, axis: int | None = None) -> tf.Tensor:
         if axis is None:
             if len(x.shape) != 1:

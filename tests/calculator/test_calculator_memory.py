@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from krylov_influence import CACHE, ArnoldiInfluenceCalculator
+from krylov_influence import CACHE, ArnoldiInfluenceCalculator, LinearNearestNeighbors
 from krylov_influence.reference import SoftmaxRegression
 
 D, C, BATCH, RANK, TOP = 20, 5, 50, 8, 5  # p = 105
@@ -22,7 +22,13 @@ def batches(rng: np.random.Generator, n: int) -> list:
 def peak_bytes(calc: ArnoldiInfluenceCalculator, queries: list, train: list, cache: CACHE) -> int:
     tracemalloc.start()
     try:
-        for result in calc.top_k(queries, train, k=TOP, influence_vector_in_cache=cache):
+        # Blocks of one batch: the default joins batches up to 4096 examples, a constant
+        # that would hide growth at these sizes (it is tested in test_calculator_topk).
+        search = LinearNearestNeighbors(block_columns=BATCH)
+        stream = calc.top_k(
+            queries, train, k=TOP, nearest_neighbors=search, influence_vector_in_cache=cache
+        )
+        for result in stream:
             del result
         return tracemalloc.get_traced_memory()[1]
     finally:
