@@ -208,6 +208,7 @@ def prepare_training_vectors(
     cache: CACHE,
     store_key: Callable[[], StoreKey],
     *,
+    kept: MemoryStore | None = None,
     load_path: Any,
     save_path: Any,
     load_argument: str,
@@ -221,7 +222,9 @@ def prepare_training_vectors(
     - otherwise ``CACHE.MEMORY`` computes into memory, ``CACHE.DISK`` into a store (the save
       path, or ``scratch_path()``), ``CACHE.NO_CACHE`` computes nothing now;
     - ``save_path`` (when given) receives the vectors as a store, which then serves as the
-      disk store (also for ``CACHE.NO_CACHE``: nothing left to recompute).
+      disk store (also for ``CACHE.NO_CACHE``: nothing left to recompute);
+    - ``kept`` (vectors kept across calls for this ``train_set``) replaces the computation
+      whatever ``cache`` says; ``load_path`` still comes first.
 
     ``store_key`` is only called when a store is read or written (it hashes the parameters).
     """
@@ -241,8 +244,12 @@ def prepare_training_vectors(
             return TrainingVectors(placement, train_set, memory, load_argument)
         return TrainingVectors(placement, train_set, loaded, load_argument)
     require_data(train_set, "train_set")
-    if cache is CACHE.MEMORY:
-        arrays = [v for _, v in placement.vector_stream(train_set, "train_set")]
+    if kept is not None or cache is CACHE.MEMORY:
+        arrays = (
+            list(kept.blocks(model.from_numpy))
+            if kept is not None
+            else [v for _, v in placement.vector_stream(train_set, "train_set")]
+        )
         saved_key = None
         if save_path is not None:
             saved_key = store_key()

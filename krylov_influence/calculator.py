@@ -12,7 +12,8 @@ by JVPs), and every quantity is k-dimensional algebra on projections:
 Results are lazy :class:`~krylov_influence._data.BatchStream` objects: re-iterable, computed
 batch by batch as they are consumed, in the engine's own array type. Nothing of size
 ``N_train × p`` is ever formed; training data is held in memory only as k-dimensional influence
-vectors, and only when ``CACHE.MEMORY`` asks for it.
+vectors: for one call when ``CACHE.MEMORY`` asks for it, or across calls after
+:meth:`ArnoldiInfluenceCalculator.cache_training_vectors`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,15 @@ from krylov_influence._streaming import (
     write_vector_store,
 )
 from krylov_influence.arnoldi import arnoldi_iteration
-from krylov_influence.cache import CACHE, DiskStore, StoreKey, as_cache, resolve_path
+from krylov_influence.cache import (
+    CACHE,
+    DiskStore,
+    MemoryStore,
+    StoreKey,
+    as_cache,
+    resolve_path,
+    write_disk_store,
+)
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import NonFiniteError
@@ -192,6 +202,7 @@ class ArnoldiInfluenceCalculator:
         self._placements: dict[str, Placement] = {}
         self._digest: str | None = None
         self._scratch_dir: str | None = None
+        self._kept: KeptTrainingVectors | None = None
 
     # --------------------------------------------------------------------------- fitting
     def _validate_data(self, dataset: Iterable[Any], name: str) -> int:
@@ -250,6 +261,7 @@ class ArnoldiInfluenceCalculator:
         self.eigenbasis = eigenbasis
         self._placements = {}
         self._digest = None
+        self._kept = None  # vectors of another fit
 
     def arnoldi(self, dim: int) -> tuple[Any, Any]:
         """Refit with a Krylov subspace of dimension ``dim``; return ``(eig_vals, G)``.
@@ -366,7 +378,7 @@ class ArnoldiInfluenceCalculator:
         """The model on ``device`` and the fitted state there, cached per device."""
         # Keyed by the argument, so an engine's on_device (which may copy the model) runs
         # once per device, not once per call.
-        key = "" if device is None else str(device)
+        key = _device_key(device)
         placement = self._placements.get(key)
         if placement is not None:
             return placement
@@ -382,6 +394,61 @@ class ArnoldiInfluenceCalculator:
         placement = Placement(model, projector, inverse, self.show_progress)
         self._placements[key] = placement
         return placement
+
+    # ------------------------------------------------------ training vectors kept across calls
+    def cache_training_vectors(self, train_set: Iterable[Any], device: Any = None) -> int:
+        """Project ``train_set`` once and keep its influence vectors for the calls that follow.
+
+        Every method that takes a ``train_set`` projects it, one gradient per example, on
+        every call; that is most of the cost of scoring a few queries. After this call, the
+        methods given **this same object** as ``train_set`` (tested with ``is``) on the same
+        ``device`` reuse the kept vectors instead: ``compute_influence_values``,
+        ``compute_influence_vector``, ``compute_top_k_from_training_dataset``,
+        ``estimate_influence_values_in_batches``, ``top_k``, ``self_influence`` and
+        ``influence_matrix``. Only their query side is then computed (whatever
+        ``influence_vector_in_cache`` says, since the memory is already spent; a
+        ``load_…_path`` still takes precedence, and a ``save_…_path`` receives the kept
+        vectors). Memory: ``N × k`` numbers of the working dtype on the device.
+
+        The vectors belong to the data as it is now: after changing ``train_set`` in place,
+        call this again. A batch count or batch size that no longer matches the kept vectors
+        is refused (:class:`IncompatibleStoreError`). Refitting (:meth:`arnoldi`) drops them,
+        as does :meth:`clear_training_vectors`; calling this with another ``train_set``
+        replaces them.
+
+        Parameters
+        ----------
+        train_set : re-iterable of batches
+        device : optional
+            Where to compute and keep them (``model.on_device(device)``).
+
+        Returns
+        -------
+        int
+            ``N``, the number of training examples kept.
+
+        Raises
+        ------
+        ValueError
+            If ``train_set`` is empty; ``NonFiniteError`` on non-finite gradients.
+        """
+        require_data(train_set, "train_set")
+        placement = self._placed(device)
+        self._kept = None  # a failure below leaves nothing half-kept
+        arrays = [vectors for _, vectors in placement.vector_stream(train_set, "train_set")]
+        self._kept = KeptTrainingVectors(train_set, _device_key(device), MemoryStore(None, arrays))
+        return self._kept.store.num_examples
+
+    def clear_training_vectors(self) -> None:
+        """Drop the vectors kept by :meth:`cache_training_vectors` (if any)."""
+        self._kept = None
+
+    def _kept_vectors(self, train_set: Iterable[Any], device: Any) -> MemoryStore | None:
+        """The kept store when it belongs to this very ``train_set`` on this device."""
+        kept = self._kept
+        if kept is None or kept.train_set is not train_set or kept.device != _device_key(device):
+            return None
+        return kept.store
 
     # ------------------------------------------------------------------- influence vectors
     def compute_influence_vector(
@@ -419,7 +486,11 @@ class ArnoldiInfluenceCalculator:
         """
         require_data(train_set, "train_set")
         placement = self._placed(device)
+        kept = self._kept_vectors(train_set, device)
         if save_influence_vector_ds_path is None:
+            if kept is not None:
+                training = TrainingVectors(placement, train_set, kept, "train_set")
+                return BatchStream(training.paired, len(kept.batch_sizes))
             return placement.vector_stream(train_set, "train_set")
         argument = "save_influence_vector_ds_path"
         path = resolve_path(save_influence_vector_ds_path, "influence_vectors")
@@ -427,6 +498,9 @@ class ArnoldiInfluenceCalculator:
         if os.path.exists(path):
             store = DiskStore(path, argument=argument)
             store.check(key)
+        elif kept is not None:
+            host = (placement.model.to_numpy(a) for a in kept.blocks(placement.model.from_numpy))
+            store = write_disk_store(path, key, host, argument=argument)
         else:
             store = write_vector_store(placement, train_set, path, key, argument)
         vectors = TrainingVectors(placement, train_set, store, argument)
@@ -448,6 +522,17 @@ class ArnoldiInfluenceCalculator:
         """
         placement = self._placed(device)
         xp = placement.xp
+        kept = self._kept_vectors(train_set, device)
+        if kept is not None:
+            # S = Σ v² (λ + δ) with v = P / (λ + δ): the kept vectors suffice.
+            training = TrainingVectors(placement, train_set, kept, "train_set")
+            damped = 1 / placement.inverse
+
+            def from_kept() -> Iterator[tuple[Any, Any]]:
+                for batch, vectors in training.paired():
+                    yield batch, xp.sum(vectors * vectors * damped, axis=1)
+
+            return BatchStream(from_kept, len(kept.batch_sizes))
 
         def produce(index: int, batch: Any) -> tuple[Any, Any]:
             projected = placement.projections(batch, index, "train_set")
@@ -530,12 +615,14 @@ class ArnoldiInfluenceCalculator:
         load_path: Any,
         save_path: Any,
         arguments: tuple[str, str],
+        device: Any,
     ) -> TrainingVectors:
         return prepare_training_vectors(
             placement,
             train_set,
             cache,
             lambda: self._store_key(placement),
+            kept=self._kept_vectors(train_set, device),
             load_path=load_path,
             save_path=save_path,
             load_argument=arguments[0],
@@ -617,6 +704,7 @@ class ArnoldiInfluenceCalculator:
             load_influence_vector_path,
             save_influence_vector_path,
             ("load_influence_vector_path", "save_influence_vector_path"),
+            device,
         )
 
         def scores_against_training(projected: Any) -> BatchStream:
@@ -742,6 +830,7 @@ class ArnoldiInfluenceCalculator:
             load_influence_vector_ds_path,
             save_influence_vector_ds_path,
             ("load_influence_vector_ds_path", "save_influence_vector_ds_path"),
+            device,
         )
         num_examples = training.num_examples
         if num_examples is not None and k > num_examples:
@@ -823,6 +912,19 @@ class ArnoldiInfluenceCalculator:
                 for _, v in self.compute_influence_values(train_set, device=device)
             ]
         ).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class KeptTrainingVectors:
+    """Influence vectors kept by ``cache_training_vectors``: for which data, on which device."""
+
+    train_set: Iterable[Any]  # held, so that its id can never be reused by another object
+    device: str
+    store: MemoryStore
+
+
+def _device_key(device: Any) -> str:
+    return "" if device is None else str(device)
 
 
 def _positive_int(value: Any, name: str) -> int:

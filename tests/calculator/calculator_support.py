@@ -101,3 +101,19 @@ def make_problem(engine: Any, *, k: int | None = None, damping: float = 0.0) -> 
         exact.exact_self_influence(ref_model, ref_train, damping=damping),
         exact.per_example_gradients(ref_model, ref_train),
     )
+
+
+def scores_of(problem: Problem, stream: object) -> np.ndarray:
+    return np.concatenate(
+        [
+            np.concatenate([problem.model.to_numpy(s) for _, s in per_train], axis=1)
+            for _, per_train in stream
+        ]
+    )
+
+
+def top_k_of(problem: Problem, stream: object) -> tuple[np.ndarray, np.ndarray]:
+    results = list(stream)
+    values = np.concatenate([problem.model.to_numpy(r.values) for r in results])
+    indices = np.concatenate([problem.model.to_numpy(r.indices) for r in results])
+    return values, indices

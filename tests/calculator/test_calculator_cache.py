@@ -6,28 +6,12 @@ import os
 
 import numpy as np
 import pytest
-from calculator_support import Problem, build, engine_class, training_spec
+from calculator_support import Problem, build, engine_class, scores_of, top_k_of, training_spec
 
 from krylov_influence import CACHE, ORDER, ArnoldiInfluenceCalculator, IncompatibleStoreError
 from krylov_influence.cache import DiskStore, StoreKey, write_disk_store
 
 MODES = [CACHE.MEMORY, CACHE.DISK, CACHE.NO_CACHE]
-
-
-def scores_of(problem: Problem, stream: object) -> np.ndarray:
-    return np.concatenate(
-        [
-            np.concatenate([problem.model.to_numpy(s) for _, s in per_train], axis=1)
-            for _, per_train in stream
-        ]
-    )
-
-
-def top_k_of(problem: Problem, stream: object) -> tuple[np.ndarray, np.ndarray]:
-    results = list(stream)
-    values = np.concatenate([problem.model.to_numpy(r.values) for r in results])
-    indices = np.concatenate([problem.model.to_numpy(r.indices) for r in results])
-    return values, indices
 
 
 def test_cache_modes_give_identical_results(problem: Problem, tmp_path) -> None:

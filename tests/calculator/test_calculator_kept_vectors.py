@@ -1,0 +1,122 @@
+"""``cache_training_vectors``: training vectors kept across calls, reused only when safe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from calculator_support import Problem, scores_of, top_k_of
+
+from krylov_influence import CACHE, IncompatibleStoreError
+
+
+class ProjectionCounter:
+    """Wraps ``model.project`` and counts the examples it projects."""
+
+    def __init__(self, problem: Problem, monkeypatch: Any):
+        self.examples = 0
+        model = problem.calc.model
+        original = model.project
+
+        def counting(projector: Any, batch: Any) -> Any:
+            self.examples += model.batch_size(batch)
+            return original(projector, batch)
+
+        monkeypatch.setattr(model, "project", counting)
+
+
+def host(problem: Problem, stream: Any) -> np.ndarray:
+    return np.concatenate([problem.model.to_numpy(values) for _, values in stream])
+
+
+def test_kept_vectors_give_the_results_of_recomputing_and_match_exact(
+    problem: Problem, monkeypatch: Any
+) -> None:
+    calc, train, queries = problem.calc, problem.train, problem.queries
+    scores = calc.influence_matrix(queries, train)
+    self_influence = calc.self_influence(train)
+    vectors = host(problem, calc.compute_influence_vector(train))
+    top_values, top_indices = top_k_of(problem, calc.top_k(queries, train, k=4))
+    training_top = calc.compute_top_k_from_training_dataset(train, 5)
+
+    assert calc.cache_training_vectors(train) == problem.spec.x.shape[0]
+    counter = ProjectionCounter(problem, monkeypatch)
+    num_queries = problem.scores.shape[0]
+    for mode in (CACHE.MEMORY, CACHE.DISK, CACHE.NO_CACHE):
+        stream = calc.estimate_influence_values_in_batches(
+            queries, train, influence_vector_in_cache=mode
+        )
+        # The same vectors in the same products: equal to the last bit.
+        np.testing.assert_array_equal(scores_of(problem, stream), scores)
+    assert counter.examples == 3 * num_queries  # only the queries were projected
+
+    counter.examples = 0
+    np.testing.assert_array_equal(host(problem, calc.compute_influence_vector(train)), vectors)
+    kept_values, kept_indices = top_k_of(problem, calc.top_k(queries, train, k=4))
+    np.testing.assert_array_equal(kept_values, top_values)
+    np.testing.assert_array_equal(kept_indices, top_indices)
+    # Self-influence from the kept vectors is Σ v²(λ+δ), not Σ P²/(λ+δ): round-off only.
+    np.testing.assert_allclose(calc.self_influence(train), self_influence, rtol=problem.rtol)
+    np.testing.assert_allclose(calc.self_influence(train), problem.self_influence, rtol=1e-8)
+    kept_top = calc.compute_top_k_from_training_dataset(train, 5)
+    np.testing.assert_array_equal(
+        problem.model.to_numpy(kept_top.indices), problem.model.to_numpy(training_top.indices)
+    )
+    assert counter.examples == num_queries  # the top_k call's queries, nothing of train
+
+
+def test_another_object_or_a_refit_recomputes(numpy_problem: Problem, monkeypatch: Any) -> None:
+    problem = numpy_problem
+    calc, train = problem.calc, problem.train
+    calc.cache_training_vectors(train)
+    counter = ProjectionCounter(problem, monkeypatch)
+    num_train = problem.spec.x.shape[0]
+
+    equal_copy = list(train)  # equal content, another object: never assumed to be the same
+    np.testing.assert_allclose(calc.self_influence(equal_copy), problem.self_influence, rtol=1e-8)
+    assert counter.examples == num_train
+
+    counter.examples = 0
+    calc.self_influence(train)
+    assert counter.examples == 0
+
+    calc.clear_training_vectors()
+    calc.self_influence(train)
+    assert counter.examples == num_train
+
+    calc.cache_training_vectors(train)
+    calc.arnoldi(calc.subspace_dim)  # a refit: the kept vectors belong to the old basis
+    counter.examples = 0
+    np.testing.assert_allclose(calc.self_influence(train), problem.self_influence, rtol=1e-8)
+    assert counter.examples == num_train
+
+
+def test_changed_batches_are_refused(numpy_problem: Problem) -> None:
+    calc = numpy_problem.calc
+    train = list(numpy_problem.train)
+    calc.cache_training_vectors(train)
+    train.append(train[0])  # changed in place after caching
+    with pytest.raises(IncompatibleStoreError, match="more batches"):
+        calc.self_influence(train)
+    train.pop()
+    train[0] = train[-1]  # a batch of another size (the partial last one) in its place
+    with pytest.raises(IncompatibleStoreError, match="batch 0 of train_set"):
+        calc.influence_matrix(numpy_problem.queries, train)
+
+
+def test_saving_writes_the_kept_vectors(numpy_problem: Problem, tmp_path: Any) -> None:
+    calc, train = numpy_problem.calc, numpy_problem.train
+    calc.cache_training_vectors(train)
+    expected = host(numpy_problem, calc.compute_influence_vector(train))
+    path = tmp_path / "vectors.npz"
+    saved = host(numpy_problem, calc.compute_influence_vector(train, path))
+    np.testing.assert_array_equal(saved, expected)
+    calc.clear_training_vectors()
+    reloaded = host(numpy_problem, calc.compute_influence_vector(train, path))
+    np.testing.assert_array_equal(reloaded, expected)
+
+
+def test_empty_training_set_is_refused(numpy_problem: Problem) -> None:
+    with pytest.raises(ValueError, match="train_set"):
+        numpy_problem.calc.cache_training_vectors([])
