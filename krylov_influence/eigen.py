@@ -108,6 +108,8 @@ def ritz_pairs(
     force_hermitian: bool,
     selection: EigenvalueSelection = "magnitude",
     complex_rtol: float = 1e-6,
+    residual_gram: np.ndarray | None = None,
+    residual_columns: tuple[int, ...] = (),
 ) -> RitzPairs:
     """Diagonalise ``hessenberg`` and keep ``k`` Ritz pairs.
 
@@ -127,6 +129,12 @@ def ritz_pairs(
         With ``force_hermitian=False``: imaginary parts above ``complex_rtol · max|λ|`` are
         an error (the matrix is not numerically symmetric); smaller ones are round-off and
         the symmetric part is used instead.
+    residual_gram : numpy.ndarray, shape (r, r), optional
+    residual_columns : tuple of int, length r
+        Block Arnoldi's residual rows
+        (:attr:`~krylov_influence.arnoldi.ArnoldiResult.residual_gram`): the residual of the
+        pair with coordinates ``s`` is then ``sqrt(s_Cᵀ R Rᵀ s_C)`` over those columns,
+        instead of ``β |s_n|``.
 
     Returns
     -------
@@ -160,7 +168,12 @@ def ritz_pairs(
     pivots = np.argmax(np.abs(kept_vectors), axis=0)
     signs = np.sign(kept_vectors[pivots, np.arange(kept_vectors.shape[1])])
     kept_vectors = kept_vectors * np.where(signs == 0, 1.0, signs)
-    residuals = np.abs(residual_norm * kept_vectors[-1, :])
+    if residual_gram is None:
+        residuals = np.abs(residual_norm * kept_vectors[-1, :])
+    else:
+        rows = kept_vectors[list(residual_columns), :]
+        squares = np.einsum("ik,ij,jk->k", rows, residual_gram, rows)
+        residuals = np.sqrt(np.maximum(squares, 0.0))
     spectrum = values[np.argsort(-np.abs(values), kind="stable")]
     return RitzPairs(values[keep], kept_vectors, residuals, spectrum)
 
@@ -256,6 +269,8 @@ def build_eigenbasis(
         k,
         force_hermitian=force_hermitian,
         selection=selection,
+        residual_gram=result.residual_gram,
+        residual_columns=result.residual_columns,
     )
     damped = pairs.eigenvalues + float(damping)
     scale = max(float(np.max(np.abs(pairs.spectrum))), float(damping))

@@ -17,7 +17,7 @@ member                    shape, dtype                what
 ``metadata.json`` holds ``kind`` (``"calculator"``), ``version``, the model ``fingerprint``
 (:meth:`InfluenceModel.fingerprint`), ``num_parameters`` (p), the ``engine`` and model dtype it
 was fitted with, the working ``dtype``, and every setting: ``subspace_dim``,
-``k_largest_eig_vals``, ``force_hermitian``, ``damping``, ``seed``,
+``k_largest_eig_vals``, ``force_hermitian``, ``damping``, ``seed``, ``block_size``,
 ``eigenvalue_selection``, ``num_hessian_examples``, plus the Arnoldi diagnostics
 (``arnoldi_restarts``, ``orthogonality_loss``, ``residual_norm``).
 
@@ -76,6 +76,7 @@ def save_calculator(calculator: Any, path: Any) -> str:
         "force_hermitian": bool(calculator.force_hermitian),
         "damping": float(calculator.damping),
         "seed": int(calculator.seed),
+        "block_size": int(calculator.block_size),
         "eigenvalue_selection": calculator.eigenvalue_selection,
         "num_hessian_examples": int(calculator.num_hessian_examples),
         "arnoldi_restarts": [int(r) for r in basis.arnoldi_restarts],
@@ -142,6 +143,7 @@ def load_calculator(
         subspace_dim=meta["subspace_dim"],
         damping=meta["damping"],
         seed=meta["seed"],
+        block_size=int(meta.get("block_size", 1)),  # files from before block Arnoldi
         eigenvalue_selection=meta["eigenvalue_selection"],
         show_progress=show_progress,
     )
