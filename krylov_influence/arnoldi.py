@@ -32,6 +32,7 @@ well, small blocks give the same top-k pairs to round-off for a fraction of the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -333,7 +334,18 @@ def _block_arnoldi(
         w = products(basis[j : j + m, ...])
         filled = j + m
         following = min(b, n - filled)  # rows of the next block
-        for i in range(m):
+        fast = _block_fast_path(
+            xp, basis, w, filled, following, n, host, rtol=rtol, norm_estimate=norm_estimate
+        )
+        if fast is not None:
+            basis, columns, norm_estimate, residual_rows = fast
+            hessenberg[:, j:filled] = columns
+            dropped += [(j + i, row) for i, row in residual_rows]
+            if progress is not None:
+                progress(m)
+            j = filled
+            continue
+        for i in range(m):  # a breakdown or non-finite values: row by row, as in Arnoldi
             # CGS2 of A q_{j+i} against the whole basis so far, including the rows of the
             # next block already accepted: the single-vector iteration's robustness, with the
             # products shared. Row i is Σ_l R[l, i] q_{filled + l} plus the basis part.
@@ -389,6 +401,86 @@ def _padded_rows(rows: int, limit: int) -> int:
     return min(limit, -(-rows // _ROW_BLOCK) * _ROW_BLOCK)
 
 
+def _block_fast_path(
+    xp: Any,
+    basis: Any,
+    w: Any,
+    filled: int,
+    following: int,
+    n: int,
+    host: Callable[[Any], np.ndarray],
+    *,
+    rtol: float,
+    norm_estimate: float,
+) -> tuple[Any, np.ndarray, float, list[tuple[int, Any]]] | None:
+    """One block's orthonormalisation in one (compiled) program and one host transfer.
+
+    The same CGS2 sequence as the row-by-row loop of :func:`_block_arnoldi`, assuming no
+    breakdown; ``None`` when a residual is at round-off level or anything is non-finite, and
+    the caller then redoes the block row by row (restarting or raising as needed).
+
+    Returns
+    -------
+    basis, columns (n, m) of the Hessenberg matrix, the updated norm estimate, and the
+    residual rows ``(i, row)`` of the products that did not fit in the basis.
+    """
+    m = int(w.shape[0])
+    rows = _padded_rows(filled, n)
+    out, packed = _block_step_for(xp, following)(basis[:rows, ...], w)
+    packed = host(packed).astype(np.float64)  # (m, rows + following + 2)
+    if not np.all(np.isfinite(packed)):
+        return None
+    norms, betas = packed[:, -2], packed[:, -1]
+    estimate = norm_estimate
+    columns = np.zeros((n, m))
+    for i in range(m):
+        estimate = max(estimate, float(norms[i]))
+        accepted = min(i, following)
+        columns[:filled, i] = packed[i, :filled]
+        columns[filled : filled + accepted, i] = packed[i, rows : rows + accepted]
+        if i < following:
+            if betas[i] <= rtol * estimate:
+                return None
+            columns[filled + i, i] = betas[i]
+    for i in range(following):
+        basis = _xp.set_row(xp, basis, filled + i, out[i, ...])
+    residual = [(i, out[i, ...]) for i in range(following, m)]
+    return basis, columns, estimate, residual
+
+
+@functools.cache
+def _block_step_for(xp: Any, following: int) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """``(active basis (r, p), products (m, p)) -> (rows (m, p), packed (m, r + following + 2))``.
+
+    Row i of the products is CGS2-orthogonalised against the active basis and the first
+    ``min(i, following)`` new rows; the first ``following`` results are normalised (the next
+    block), the others are residuals. ``packed[i]`` holds the coefficients against the active
+    rows, then against the new rows (zero-padded), then the norms before and after. Compiled
+    by the namespace's ``compile_function`` hook when it has one.
+    """
+    step = _cgs2_for(xp, compiled=False)
+
+    def block_step(active: Any, products: Any) -> tuple[Any, Any]:
+        r = int(active.shape[0])
+        new_rows: list[Any] = []
+        results, packs = [], []
+        for i in range(int(products.shape[0])):
+            accepted = new_rows[: min(i, following)]
+            against = xp.concat([active, xp.stack(accepted)], axis=0) if accepted else active
+            row, packed = step(against, products[i, ...])
+            a = int(against.shape[0])
+            pad = products[0, : r + following - a] * 0.0  # zeros, without a device argument
+            packs.append(xp.concat([packed[:a] + packed[a : 2 * a], pad, packed[2 * a :]]))
+            if i < following:
+                row = row / packed[2 * a + 1]
+                new_rows.append(row)
+            results.append(row)
+        return xp.stack(results), xp.stack(packs)
+
+    compile_hook = getattr(xp, "compile_function", None)
+    return block_step if compile_hook is None else compile_hook(block_step)
+
+
 def _orthogonalise(
     xp: Any, basis: Any, w: Any, host: Callable[[Any], np.ndarray]
 ) -> tuple[Any, np.ndarray, float, float]:
@@ -397,17 +489,33 @@ def _orthogonalise(
     Returns the orthogonalised vector, the summed coefficients in float64 (the Hessenberg
     column), ``‖w‖`` before and after. One host transfer per call.
     """
-    product_norm = xp.linalg.vector_norm(w)
-    first = xp.matmul(basis, w)
-    w = w - xp.matmul(first, basis)
-    second = xp.matmul(basis, w)
-    w = w - xp.matmul(second, basis)
-    beta = xp.linalg.vector_norm(w)
-    scalars = xp.stack([product_norm, beta])
-    packed = host(xp.concat([first, second, scalars])).astype(np.float64)
+    w, packed = _cgs2_for(xp)(basis, w)
+    packed = host(packed).astype(np.float64)
     m = int(basis.shape[0])
     coeffs = packed[:m] + packed[m : 2 * m]
     return w, coeffs, float(packed[-2]), float(packed[-1])
+
+
+@functools.cache
+def _cgs2_for(xp: Any, compiled: bool = True) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """The CGS2 step in ``xp``, compiled by the namespace's ``compile_function`` hook if any.
+
+    Eagerly, the step is ten small dispatches; where each costs tens of microseconds (JAX,
+    TensorFlow) they outweigh the arithmetic of a small model, so one compiled program per
+    basis shape (a handful, thanks to :func:`_padded_rows`) replaces them.
+    """
+
+    def step(basis: Any, w: Any) -> tuple[Any, Any]:
+        product_norm = xp.linalg.vector_norm(w)
+        first = xp.matmul(basis, w)
+        w = w - xp.matmul(first, basis)
+        second = xp.matmul(basis, w)
+        w = w - xp.matmul(second, basis)
+        beta = xp.linalg.vector_norm(w)
+        return w, xp.concat([first, second, xp.stack([product_norm, beta])])
+
+    compile_hook = getattr(xp, "compile_function", None) if compiled else None
+    return step if compile_hook is None else compile_hook(step)
 
 
 def _fresh_direction(

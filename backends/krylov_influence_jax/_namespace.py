@@ -36,8 +36,8 @@ def _on_cpu(array: jax.Array) -> bool:
 
 
 class JaxNamespace:
-    """Every name of ``jax.numpy``, plus the core's ``set_row`` and ``stable_smallest_k``
-    hooks (see ``_xp.py`` and ``krylov_influence.topk.stable_smallest_k``)."""
+    """Every name of ``jax.numpy``, plus the core's ``set_row``, ``compile_function`` and
+    ``stable_smallest_k`` hooks (see ``_xp.py`` and ``krylov_influence.topk``)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(jnp, name)
@@ -46,6 +46,11 @@ class JaxNamespace:
     def set_row(matrix: jax.Array, index: int, row: jax.Array) -> jax.Array:
         """``matrix`` with row ``index`` replaced by ``row``; ``matrix`` is consumed."""
         return _set_row_donated(matrix, index, row)
+
+    @staticmethod
+    def compile_function(function: Any) -> Any:
+        """The core's ``compile_function`` hook: ``jax.jit`` (for pure functions of arrays)."""
+        return jax.jit(function)
 
     @staticmethod
     def stable_smallest_k(keys: jax.Array, k: int) -> jax.Array:

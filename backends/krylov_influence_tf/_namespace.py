@@ -250,6 +250,11 @@ class TensorFlowNamespace:
         return tf.cast(order, tf.int64)
 
     @staticmethod
+    def compile_function(function: Any) -> Any:
+        """The core's ``compile_function`` hook: a ``tf.function`` (one graph per shape)."""
+        return tf.function(function, reduce_retracing=False)
+
+    @staticmethod
     def stable_smallest_k(keys: Any, k: int) -> tf.Tensor:
         """Positions (int64) of the ``k`` smallest keys per row, smallest first.
 
