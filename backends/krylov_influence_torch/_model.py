@@ -354,7 +354,11 @@ class TorchInfluenceModel(InfluenceModel):
         if self._projection == "gradients" or (
             self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
         ):
-            return self.per_example_grads(prepared) @ projector.T
+            with self._evaluating():
+                projected = self._functional.gradient_projections(self._theta, projector, prepared)
+                if self._l2:
+                    projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
+            return projected
         chunk = self._chunk(projector.shape[0], prepared.size)
         with self._evaluating():
             projected = self._functional.directional(self._theta, projector, prepared, chunk)

@@ -76,7 +76,11 @@ class Functional:
 
     def forward(self, theta: torch.Tensor, x: Any) -> Any:
         """The module's outputs at θ for inputs ``x`` (tensor, tuple, or dict)."""
-        tensors = (self.unflatten(theta), self.fixed)
+        return self.forward_at(self.unflatten(theta), x)
+
+    def forward_at(self, chosen: dict[str, torch.Tensor], x: Any) -> Any:
+        """The module's outputs with the chosen parameters given by name."""
+        tensors = (chosen, self.fixed)
         if isinstance(x, dict):
             return functional_call(self.module, tensors, (), x)
         if isinstance(x, (tuple, list)):
@@ -85,7 +89,10 @@ class Functional:
 
     def losses(self, theta: torch.Tensor, x: Any, y: Any, size: int) -> torch.Tensor:
         """Per-example data losses (no L2 term), shape (size,)."""
-        values = self.loss_fn(self.forward(theta, x), y)
+        return self._checked_losses(self.forward(theta, x), y, size)
+
+    def _checked_losses(self, outputs: Any, y: Any, size: int) -> torch.Tensor:
+        values = self.loss_fn(outputs, y)
         if not isinstance(values, torch.Tensor):
             raise TypeError(
                 f"loss_fn: expected a tensor of per-example losses, got {type(values).__name__}"
@@ -178,6 +185,31 @@ class Functional:
             return jvp(batch_losses, (theta,), (row,))[1]
 
         return vmap(one, chunk_size=chunk)(projector).T.contiguous()
+
+    def gradient_projections(
+        self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        """``(G ∇ℓ_b)`` for every example, shape (B, k), from per-example gradients kept per
+        parameter: ``Σ_l grads_l (B, p_l) @ G[:, block l]ᵀ``.
+
+        The same products as ``per_example_grads(...) @ Gᵀ`` without the flat (B, p) copy
+        that differentiating the flat θ makes (it was a third of the time on the digits MLP).
+        """
+        chosen = tuple(self.unflatten(theta).values())
+
+        def example_loss(parameters: tuple[torch.Tensor, ...], x: Any, y: Any) -> torch.Tensor:
+            x = map_leaves(_unsqueeze, x)
+            y = map_leaves(_unsqueeze, y)
+            outputs = self.forward_at(dict(zip(self.names, parameters)), x)
+            return self._checked_losses(outputs, y, 1)[0]
+
+        in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
+        grads = vmap(grad(example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
+        blocks = torch.split(projector, self.numels, dim=1)
+        projected = grads[0].reshape(batch.size, -1) @ blocks[0].T
+        for gradient, block in zip(grads[1:], blocks[1:]):
+            projected.addmm_(gradient.reshape(batch.size, -1), block.T)
+        return projected
 
     def per_example_grads(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``∇ℓ_b`` for every example, shape (B, p)."""
