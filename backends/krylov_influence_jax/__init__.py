@@ -28,7 +28,8 @@ class JaxEngine(Engine):
     """The ``jax`` engine: pure ``apply_fn(params, x)`` functions with a params pytree.
 
     ``bind(apply_fn, loss_fn, *, params, parameters=None, device=None, dtype=None, l2=0.0,
-    batch_keys=None, jvp_chunk_size=None)``; see :func:`krylov_influence_jax._model.bind_jax`.
+    batch_keys=None, jvp_chunk_size=None, projection="auto")``; see
+    :func:`krylov_influence_jax._model.bind_jax`.
     """
 
     name = "jax"
@@ -72,7 +73,7 @@ class JaxEngine(Engine):
     ) -> InfluenceModel:
         from krylov_influence_jax._model import bind_jax
 
-        known = {"params", "l2", "batch_keys", "jvp_chunk_size"}
+        known = {"params", "l2", "batch_keys", "jvp_chunk_size", "projection"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(

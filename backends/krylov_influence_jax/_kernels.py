@@ -190,8 +190,16 @@ def project(
 
 
 @_static
-def per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
-    """Per-example gradients including ``l2·θ``, shape (B, p), by ``vmap(grad)``."""
+def gradient_project(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
+) -> Any:
+    """``(B, k)`` projections as per-example gradients (B, p) times ``Gᵀ``, in one program."""
+    gradients = _per_example_grads(program, theta, fixed, x, y, l2)
+    with jax.default_matmul_precision(_HIGHEST):
+        return gradients @ G.T
+
+
+def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
 
     def one(xi: Any, yi: Any) -> Any:
         # The model sees a batch of one: apply_fn and loss_fn keep their batched contract.
@@ -200,3 +208,8 @@ def per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, 
         return jax.grad(lambda t: program.data_losses(t, fixed, xb, yb)[0])(theta)
 
     return jax.vmap(one)(x, y) + l2 * theta[None, :]
+
+
+per_example_grads = _static(_per_example_grads)
+per_example_grads.__doc__ = """Per-example gradients including ``l2·θ``, shape (B, p), by
+``vmap(grad)``."""

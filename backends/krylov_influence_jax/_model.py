@@ -28,6 +28,8 @@ __all__ = ["JaxInfluenceModel", "bind_jax"]
 # forward pass take that many times the activations of one example.
 _PROJECTION_BUDGET = 2**18
 
+PROJECTIONS = ("auto", "jvp", "gradients")
+
 
 class JaxInfluenceModel(InfluenceModel):
     """A JAX model bound to the ``jax`` engine (see :class:`krylov_influence.InfluenceModel`).
@@ -44,6 +46,10 @@ class JaxInfluenceModel(InfluenceModel):
 
     engine_name = "jax"
 
+    #: Largest per-example gradient block (B × p × itemsize) that ``projection="auto"``
+    #: forms; above it the projection uses JVPs, whose memory does not grow with p.
+    GRADIENT_PROJECTION_BYTES = 64 * 2**20
+
     def __init__(
         self,
         program: Program,
@@ -55,8 +61,10 @@ class JaxInfluenceModel(InfluenceModel):
         device: Any,
         batch_keys: tuple[str, str] | None,
         jvp_chunk_size: int | None,
+        projection: str = "auto",
     ):
         self._program = program
+        self._projection = projection
         self._l2 = float(l2)
         self._l2_array = jax.device_put(jnp.asarray(l2, dtype=dtype), device)
         self._theta = theta
@@ -129,6 +137,7 @@ class JaxInfluenceModel(InfluenceModel):
             device=target,
             batch_keys=self._batch_keys,
             jvp_chunk_size=self._jvp_chunk_size,
+            projection=self._projection,
         )
 
     # ----------------------------------------------------------------------------- the data
@@ -187,7 +196,7 @@ class JaxInfluenceModel(InfluenceModel):
         return max(1, min(k, _PROJECTION_BUDGET // max(size, 1)))
 
     def project(self, projector: Any, batch: Any) -> Any:
-        """``G @ grad loss(z_b)`` for every example, by JVPs vectorised over the k rows.
+        """``G @ grad loss(z_b)`` for every example: JVPs or gradients × Gᵀ (``projection``).
 
         Parameters
         ----------
@@ -197,11 +206,20 @@ class JaxInfluenceModel(InfluenceModel):
         Returns
         -------
         jax.Array, shape (B, k)
-            The k directions are vectorised in chunks of ``jvp_chunk_size`` (default: as
-            many as keep B × chunk ≤ 2¹⁸), bounding memory to B × chunk activations.
+            By JVPs, the k directions are vectorised in chunks of ``jvp_chunk_size``
+            (default: as many as keep B × chunk ≤ 2¹⁸), bounding memory to B × chunk
+            activations. ``projection="auto"`` takes per-example gradients times ``Gᵀ``
+            instead when the (B, p) block fits in :attr:`GRADIENT_PROJECTION_BYTES`.
         """
         G = self._vector(projector, 2, "projector")
         x, y, size = self._stage(batch)
+        block = size * self.num_parameters * self._dtype.itemsize
+        if self._projection == "gradients" or (
+            self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
+        ):
+            return _kernels.gradient_project(
+                self._program, self._theta, self._fixed, x, y, G, self._l2_array
+            )
         chunk = self._chunk(size, int(G.shape[0]))
         return _kernels.project(
             self._program, self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk
@@ -300,6 +318,7 @@ def bind_jax(
     l2: float = 0.0,
     batch_keys: tuple[str, str] | None = None,
     jvp_chunk_size: int | None = None,
+    projection: str = "auto",
 ) -> JaxInfluenceModel:
     """Bind ``apply_fn``, ``loss_fn`` and ``params`` (what ``JaxEngine.bind`` calls).
 
@@ -329,6 +348,12 @@ def bind_jax(
         ``("inputs", "targets")``).
     jvp_chunk_size : int, optional
         Directions of a projection vectorised at once (default: B × chunk ≤ 2¹⁸).
+    projection : {"auto", "jvp", "gradients"}
+        How ``project`` computes ``G g`` for a batch: k JVPs vectorised over the rows of G
+        (memory B × chunk × activations, never B × p), or per-example gradients times ``Gᵀ``
+        (memory B × p; 1.7× faster on the digits MLP on CPU). ``"auto"`` (default) takes
+        gradients when the (B, p) block fits in
+        :attr:`JaxInfluenceModel.GRADIENT_PROJECTION_BYTES` (64 MiB), JVPs otherwise.
 
     Returns
     -------
@@ -365,6 +390,8 @@ def bind_jax(
         or jvp_chunk_size < 1
     ):
         raise ValueError(f"jvp_chunk_size={jvp_chunk_size!r}: expected a positive integer")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection={projection!r}: expected one of {PROJECTIONS}")
     leaves = jax.tree_util.tree_leaves(params)
     target_dtype = resolve_dtype(dtype, leaves)
     target_device = resolve_device(device, leaves)
@@ -378,4 +405,5 @@ def bind_jax(
         device=target_device,
         batch_keys=None if batch_keys is None else tuple(batch_keys),  # type: ignore[arg-type]
         jvp_chunk_size=jvp_chunk_size,
+        projection=projection,
     )

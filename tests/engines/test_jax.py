@@ -218,14 +218,24 @@ class iter_again:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("route", ["jvp", "gradients", "auto"])
 @FEW
 @given(spec=specs(), k=st.integers(1, 7))
-def test_project_equals_projected_per_example_grads(dtype, spec, k):
-    model, batches = JaxEngine.from_neutral_spec(spec, dtype=dtype)
+def test_project_equals_projected_per_example_grads(dtype, route, spec, k):
+    """Every route of ``project`` against the spec's NumPy backprop gradients times G."""
+    built, batches = JaxEngine.from_neutral_spec(spec, dtype=dtype)
+    loss = built._program.loss_fn  # cross-entropy or squared error, as the spec says
+    model = JaxEngine.bind(
+        APPLY_FNS[spec.activation], loss, params=built.params, l2=spec.l2, projection=route
+    )
     G = np.random.default_rng(3).standard_normal((k, model.num_parameters)).astype(dtype)
-    for batch in batches:
-        grads = np.asarray(model.per_example_grads(batch), dtype=np.float64)
-        assert_close(model.project(model.from_numpy(G), batch), grads @ G.T, rtol_of(dtype))
+    for batch, (x, y) in zip(batches, spec.numpy_batches()):
+        expected = spec.gradients(x, y) @ G.T.astype(np.float64)
+        assert_close(model.project(model.from_numpy(G), batch), expected, rtol_of(dtype))
+    with pytest.raises(ValueError, match="projection='vjp'"):
+        JaxEngine.bind(
+            APPLY_FNS[spec.activation], cross_entropy, params=model.params, projection="vjp"
+        )
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 100])
@@ -411,7 +421,11 @@ def test_compiled_programs_are_reused_across_calls_batches_and_bindings():
     params = [(jnp.asarray(rng.standard_normal((3, 2))), jnp.asarray(rng.standard_normal(2)))]
     x, y = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
     batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
-    sizes = lambda: (_kernels.hvp_sum._cache_size(), _kernels.project._cache_size())  # noqa: E731
+
+    def sizes() -> tuple[int, int]:
+        # The projection of this small model takes the gradients route (projection="auto").
+        return _kernels.hvp_sum._cache_size(), _kernels.gradient_project._cache_size()
+
     before = sizes()
     model = ki.InfluenceModel(apply_fn, cross_entropy, params=params, l2=0.1)
     v = model.from_numpy(np.ones(model.num_parameters))
