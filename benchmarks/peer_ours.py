@@ -15,6 +15,7 @@ this is exactly the Hessian ``H_CE + l2 I`` damped by δ. Binding ``l2=1e-3`` in
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import traceback
 from functools import partial
@@ -31,9 +32,7 @@ from bench_common import (
 )
 
 
-def torch_side(
-    problem: dict[str, Any], which: str, threads: int, hvp_mode: str = ""
-) -> tuple[Any, Any, Any]:
+def torch_side(problem: dict[str, Any], which: str, threads: int) -> tuple[Any, Any, Any]:
     import torch
 
     import krylov_influence as ki
@@ -53,10 +52,7 @@ def torch_side(
         (t["x_query"][s : s + qb], t["y_query"][s : s + qb])
         for s in range(0, len(t["y_query"]), qb)
     ]
-    options = {"hvp_mode": hvp_mode} if hvp_mode else {}
-    model = ki.InfluenceModel(
-        module, torch.nn.CrossEntropyLoss(reduction="none"), l2=0.0, **options
-    )
+    model = ki.InfluenceModel(module, torch.nn.CrossEntropyLoss(reduction="none"), l2=0.0)
     return model, train, queries
 
 
@@ -94,11 +90,16 @@ def neutral_side(problem: dict[str, Any], which: str, engine: str) -> tuple[Any,
     return model, train, queries
 
 
+def block_size_of(engine: str) -> tuple[str, int]:
+    """``"jax-b8"`` -> ``("jax", 8)``: our engines with block Arnoldi; ``("jax", 1)`` without."""
+    match = re.fullmatch(r"(.+)-b(\d+)", engine)
+    return (match.group(1), int(match.group(2))) if match else (engine, 1)
+
+
 def build(problem: dict[str, Any], which: str, engine: str, threads: int) -> tuple[Any, Any, Any]:
+    engine, _ = block_size_of(engine)
     if engine == "torch":
         return torch_side(problem, which, threads)
-    if engine == "torch-rr":  # the torch engine with reverse-over-reverse HVPs
-        return torch_side(problem, which, threads, "reverse-over-reverse")
     return neutral_side(problem, which, engine)
 
 
@@ -110,11 +111,14 @@ def main() -> None:
     config = problem["config"]
     damping = config["damping"] + config["l2"]
     recorder = StageRecorder()
+    _, block_size = block_size_of(args.engine)
     notes = [
         "l2 = 0 in the model, damping = δ + l2 (see peer_ours.py)",
         "training vectors kept from the self-influence stage (cache_training_vectors); "
         "scores_cold / top_k_cold re-project the training set",
     ]
+    if block_size > 1:
+        notes.append(f"block Arnoldi, block_size={block_size}")
 
     def fit(model: Any, train: Any) -> Any:
         calc = ki.ArnoldiInfluenceCalculator(
@@ -125,6 +129,7 @@ def main() -> None:
             config["k"],
             config["dtype"],
             damping=damping,
+            block_size=block_size,
             show_progress=False,
         )
         calc.model.to_numpy(calc.G)  # make sure lazy/asynchronous engines have finished
@@ -161,7 +166,7 @@ def main() -> None:
         flipped = fit(fmodel, ftrain).self_influence(ftrain)
     versions = {"krylov_influence": ki.__version__, "engine": args.engine}
     with contextlib.suppress(Exception):  # a version is a nicety, never worth the figures
-        versions["framework"] = ki.get_engine(args.engine).version()
+        versions["framework"] = ki.get_engine(block_size_of(args.engine)[0]).version()
     write_result(args, f"ours-{args.engine}", recorder, sc, si, flipped, tk, versions, notes)
 
 

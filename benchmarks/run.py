@@ -31,7 +31,15 @@ from bench_common import HERE, RESULTS, STAGES, TOP_K, load_problem, top_k_indic
 ROOT = HERE.parent
 VENVS = HERE / ".venvs"
 LIBRARIES = ("captum", "dattri", "pydvl", "influenciae")
-OURS = ("ours-torch", "ours-torch-rr", "ours-jax", "ours-tensorflow")
+# "-b<b>": the same engine fitting by block Arnoldi with block_size=b.
+OURS = (
+    "ours-torch",
+    "ours-torch-b4",
+    "ours-jax",
+    "ours-jax-b8",
+    "ours-tensorflow",
+    "ours-tensorflow-b8",
+)
 ALL_PEERS = OURS + LIBRARIES
 
 
