@@ -46,8 +46,8 @@ class TensorFlowEngine(Engine):
     """Keras 3 models (TensorFlow backend) and ``apply_fn(params, x)`` callables.
 
     Options of :meth:`bind` beyond the common ones: ``l2`` (float, default 0), ``params``
-    (the parameter nest of an ``apply_fn``) and ``chunk_size`` (projector rows per vectorised
-    JVP call, default 128).
+    (the parameter nest of an ``apply_fn``), ``chunk_size`` (projector rows per vectorised
+    JVP call, default 128) and ``projection`` (``"auto"``, ``"jvp"`` or ``"gradients"``).
     """
 
     name = "tensorflow"
@@ -96,6 +96,7 @@ class TensorFlowEngine(Engine):
         l2: float = 0.0,
         params: Any = None,
         chunk_size: int = 128,
+        projection: str = "auto",
         **options: Any,
     ) -> InfluenceModel:
         """Bind ``model`` and ``loss_fn``; see ``docs/quickstart-tensorflow.md``.
@@ -123,6 +124,9 @@ class TensorFlowEngine(Engine):
             The parameters of an ``apply_fn`` model.
         chunk_size : int
             Projector rows per vectorised JVP call.
+        projection : {"auto", "jvp", "gradients"}
+            ``project`` by vectorised JVPs or by per-example gradients times ``Gᵀ``;
+            ``"auto"`` takes gradients when the (B, p) block fits 64 MiB.
 
         Returns
         -------
@@ -160,7 +164,13 @@ class TensorFlowEngine(Engine):
             )
         dtype_name = functional.thetas[0].dtype.name
         return TensorFlowInfluenceModel(
-            functional, loss, dtype=dtype_name, device=place, l2=l2, chunk_size=chunk_size
+            functional,
+            loss,
+            dtype=dtype_name,
+            device=place,
+            l2=l2,
+            chunk_size=chunk_size,
+            projection=projection,
         )
 
     @classmethod

@@ -276,10 +276,21 @@ def test_hvp_symmetry_linearity_and_projection(dtype, spec, seed, k):
     combined = model.hvp(model.from_numpy(2 * u - 3 * v), batches).numpy()
     close(combined, 2 * hu - 3 * hv, dtype, 2.0)
     projector = rng.standard_normal((k, p))
-    for batch in batches:
-        grads = model.per_example_grads(batch).numpy().astype(np.float64)
-        projected = model.project(model.from_numpy(projector), batch).numpy()
-        close(projected, grads @ projector.T, dtype, 2.0 * max(1.0, np.abs(projector).sum(1).max()))
+    tolerance = 2.0 * max(1.0, np.abs(projector).sum(1).max())
+    for route in ("jvp", "gradients", "auto"):  # against NumPy backprop, every route
+        model._projection = route
+        for batch, (x, y) in zip(batches, spec.numpy_batches()):
+            projected = model.project(model.from_numpy(projector), batch).numpy()
+            close(projected, spec.gradients(x, y) @ projector.T, dtype, tolerance)
+
+
+def test_unknown_projection_route_is_refused():
+    spec = random_mlp_spec(np.random.default_rng(1), (3, 2), num_examples=4, batch_size=4)
+    model, _ = TensorFlowEngine.from_neutral_spec(spec)
+    with pytest.raises(ValueError, match="projection='vjp'"):
+        type(model)(
+            model._functional, model._loss, dtype="float64", device=model.device, projection="vjp"
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
