@@ -312,6 +312,35 @@ def _mlp_description(config: TrainingConfig, optimizer: str) -> str:
     )
 
 
+def _trained_mlp(
+    model: InfluenceModel,
+    make_batch: Callable[[np.ndarray, np.ndarray], Any],
+    data: DigitsData,
+    config: TrainingConfig,
+    *,
+    optimizer: str,
+    predictions: tuple[np.ndarray, np.ndarray],
+    gradient_norm: float,
+    framework_version: str,
+) -> TrainedModel:
+    """The result of a framework's MLP training (torch, JAX, TensorFlow share its shape)."""
+    train_predictions, test_predictions = predictions
+    return TrainedModel(
+        model=model,
+        train_batches=[
+            make_batch(xb, yb) for xb, yb in _batches(data.x_train, data.y_train, config.batch_size)
+        ],
+        make_batch=make_batch,
+        description=_mlp_description(config, optimizer),
+        train_accuracy=_accuracy(train_predictions, data.y_train),
+        test_accuracy=_accuracy(test_predictions, data.y_test),
+        test_predictions=test_predictions,
+        gradient_norm=gradient_norm,
+        framework_version=framework_version,
+        extra={"optimizer": optimizer},
+    )
+
+
 # ----------------------------------------------------------------------------------- torch
 def _train_torch(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     import torch
@@ -360,19 +389,15 @@ def _train_torch(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     def make_batch(features: np.ndarray, labels: np.ndarray) -> Any:
         return torch.as_tensor(features, dtype=dtype), torch.as_tensor(labels, dtype=torch.int64)
 
-    return TrainedModel(
-        model=model,
-        train_batches=[
-            make_batch(xb, yb) for xb, yb in _batches(data.x_train, data.y_train, config.batch_size)
-        ],
-        make_batch=make_batch,
-        description=_mlp_description(config, "torch.optim.Adam"),
-        train_accuracy=_accuracy(train_predictions, data.y_train),
-        test_accuracy=_accuracy(test_predictions, data.y_test),
-        test_predictions=test_predictions,
+    return _trained_mlp(
+        model,
+        make_batch,
+        data,
+        config,
+        optimizer="torch.optim.Adam",
+        predictions=(train_predictions, test_predictions),
         gradient_norm=gradient_norm,
         framework_version=f"torch {torch.__version__}",
-        extra={"optimizer": "torch.optim.Adam"},
     )
 
 
@@ -437,19 +462,15 @@ def _train_jax(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     def make_batch(features: np.ndarray, labels: np.ndarray) -> Any:
         return jnp.asarray(features, dtype=jnp.float64), jnp.asarray(labels, dtype=jnp.int32)
 
-    return TrainedModel(
-        model=model,
-        train_batches=[
-            make_batch(xb, yb) for xb, yb in _batches(data.x_train, data.y_train, config.batch_size)
-        ],
-        make_batch=make_batch,
-        description=_mlp_description(config, "jax.example_libraries.optimizers.adam"),
-        train_accuracy=_accuracy(train_predictions, data.y_train),
-        test_accuracy=_accuracy(test_predictions, data.y_test),
-        test_predictions=test_predictions,
+    return _trained_mlp(
+        model,
+        make_batch,
+        data,
+        config,
+        optimizer="jax.example_libraries.optimizers.adam",
+        predictions=(train_predictions, test_predictions),
         gradient_norm=gradient_norm,
         framework_version=f"jax {jax.__version__}",
-        extra={"optimizer": "jax.example_libraries.optimizers.adam"},
     )
 
 
@@ -510,17 +531,13 @@ def _train_tensorflow(data: DigitsData, config: TrainingConfig) -> TrainedModel:
     def make_batch(features: np.ndarray, labels: np.ndarray) -> Any:
         return tf.constant(features, dtype=tf.float64), tf.constant(labels, dtype=tf.int64)
 
-    return TrainedModel(
-        model=model,
-        train_batches=[
-            make_batch(xb, yb) for xb, yb in _batches(data.x_train, data.y_train, config.batch_size)
-        ],
-        make_batch=make_batch,
-        description=_mlp_description(config, "keras.optimizers.Adam"),
-        train_accuracy=_accuracy(train_predictions, data.y_train),
-        test_accuracy=_accuracy(test_predictions, data.y_test),
-        test_predictions=test_predictions,
+    return _trained_mlp(
+        model,
+        make_batch,
+        data,
+        config,
+        optimizer="keras.optimizers.Adam",
+        predictions=(train_predictions, test_predictions),
         gradient_norm=gradient_norm,
         framework_version=f"tensorflow {tf.__version__}, keras {keras.__version__}",
-        extra={"optimizer": "keras.optimizers.Adam"},
     )
