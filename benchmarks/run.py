@@ -372,7 +372,8 @@ def table(
         cold = [r["stages"].get(f"{stage}_cold") for stage in ("scores", "top_k")]
         if all(cold):  # ours, with the training set re-projected at each call as peers do
             cells = [
-                fmt_s(s["median_s"]) + f" ({s['median_s'] / fastest[stage]:.2f}×)"
+                fmt_s(s["median_s"])
+                + (f" ({s['median_s'] / fastest[stage]:.2f}×)" if fastest[stage] else "")
                 for s, stage in zip(cold, ("scores", "top_k"))
             ]
             lines.append(f"| {name}, training re-projected | – | – | " + " | ".join(cells) + " |")
