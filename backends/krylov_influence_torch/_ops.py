@@ -1,10 +1,11 @@
 """The operators as pure functions of the flat parameters θ, built on ``torch.func``.
 
-Everything here differentiates with respect to one flat tensor θ (shape (p,)), split into
-the chosen parameters inside the function, so gradients come out flat with no concatenation
-in Python. The module runs through ``torch.func.functional_call`` with *every* parameter and
-buffer supplied (θ for the chosen ones, fixed copies for the rest), so the user's tensors are
-never read or written during a computation.
+The Hessian products differentiate with respect to one flat tensor θ (shape (p,)), split into
+the chosen parameters inside the function, so they come out flat with no concatenation in
+Python; per-example gradients are taken per parameter tensor (see below). The module runs
+through ``torch.func.functional_call`` with *every* parameter and buffer supplied (θ for the
+chosen ones, fixed copies for the rest), so the user's tensors are never read or written
+during a computation.
 
 - Hessian-vector products: forward-over-reverse, ``jvp(grad(Σ_b ℓ_b))``; several vectors at
   once with ``vmap`` over the tangents (the primal pass is shared). Or reverse-over-reverse
@@ -15,7 +16,9 @@ never read or written during a computation.
 - Projections ``G g_b``: the JVP of the per-example loss vector (B,) along a row of G *is*
   the column of directional derivatives, so ``vmap`` over the rows of G of one JVP gives
   (k, B) with no per-example gradient ever formed.
-- Per-example gradients: ``vmap(grad(ℓ))`` over the examples, each seen as a batch of one.
+- Per-example gradients: ``vmap(grad(ℓ))`` over the examples, each seen as a batch of one,
+  differentiated per chosen parameter tensor (flattened only when a (B, p) block is asked
+  for; projections contract each parameter's block with its columns of G).
 
 The L2 term ``½ l2 ‖θ‖²`` is added analytically by the caller (``+l2·v``, ``+l2·θ``,
 ``+l2·Gθ``): exact, and no derivative work for it.
@@ -112,12 +115,13 @@ class Functional:
     def _loss_sum(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.losses(theta, batch.x, batch.y, batch.size).sum()
 
-    def _example_loss(self, theta: torch.Tensor, x: Any, y: Any) -> torch.Tensor:
+    def _example_loss(self, chosen: tuple[torch.Tensor, ...], x: Any, y: Any) -> torch.Tensor:
         # Inside vmap each example arrives without its batch axis; the module and the loss
         # see a batch of one, as they would outside.
         x = map_leaves(_unsqueeze, x)
         y = map_leaves(_unsqueeze, y)
-        return self.losses(theta, x, y, 1)[0]
+        outputs = self.forward_at(dict(zip(self.names, chosen)), x)
+        return self._checked_losses(outputs, y, 1)[0]
 
     # ------------------------------------------------------------------------ operators
     def hvp_sum(self, theta: torch.Tensor, vector: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -193,18 +197,9 @@ class Functional:
         parameter: ``Σ_l grads_l (B, p_l) @ G[:, block l]ᵀ``.
 
         The same products as ``per_example_grads(...) @ Gᵀ`` without the flat (B, p) copy
-        that differentiating the flat θ makes (it was a third of the time on the digits MLP).
+        (it was a third of the time on the digits MLP).
         """
-        chosen = tuple(self.unflatten(theta).values())
-
-        def example_loss(parameters: tuple[torch.Tensor, ...], x: Any, y: Any) -> torch.Tensor:
-            x = map_leaves(_unsqueeze, x)
-            y = map_leaves(_unsqueeze, y)
-            outputs = self.forward_at(dict(zip(self.names, parameters)), x)
-            return self._checked_losses(outputs, y, 1)[0]
-
-        in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
-        grads = vmap(grad(example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
+        grads = self._per_parameter_grads(theta, batch)
         blocks = torch.split(projector, self.numels, dim=1)
         projected = grads[0].reshape(batch.size, -1) @ blocks[0].T
         for gradient, block in zip(grads[1:], blocks[1:]):
@@ -213,9 +208,14 @@ class Functional:
 
     def per_example_grads(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``∇ℓ_b`` for every example, shape (B, p)."""
+        grads = self._per_parameter_grads(theta, batch)
+        return torch.cat([g.reshape(batch.size, -1) for g in grads], dim=1)
+
+    def _per_parameter_grads(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """``vmap(grad)`` over the examples, one (B, *shape) tensor per chosen parameter."""
+        chosen = tuple(self.unflatten(theta).values())
         in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
-        per_example = vmap(grad(self._example_loss), in_dims=in_dims)
-        return per_example(theta, batch.x, batch.y)
+        return vmap(grad(self._example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
 
 
 def _unsqueeze(leaf: torch.Tensor | None) -> torch.Tensor | None:
