@@ -2,7 +2,8 @@
 
 The fitted state is an :class:`~krylov_influence.eigen.EigenBasis`: k eigenvalues ``λ`` and
 the projector ``G`` (k × p). Every example is reduced to its projection ``P = G g`` (k numbers,
-by JVPs), and every quantity is k-dimensional algebra on projections:
+by the engine's ``project``: JVPs, or gradients × Gᵀ for small blocks), and every quantity is
+k-dimensional algebra on projections:
 
 - influence vector ``v(x) = diag(1/(λ+δ)) G g_x``, shape (k,);
 - self-influence ``S(x) = Σ_i (G g_x)_i² / (λ_i + δ)``;
@@ -668,10 +669,11 @@ class ArnoldiInfluenceCalculator:
     ) -> BatchStream:
         """Scores of every query against every training example, streamed.
 
-        Each query batch is projected once (``G g_z``, by JVPs); its scores against a
-        training batch are one ``(B_query, k) @ (k, B_train)`` product with the training
-        influence vectors, which are computed once per call (or loaded) and kept as
-        ``influence_vector_in_cache`` says.
+        Each query batch is projected once (``G g_z``, by the engine's ``project``); its
+        scores against a training batch are one ``(B_query, k) @ (k, B_train)`` product with
+        the training influence vectors, which are computed once per call (or loaded) and kept
+        as ``influence_vector_in_cache`` says, or taken from
+        :meth:`cache_training_vectors` when they were kept for this ``train_set``.
 
         Parameters
         ----------
@@ -767,9 +769,10 @@ class ArnoldiInfluenceCalculator:
         """For each query, the ``k`` most influential training examples: values and indices.
 
         An exact blocked search: every query batch is projected once, then scored against
-        the training influence vectors one training batch at a time, keeping a running
-        top-k per query (memory ``O(B_query · (k + B_train))``, plus ``N_train × k`` for
-        ``CACHE.MEMORY``).
+        the training influence vectors in blocks of consecutive training batches (the
+        search's ``block_columns``, default 4096 examples), keeping a running top-k per query
+        (memory ``O(B_query · (k + block_columns + B_train))``, plus ``N_train × k`` for
+        ``CACHE.MEMORY`` or :meth:`cache_training_vectors`).
 
         Parameters
         ----------

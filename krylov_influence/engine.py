@@ -11,7 +11,7 @@ operator                   shapes               what
 ``hvp(v, batches)``        (p,) -> (p,)         Hessian of the *mean* loss over ``batches`` times
                                                 ``v`` (batches weighted by their size)
 ``hvps(V, batches)``       (m, p) -> (m, p)     the same for m vectors (vectorised where possible)
-``project(G, batch)``      (k, p) -> (B, k)     per-example ``G @ grad loss(z_b)``, by JVPs
+``project(G, batch)``      (k, p) -> (B, k)     per-example ``G @ grad loss(z_b)`` (JVPs or grads)
 ``per_example_grads(b)``   -> (B, p)            for the exact oracle on small models
 ``losses(batch)``          -> (B,)              per-example losses (finiteness checks)
 ``flat_parameters()``      -> (p,)              the chosen parameters as one vector

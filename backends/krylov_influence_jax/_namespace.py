@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from krylov_influence.topk import stable_smallest_k
+
 __all__ = ["JAX_NAMESPACE", "JaxNamespace"]
 
 
@@ -62,8 +64,6 @@ class JaxNamespace:
         """
         if not _on_cpu(keys):
             return _stable_smallest_k(keys, int(k))
-        from krylov_influence.topk import stable_smallest_k
-
         host = np.asarray(keys)  # a CPU buffer: no copy
         positions = stable_smallest_k(array_api_compat.numpy, host, int(k))
         return jnp.asarray(positions, dtype=jax.dtypes.canonicalize_dtype(jnp.int64))
