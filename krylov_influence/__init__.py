@@ -11,7 +11,8 @@ The public API::
         ...
     for queries, values, indices in calc.top_k(test, train, k=10):  # (B_query, 10) each
         ...
-    calc.save("basis.npz")     # later: ki.ArnoldiInfluenceCalculator.load("basis.npz", model)
+    calc.save("basis.npz")     # later, checked against the model's Hessian:
+    # ki.ArnoldiInfluenceCalculator.load("basis.npz", model, train_dataset=train)
 
 Scores follow ``I(x, z) = ∇L(z)ᵀ H⁻¹ ∇L(x)`` with ``H`` the Hessian of the *mean* training
 loss; a positive score means that up-weighting ``x`` lowers the loss on ``z`` (a proponent).

@@ -9,19 +9,21 @@ recomputation) and how saved results are written and read back.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
 from krylov_influence._data import BatchStream, dataset_length, progress_bar, require_reiterable
+from krylov_influence._identity import check_training_data, guard_overwrite
 from krylov_influence._xp import index_dtype
 from krylov_influence.cache import (
     CACHE,
-    ArchiveReader,
-    AtomicArchiveWriter,
+    STORE_KIND,
     DiskStore,
     InfluenceVectorStore,
     MemoryStore,
@@ -39,6 +41,7 @@ __all__ = [
     "batch_stream",
     "prepare_training_vectors",
     "require_data",
+    "require_finite",
     "save_scores",
     "save_top_k",
     "write_vector_store",
@@ -71,6 +74,8 @@ class Placement:
     def projections(self, batch: Any, index: int, stage: str) -> Any:
         """``G g`` for every example of ``batch``: shape (B, k); non-finite is an error."""
         xp = self.xp
+        if self.model.batch_size(batch) == 0:
+            raise ValueError(f"{stage}: batch {index} is empty")
         projected = self.model.project(self.projector, batch)
         if not bool(xp.all(xp.isfinite(projected))):
             raise NonFiniteError(
@@ -87,6 +92,29 @@ class Placement:
         return batch_stream(
             dataset, name, lambda i, b: (b, self.vectors(b, i, name)), self.show_progress
         )
+
+    def host_losses(self, batch: Any) -> np.ndarray:
+        """Per-example losses of ``batch`` on the host, (B,) float64: the data's identity."""
+        return np.asarray(self.model.to_numpy(self.model.losses(batch)), dtype=np.float64)
+
+    def store_blocks(self, dataset: Iterable[Any], name: str) -> Iterator[tuple[Any, Any]]:
+        """``(vectors (B, k) on the host, losses (B,))`` per batch: what a store holds."""
+        for batch, vectors in self.vector_stream(dataset, name):
+            yield self.model.to_numpy(vectors), self.host_losses(batch)
+
+
+def require_finite(xp: Any, values: Any, what: str, stage: str, index: int) -> Any:
+    """``values`` when every entry is finite; ``NonFiniteError`` naming the batch otherwise.
+
+    Scores can overflow where the projections did not (float32: ``P² / (λ + δ)`` with a tiny
+    ``λ + δ``); an ``inf`` would otherwise sort first in every top-k and a NaN be skipped.
+    """
+    if not bool(xp.all(xp.isfinite(values))):
+        raise NonFiniteError(
+            f"{stage}: batch {index} gives non-finite {what} (overflow of the model's dtype? "
+            "compute in float64, or add damping)"
+        )
+    return values
 
 
 def require_data(dataset: Any, name: str) -> None:
@@ -119,9 +147,55 @@ def write_vector_store(
     placement: Placement, train_set: Iterable[Any], path: str, key: StoreKey, argument: str
 ) -> DiskStore:
     """Compute the training vectors batch by batch into an atomic store at ``path``."""
-    model = placement.model
-    blocks = (model.to_numpy(v) for _, v in placement.vector_stream(train_set, "train_set"))
+    guard_overwrite(path, argument, STORE_KIND, store_provenance(key))
+    blocks = placement.store_blocks(train_set, "train_set")
     return write_disk_store(path, key, blocks, argument=argument)
+
+
+def write_kept_store(
+    placement: Placement,
+    train_set: Iterable[Any],
+    arrays: list[Any],
+    path: str,
+    key: StoreKey,
+    argument: str,
+) -> DiskStore:
+    """Write vectors already computed for ``train_set`` (one forward pass for the losses)."""
+    guard_overwrite(path, argument, STORE_KIND, store_provenance(key))
+    model = placement.model
+    batches = iter(train_set)
+
+    def blocks() -> Iterator[tuple[Any, Any]]:
+        for index, vectors in enumerate(arrays):
+            batch = next(batches, None)
+            if batch is None or model.batch_size(batch) != int(vectors.shape[0]):
+                raise IncompatibleStoreError(
+                    f"{argument}: batch {index} of train_set no longer matches the vectors "
+                    "computed for it; the training set changed"
+                )
+            yield model.to_numpy(vectors), placement.host_losses(batch)
+
+    return write_disk_store(path, key, blocks(), argument=argument)
+
+
+def store_provenance(key: StoreKey) -> dict[str, Any]:
+    """The metadata fields that tie a stored result to a model, a fit, a dtype and a rank."""
+    return {
+        "fingerprint": key.fingerprint,
+        "eigenbasis": key.eigenbasis,
+        "dtype": key.dtype,
+        "rank": key.rank,
+    }
+
+
+def open_checked_store(
+    placement: Placement, train_set: Iterable[Any], path: Any, key: StoreKey, argument: str
+) -> DiskStore:
+    """The store at ``path``, held open, after checking its key and its training data."""
+    store = DiskStore(resolve_path(path, "influence_vectors"), argument=argument)
+    store.check(key)
+    check_training_data(placement.model, train_set, store, argument)
+    return store
 
 
 class TrainingVectors:
@@ -231,14 +305,17 @@ def prepare_training_vectors(
     model = placement.model
     if load_path is not None:
         key = store_key()
-        loaded = DiskStore(resolve_path(load_path, "influence_vectors"), argument=load_argument)
-        loaded.check(key)
+        require_data(train_set, "train_set")
+        loaded = open_checked_store(placement, train_set, load_path, key, load_argument)
         if save_path is not None:
             target = resolve_path(save_path, "influence_vectors")
-            if os.path.abspath(target) != os.path.abspath(loaded.path):
-                loaded = write_disk_store(
-                    target, key, loaded.blocks(lambda a: a), argument=save_argument
+            if not os.path.exists(target) or not os.path.samefile(target, loaded.path):
+                guard_overwrite(target, save_argument, STORE_KIND, store_provenance(key))
+                pairs = (
+                    (vectors, loaded.stored_losses(index))
+                    for index, vectors in enumerate(loaded.blocks(lambda a: a))
                 )
+                loaded = write_disk_store(target, key, pairs, argument=save_argument)
         if cache is CACHE.MEMORY:
             memory = MemoryStore(key, list(loaded.blocks(model.from_numpy)))
             return TrainingVectors(placement, train_set, memory, load_argument)
@@ -254,8 +331,7 @@ def prepare_training_vectors(
         if save_path is not None:
             saved_key = store_key()
             target = resolve_path(save_path, "influence_vectors")
-            host = (model.to_numpy(a) for a in arrays)
-            write_disk_store(target, saved_key, host, argument=save_argument)
+            write_kept_store(placement, train_set, arrays, target, saved_key, save_argument)
         memory = MemoryStore(saved_key, arrays)
         return TrainingVectors(placement, train_set, memory, save_argument)
     if save_path is not None or cache is CACHE.DISK:
@@ -288,6 +364,7 @@ def save_scores(
     training batch t; the batches themselves come from ``queries`` and ``train_set`` again.
     """
     target = resolve_path(path, "influence_values")
+    guard_overwrite(target, "save_influence_value_path", "influence_values", provenance)
     model = placement.model
     query_sizes: list[int] = []
     train_sizes: list[int] = []
@@ -308,12 +385,17 @@ def save_scores(
                 **provenance,
             },
         )
+    # Held open: the stream serves this file even if another one replaces it at the path.
     reader = ArchiveReader(target, "save_influence_value_path")
+    dtypes = (provenance["dtype"],)
 
     def scores_of(q: int) -> BatchStream:
         def run() -> Iterator[tuple[Any, Any]]:
-            names = [f"scores_{q:06d}_{t:06d}" for t in range(len(train_sizes))]
-            for batch, scores in zip(train_set, reader.iter_arrays(names)):
+            for t, batch in enumerate(train_set):
+                if t >= len(train_sizes):
+                    break
+                shape = (query_sizes[q], train_sizes[t])
+                scores = reader.read_array(f"scores_{q:06d}_{t:06d}", shape=shape, dtypes=dtypes)
                 yield batch, model.from_numpy(scores)
 
         return BatchStream(run, len(train_sizes))
@@ -337,27 +419,36 @@ def save_top_k(
     query batch; the query batches come from ``queries`` again.
     """
     target = resolve_path(path, "top_k")
+    provenance = {name: metadata[name] for name in ("fingerprint", "eigenbasis", "dtype", "rank")}
+    guard_overwrite(target, "save_top_k_ds_path", "top_k", provenance)
     model = placement.model
     xp = placement.xp
     sizes: list[int] = []
+    value_dtypes: tuple[str, ...] = ("float32", "float64")
+    index_dtypes = ("int32", "int64")
     with AtomicArchiveWriter(target) as writer:
         for q, (_, values, indices) in enumerate(stream):
-            writer.write_array(f"values_{q:06d}", model.to_numpy(values))
+            host_values = model.to_numpy(values)
+            writer.write_array(f"values_{q:06d}", host_values)
             writer.write_array(f"indices_{q:06d}", model.to_numpy(indices))
             sizes.append(int(values.shape[0]))
+            value_dtypes = (host_values.dtype.name,)
         writer.write_json(
             "metadata", {"kind": "top_k", "version": 1, "query_batch_sizes": sizes, **metadata}
         )
+    # Held open: the stream serves this file even if another one replaces it at the path.
     reader = ArchiveReader(target, "save_top_k_ds_path")
+    k = int(metadata["k"])
 
     def run() -> Iterator[TopKBatch]:
-        names = itertools.chain.from_iterable(
-            (f"values_{q:06d}", f"indices_{q:06d}") for q in range(len(sizes))
-        )
-        arrays = reader.iter_arrays(list(names))
-        for query in queries:
-            values = convert(model.from_numpy(next(arrays)))
-            indices = model.from_numpy(next(arrays), dtype=index_dtype(xp, model.device))
+        for q, query in enumerate(queries):
+            if q >= len(sizes):
+                break
+            shape = (sizes[q], k)
+            values = reader.read_array(f"values_{q:06d}", shape=shape, dtypes=value_dtypes)
+            indices = reader.read_array(f"indices_{q:06d}", shape=shape, dtypes=index_dtypes)
+            values = convert(model.from_numpy(values))
+            indices = model.from_numpy(indices, dtype=index_dtype(xp, model.device))
             yield TopKBatch(query, values, indices)
 
     return BatchStream(run, len(sizes))

@@ -4,30 +4,26 @@ Influence vectors are k numbers per training example (``k = k_largest_eig_vals``
 whole training set is ``N × k``: small enough to keep in memory for most data, and cheap to
 store on disk for the rest. :class:`CACHE` keeps influenciae's names and values.
 
-Disk archives are ``.npz`` files (a zip of ``.npy`` members, readable by ``numpy.load``)
-written **atomically**: members are streamed one batch at a time into a temporary file in the
-same directory, which is flushed, synced and renamed over the destination with
-:func:`os.replace`. An interrupted run leaves the previous archive intact (or none), never a
-half-written one. Every archive has a ``metadata.json`` member saying what it holds and for
-which model and eigenbasis, so a store is only reused when it matches.
+Disk stores are ``.npz`` archives of :mod:`krylov_influence._archive` (written atomically,
+read defensively from a held handle). Besides the vectors, a store keeps the per-example
+losses of every batch, the identity of the training data (see
+:mod:`krylov_influence._identity`), and its ``metadata.json`` names the model, the eigenbasis,
+the dtype and the rank it was computed for, so a store is only reused when all of them match.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import enum
-import json
+import math
 import os
-import tempfile
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from krylov_influence.errors import IncompatibleStoreError
+from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
 
 __all__ = [
     "CACHE",
@@ -43,7 +39,8 @@ __all__ = [
 ]
 
 STORE_KIND = "influence_vectors"
-FORMAT_VERSION = 1
+# 2: every block carries the per-example losses of its batch (training-data identity).
+FORMAT_VERSION = 2
 DEFAULT_FILENAMES = {
     "influence_vectors": "influence_vectors.npz",
     "influence_values": "influence_values.npz",
@@ -101,109 +98,6 @@ def resolve_path(path: Any, kind: str) -> str:
     if os.path.isdir(text):
         return os.path.join(text, DEFAULT_FILENAMES[kind])
     return text
-
-
-# --------------------------------------------------------------------------------- archives
-class AtomicArchiveWriter:
-    """Write an ``.npz`` archive member by member, then publish it atomically.
-
-    Use as a context manager; on a clean exit the temporary file replaces ``path`` with
-    :func:`os.replace`, on an exception it is removed and ``path`` is untouched.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Destination. Its directory must exist.
-    """
-
-    def __init__(self, path: Any):
-        self.path = os.fspath(path)
-        self._zip: zipfile.ZipFile | None = None
-        self._temp: str | None = None
-
-    def __enter__(self) -> AtomicArchiveWriter:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"{self.path}: the directory {directory} does not exist")
-        handle, self._temp = tempfile.mkstemp(
-            dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp"
-        )
-        os.close(handle)
-        # Stored, not deflated: float data barely compresses and members stay seekable.
-        self._zip = zipfile.ZipFile(self._temp, "w", zipfile.ZIP_STORED, allowZip64=True)
-        return self
-
-    def write_array(self, name: str, array: np.ndarray) -> None:
-        """Add ``array`` as member ``name.npy``."""
-        assert self._zip is not None, "use AtomicArchiveWriter as a context manager"
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-
-    def write_json(self, name: str, value: Any) -> None:
-        """Add ``value`` as member ``name.json`` (UTF-8 JSON)."""
-        assert self._zip is not None, "use AtomicArchiveWriter as a context manager"
-        self._zip.writestr(name + ".json", json.dumps(value, indent=1, sort_keys=True))
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        assert self._zip is not None and self._temp is not None
-        try:
-            self._zip.close()
-            if exc_type is None:
-                with open(self._temp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(self._temp, self.path)
-        finally:
-            if os.path.exists(self._temp):
-                os.remove(self._temp)
-
-
-class ArchiveReader:
-    """Read members of an archive written by :class:`AtomicArchiveWriter`.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    argument : str
-        The argument the path came from, for error messages.
-
-    Attributes
-    ----------
-    metadata : dict
-        The ``metadata.json`` member.
-
-    Raises
-    ------
-    IncompatibleStoreError
-        If the file is not such an archive (corrupt, truncated, or foreign).
-    """
-
-    def __init__(self, path: Any, argument: str):
-        self.path = os.fspath(path)
-        self.argument = argument
-        try:
-            with zipfile.ZipFile(self.path) as archive:
-                self.members = frozenset(archive.namelist())
-                self.metadata = json.loads(archive.read("metadata.json"))
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError) as error:
-            raise IncompatibleStoreError(
-                f"{argument}={self.path!r}: not a krylov_influence archive ({error})"
-            ) from None
-        if not isinstance(self.metadata, dict):
-            raise IncompatibleStoreError(f"{argument}={self.path!r}: malformed metadata.json")
-
-    def read_array(self, name: str, archive: zipfile.ZipFile | None = None) -> np.ndarray:
-        """Member ``name.npy`` as a NumPy array."""
-        with contextlib.ExitStack() as stack:
-            if archive is None:
-                archive = stack.enter_context(zipfile.ZipFile(self.path))
-            with archive.open(name + ".npy") as member:
-                return np.lib.format.read_array(member, allow_pickle=False)
-
-    def iter_arrays(self, names: list[str]) -> Iterator[np.ndarray]:
-        """Members ``names`` in order, one at a time, from one open file handle."""
-        with zipfile.ZipFile(self.path) as archive:
-            for name in names:
-                yield self.read_array(name, archive)
 
 
 # ------------------------------------------------------------------- influence-vector stores
@@ -288,12 +182,18 @@ class DiskStore(InfluenceVectorStore):
     """Blocks streamed from an ``.npz`` store (``CACHE.DISK`` and saved stores).
 
     Open an existing store with ``DiskStore(path, argument=...)``; write one with
-    :func:`write_disk_store`. Member ``block_{i:06d}.npy`` holds block ``i``.
+    :func:`write_disk_store`. Member ``block_{i:06d}.npy`` holds block ``i`` (B_i, k) and
+    ``losses_{i:06d}.npy`` the per-example losses of batch ``i`` (B_i,), float64: the identity
+    of the training data the vectors belong to (see :meth:`stored_losses`).
+
+    The file is opened once and held: every block is read from the file that was checked,
+    whatever later happens at ``path``. Blocks are checked for shape, dtype and finiteness as
+    they are read.
 
     Raises
     ------
     IncompatibleStoreError
-        If the file is not an influence-vector store, or is incomplete.
+        If the file is not an influence-vector store, is incomplete or its metadata is invalid.
     """
 
     key: StoreKey
@@ -303,34 +203,52 @@ class DiskStore(InfluenceVectorStore):
         self.path = self.reader.path
         meta = self.reader.metadata
         if meta.get("kind") != STORE_KIND or meta.get("version") != FORMAT_VERSION:
-            raise IncompatibleStoreError(
-                f"{argument}={self.path!r}: not an influence-vector store (kind "
-                f"{meta.get('kind')!r}, version {meta.get('version')!r})"
+            raise self.reader.error(
+                f"not an influence-vector store of this version (kind {meta.get('kind')!r}, "
+                f"version {meta.get('version')!r}; expected {STORE_KIND!r}, {FORMAT_VERSION})"
             )
         try:
             self.key = StoreKey(
-                str(meta["fingerprint"]),
-                str(meta["eigenbasis"]),
-                str(meta["dtype"]),
-                int(meta["rank"]),
+                _text(meta["fingerprint"]),
+                _text(meta["eigenbasis"]),
+                _text(meta["dtype"]),
+                _count(meta["rank"]),
             )
-            self.batch_sizes = tuple(int(size) for size in meta["batch_sizes"])
+            if not isinstance(meta["batch_sizes"], list):
+                raise TypeError("batch_sizes is not a list")
+            self.batch_sizes = tuple(_count(size) for size in meta["batch_sizes"])
         except (KeyError, TypeError, ValueError) as error:
-            raise IncompatibleStoreError(
-                f"{argument}={self.path!r}: malformed store metadata ({error})"
-            ) from None
-        missing = [n for n in self._names() if n + ".npy" not in self.reader.members]
+            raise self.reader.error(f"malformed store metadata ({error})") from None
+        if self.key.dtype not in ("float32", "float64"):
+            raise self.reader.error(f"malformed store metadata (dtype {self.key.dtype!r})")
+        if not self.batch_sizes:
+            raise self.reader.error("the store holds no batch")
+        missing = [
+            name
+            for i in range(len(self.batch_sizes))
+            for name in (_block(i), _losses(i))
+            if name + ".npy" not in self.reader.members
+        ]
         if missing:
-            raise IncompatibleStoreError(
-                f"{argument}={self.path!r}: incomplete store, missing {missing[:3]}"
-            )
-
-    def _names(self) -> list[str]:
-        return [f"block_{i:06d}" for i in range(len(self.batch_sizes))]
+            raise self.reader.error(f"incomplete store, missing {missing[:3]}")
 
     def blocks(self, from_numpy: Callable[[np.ndarray], Any]) -> Iterator[Any]:
-        for block in self.reader.iter_arrays(self._names()):
+        for index, size in enumerate(self.batch_sizes):
+            block = self.reader.read_array(
+                _block(index), shape=(size, self.key.rank), dtypes=(self.key.dtype,)
+            )
+            if not np.isfinite(block).all():
+                raise self.reader.error(f"block {index} holds non-finite values")
             yield from_numpy(block)
+
+    def stored_losses(self, index: int) -> np.ndarray:
+        """Per-example losses of batch ``index`` when the store was written, (B_i,) float64."""
+        losses = self.reader.read_array(
+            _losses(index), shape=(self.batch_sizes[index],), dtypes=("float64",)
+        )
+        if not np.isfinite(losses).all():
+            raise self.reader.error(f"losses of batch {index} hold non-finite values")
+        return losses
 
     def check(self, expected: StoreKey) -> None:
         """Raise unless this store was computed for ``expected``.
@@ -342,23 +260,31 @@ class DiskStore(InfluenceVectorStore):
         """
         differences = self.key.differences(expected)
         if differences:
-            what = {
-                "fingerprint": "another model (or other parameter values)",
-                "eigenbasis": "another eigenbasis (another fit of the calculator)",
-                "dtype": "another dtype",
-                "rank": "another number of eigenvalues",
-            }
-            reasons = "; ".join(what[name] for name in differences)
-            raise IncompatibleStoreError(
-                f"{self.reader.argument}={self.path!r}: the store there belongs to {reasons} "
-                f"(differs in {', '.join(differences)}); delete it or choose another path"
+            raise self.reader.error(
+                f"the store there belongs to {describe_differences(differences)} (differs in "
+                f"{', '.join(differences)}); delete it or choose another path"
             )
 
 
+def describe_differences(differences: list[str]) -> str:
+    """Say in words what the names of differing :class:`StoreKey` fields mean."""
+    what = {
+        "fingerprint": "another model (or other parameter values)",
+        "eigenbasis": "another eigenbasis (another fit of the calculator)",
+        "dtype": "another dtype",
+        "rank": "another number of eigenvalues",
+    }
+    return "; ".join(what.get(name, name) for name in differences)
+
+
 def write_disk_store(
-    path: Any, key: StoreKey, blocks: Iterator[np.ndarray], *, argument: str = "path"
+    path: Any,
+    key: StoreKey,
+    blocks: Iterator[tuple[np.ndarray, np.ndarray]],
+    *,
+    argument: str = "path",
 ) -> DiskStore:
-    """Stream host blocks (each (B, k)) into an atomic ``.npz`` store at ``path``.
+    """Stream host ``(vectors (B, k), losses (B,))`` pairs into an atomic store at ``path``.
 
     Returns
     -------
@@ -367,14 +293,50 @@ def write_disk_store(
     """
     sizes: list[int] = []
     with AtomicArchiveWriter(path) as writer:
-        for index, block in enumerate(blocks):
+        for index, (block, losses) in enumerate(blocks):
             if block.ndim != 2 or block.shape[1] != key.rank:
                 raise ValueError(
                     f"block {index}: expected shape (B, {key.rank}), got {block.shape}"
                 )
-            writer.write_array(f"block_{index:06d}", block)
+            if losses.shape != (block.shape[0],):
+                raise ValueError(
+                    f"losses {index}: expected shape ({block.shape[0]},), got {losses.shape}"
+                )
+            writer.write_array(_block(index), block)
+            writer.write_array(_losses(index), np.asarray(losses, dtype=np.float64))
             sizes.append(int(block.shape[0]))
         meta = {"kind": STORE_KIND, "version": FORMAT_VERSION, "batch_sizes": sizes}
         meta.update(asdict(key))
         writer.write_json("metadata", meta)
     return DiskStore(path, argument=argument)
+
+
+def _block(index: int) -> str:
+    return f"block_{index:06d}"
+
+
+def _losses(index: int) -> str:
+    return f"losses_{index:06d}"
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any) -> int:
+    """A positive integer from JSON (bools, floats and non-positive values refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def finite_number(value: Any, name: str, *, minimum: float = -math.inf) -> float:
+    """A finite float from JSON metadata, at least ``minimum``; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} is {value!r}, expected a number")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum:
+        raise ValueError(f"{name} is {value!r}, expected a finite number >= {minimum}")
+    return number

@@ -20,7 +20,9 @@ vectors: for one call when ``CACHE.MEMORY`` asks for it, or across calls after
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -31,32 +33,33 @@ from typing import Any
 import numpy as np
 
 from krylov_influence import _xp
+from krylov_influence._archive import (
+    register_for_cleanup,
+    remove_stale_temporaries,
+    unregister_cleanup,
+)
 from krylov_influence._data import (
     BatchStream,
     progress_bar,
     require_reiterable,
     resolve_show_progress,
 )
+from krylov_influence._identity import require_fixed_order
 from krylov_influence._streaming import (
     Placement,
     TrainingVectors,
     batch_stream,
+    open_checked_store,
     prepare_training_vectors,
     require_data,
+    require_finite,
     save_scores,
     save_top_k,
+    write_kept_store,
     write_vector_store,
 )
 from krylov_influence.arnoldi import arnoldi_iteration
-from krylov_influence.cache import (
-    CACHE,
-    DiskStore,
-    MemoryStore,
-    StoreKey,
-    as_cache,
-    resolve_path,
-    write_disk_store,
-)
+from krylov_influence.cache import CACHE, MemoryStore, StoreKey, as_cache, resolve_path
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import NonFiniteError
@@ -151,6 +154,7 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
     ):
+        require_reiterable(train_dataset, "train_dataset")
         self._configure(
             model,
             train_dataset,
@@ -193,6 +197,8 @@ class ArnoldiInfluenceCalculator:
             None if train_dataset is None else require_reiterable(train_dataset, "train_dataset")
         )
         hessian = train_dataset if hessian_dataset is None else hessian_dataset
+        # Which argument the Hessian data came from (saved: the check at load needs it).
+        self.hessian_argument = "train_dataset" if hessian_dataset is None else "hessian_dataset"
         self.hessian_dataset = (
             None if hessian is None else require_reiterable(hessian, "hessian_dataset")
         )
@@ -200,8 +206,8 @@ class ArnoldiInfluenceCalculator:
         self.force_hermitian = bool(force_hermitian)
         self.k_largest_eig_vals = _positive_int(k_largest_eig_vals, "k_largest_eig_vals")
         self.subspace_dim = _positive_int(subspace_dim, "subspace_dim")
-        self.damping = float(damping)
-        self.seed = int(seed)
+        self.damping = _damping(damping)
+        self.seed = _seed(seed)
         self.block_size = _positive_int(block_size, "block_size")
         if eigenvalue_selection not in EIGENVALUE_SELECTIONS:
             raise ValueError(
@@ -254,17 +260,23 @@ class ArnoldiInfluenceCalculator:
             )
         operator = model.hessian_operator(self.hessian_dataset)
         with progress_bar(self.show_progress, subspace_dim, "Arnoldi") as bar:
-            result = arnoldi_iteration(
-                operator,
-                subspace_dim,
-                seed=self.seed,
-                dtype=self.dtype,
-                xp=model.xp,
-                device=model.device,
-                to_numpy=model.to_numpy,
-                progress=bar.update,
-                block_size=self.block_size,
-            )
+            try:
+                result = arnoldi_iteration(
+                    operator,
+                    subspace_dim,
+                    seed=self.seed,
+                    dtype=self.dtype,
+                    xp=model.xp,
+                    device=model.device,
+                    to_numpy=model.to_numpy,
+                    progress=bar.update,
+                    block_size=self.block_size,
+                )
+            except NonFiniteError as error:
+                culprit = self._non_finite_hessian_batch()
+                if culprit is None:
+                    raise
+                raise NonFiniteError(f"{error}; {culprit}") from None
         return build_eigenbasis(
             result,
             self.k_largest_eig_vals,
@@ -274,6 +286,20 @@ class ArnoldiInfluenceCalculator:
             xp=model.xp,
             device=model.device,
         )
+
+    def _non_finite_hessian_batch(self) -> str | None:
+        """After a non-finite product: the first Hessian batch whose own HVP overflows."""
+        model, data = self.model, self.hessian_dataset
+        assert data is not None
+        rng = np.random.default_rng(self.seed)
+        probe = rng.standard_normal(model.num_parameters)
+        vector = model.from_numpy(probe / np.linalg.norm(probe))
+        name = self.hessian_argument
+        for index, batch in enumerate(data):
+            product = model.to_numpy(model.hvp(vector, [batch]))
+            if not np.isfinite(product).all():
+                return f"batch {index} of {name} gives non-finite Hessian-vector products"
+        return None
 
     def _set_eigenbasis(self, eigenbasis: EigenBasis) -> None:
         self.eigenbasis = eigenbasis
@@ -356,19 +382,30 @@ class ArnoldiInfluenceCalculator:
         *,
         train_dataset: Iterable[Any] | None = None,
         hessian_dataset: Iterable[Any] | None = None,
+        check_model: bool = True,
         show_progress: bool | None = None,
     ) -> ArnoldiInfluenceCalculator:
-        """Load a calculator saved by :meth:`save` onto ``model`` (any engine).
+        """Load a calculator saved by :meth:`save` onto ``model`` (any engine), checked.
+
+        A basis is only valid for the model whose Hessian it was fitted on, and parameters
+        alone do not identify a model (a Tanh and a ReLU net may share them; so may two
+        losses or two ``l2``). So, besides the parameter count, values (fingerprint) and
+        precision, the load checks that the kept Ritz pairs are still Ritz pairs of
+        ``model``'s Hessian over the data the fit used: three Hessian-vector products in one
+        pass over it (see ``docs/calculator.md``, "What is checked before stored results are
+        reused"). That data is ``train_dataset`` when the fit averaged the Hessian over the
+        training set (the default), ``hessian_dataset`` when it was given one.
 
         Parameters
         ----------
         path : str or os.PathLike
         model : InfluenceModel or a model an engine recognises
-            Must have the same parameter count and fingerprint (the same parameter values,
-            in the same flat order and precision) as the model the basis was fitted on; the
-            engine may differ.
+            The model the basis was fitted on: same parameter count, values and flat order,
+            same precision; the engine may differ.
         train_dataset, hessian_dataset : re-iterable of batches, optional
-            Only needed to refit with :meth:`arnoldi`.
+            The data the Hessian was fitted on (for the check; then also for :meth:`arnoldi`).
+        check_model : bool, default True
+            ``False`` skips the Hessian check and trusts the parameter fingerprint alone.
         show_progress : bool, optional
 
         Returns
@@ -378,7 +415,11 @@ class ArnoldiInfluenceCalculator:
         Raises
         ------
         IncompatibleStoreError
-            If the file is not a saved calculator, or ``model`` differs from the fitted one.
+            If the file is not a valid saved calculator (corrupt, truncated, foreign,
+            malformed metadata), or ``model`` is not the fitted model (parameters, precision,
+            Hessian), or the data has another number of examples than the fit's.
+        ValueError
+            If ``check_model`` and the data the check needs is not given.
         """
         from krylov_influence.persistence import load_calculator
 
@@ -388,6 +429,7 @@ class ArnoldiInfluenceCalculator:
             model,
             train_dataset=train_dataset,
             hessian_dataset=hessian_dataset,
+            check_model=check_model,
             show_progress=show_progress,
         )
 
@@ -450,8 +492,8 @@ class ArnoldiInfluenceCalculator:
         ValueError
             If ``train_set`` is empty; ``NonFiniteError`` on non-finite gradients.
         """
-        require_data(train_set, "train_set")
         placement = self._placed(device)
+        self._scoring_data(train_set, "train_set")
         self._kept = None  # a failure below leaves nothing half-kept
         arrays = [vectors for _, vectors in placement.vector_stream(train_set, "train_set")]
         self._kept = KeptTrainingVectors(train_set, _device_key(device), MemoryStore(None, arrays))
@@ -502,7 +544,7 @@ class ArnoldiInfluenceCalculator:
             If the store at the path belongs to another model, fit or dtype, or its batches
             do not line up with ``train_set``'s.
         """
-        require_data(train_set, "train_set")
+        self._scoring_data(train_set, "train_set")
         placement = self._placed(device)
         kept = self._kept_vectors(train_set, device)
         if save_influence_vector_ds_path is None:
@@ -514,11 +556,10 @@ class ArnoldiInfluenceCalculator:
         path = resolve_path(save_influence_vector_ds_path, "influence_vectors")
         key = self._store_key(placement)
         if os.path.exists(path):
-            store = DiskStore(path, argument=argument)
-            store.check(key)
+            store = open_checked_store(placement, train_set, path, key, argument)
         elif kept is not None:
-            host = (placement.model.to_numpy(a) for a in kept.blocks(placement.model.from_numpy))
-            store = write_disk_store(path, key, host, argument=argument)
+            arrays = list(kept.blocks(placement.model.from_numpy))
+            store = write_kept_store(placement, train_set, arrays, path, key, argument)
         else:
             store = write_vector_store(placement, train_set, path, key, argument)
         vectors = TrainingVectors(placement, train_set, store, argument)
@@ -538,6 +579,7 @@ class ArnoldiInfluenceCalculator:
         BatchStream of ``(batch, values)``
             ``values`` has shape (B,), in the model's namespace and dtype.
         """
+        self._scoring_data(train_set, "train_set")
         placement = self._placed(device)
         xp = placement.xp
         kept = self._kept_vectors(train_set, device)
@@ -547,14 +589,16 @@ class ArnoldiInfluenceCalculator:
             damped = 1 / placement.inverse
 
             def from_kept() -> Iterator[tuple[Any, Any]]:
-                for batch, vectors in training.paired():
-                    yield batch, xp.sum(vectors * vectors * damped, axis=1)
+                for index, (batch, vectors) in enumerate(training.paired()):
+                    values = xp.sum(vectors * vectors * damped, axis=1)
+                    yield batch, require_finite(xp, values, "self-influence", "train_set", index)
 
             return BatchStream(from_kept, len(kept.batch_sizes))
 
         def produce(index: int, batch: Any) -> tuple[Any, Any]:
             projected = placement.projections(batch, index, "train_set")
-            return batch, xp.sum(projected * projected * placement.inverse, axis=1)
+            values = xp.sum(projected * projected * placement.inverse, axis=1)
+            return batch, require_finite(xp, values, "self-influence", "train_set", index)
 
         return batch_stream(train_set, "train_set", produce, self.show_progress)
 
@@ -607,6 +651,11 @@ class ArnoldiInfluenceCalculator:
         return TrainingTopK(xp.reshape(indices, (k,)), xp.reshape(values, (k,)))
 
     # ----------------------------------------------------------------- training stores
+    def _scoring_data(self, dataset: Iterable[Any], name: str) -> None:
+        """Re-iterable, non-empty, and the same order on every pass (see ``random_order``)."""
+        require_data(dataset, name)
+        require_fixed_order(self.model, dataset, name)
+
     def _store_key(self, placement: Placement) -> StoreKey:
         return StoreKey(
             fingerprint=self.model.fingerprint(),
@@ -618,8 +667,11 @@ class ArnoldiInfluenceCalculator:
     def _scratch_path(self) -> str:
         """A fresh file name in a private directory removed with the calculator."""
         if self._scratch_dir is None:
-            self._scratch_dir = tempfile.mkdtemp(prefix="krylov_influence_")
-            weakref.finalize(self, shutil.rmtree, self._scratch_dir, ignore_errors=True)
+            # The pid in the name lets a later process remove the stores of one that was killed.
+            remove_stale_temporaries(tempfile.gettempdir(), SCRATCH_PATTERN)
+            self._scratch_dir = tempfile.mkdtemp(prefix=f"krylov_influence_{os.getpid()}_")
+            register_for_cleanup(self._scratch_dir)
+            weakref.finalize(self, _remove_scratch, self._scratch_dir)
         handle, path = tempfile.mkstemp(dir=self._scratch_dir, suffix=".npz")
         os.close(handle)
         os.remove(path)
@@ -713,7 +765,8 @@ class ArnoldiInfluenceCalculator:
             If a store to load belongs to another model, fit, dtype or training set.
         """
         cache = as_cache(influence_vector_in_cache, "influence_vector_in_cache")
-        require_data(dataset_to_evaluate, "dataset_to_evaluate")
+        self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
+        self._scoring_data(train_set, "train_set")
         placement = self._placed(device)
         xp = placement.xp
         training = self._training_vectors(
@@ -728,8 +781,9 @@ class ArnoldiInfluenceCalculator:
 
         def scores_against_training(projected: Any) -> BatchStream:
             def run() -> Iterator[tuple[Any, Any]]:
-                for batch, vectors in training.paired():
-                    yield batch, xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
+                for index, (batch, vectors) in enumerate(training.paired()):
+                    scores = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
+                    yield batch, require_finite(xp, scores, "scores", "train_set", index)
 
             return BatchStream(run, training.num_batches)
 
@@ -833,7 +887,8 @@ class ArnoldiInfluenceCalculator:
                 "nearest_neighbors: expected a krylov_influence.BaseNearestNeighbors, got "
                 f"{type(nearest_neighbors).__name__}"
             )
-        require_data(dataset_to_evaluate, "dataset_to_evaluate")
+        self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
+        self._scoring_data(train_set, "train_set")
         placement = self._placed(device)
         xp = placement.xp
         score_dtype = (
@@ -865,6 +920,7 @@ class ArnoldiInfluenceCalculator:
         def produce(index: int, query: Any) -> TopKBatch:
             projected = convert(placement.projections(query, index, "dataset_to_evaluate"))
             values, indices = search.query(projected, k, order)
+            require_finite(xp, values, "top-k scores", "dataset_to_evaluate", index)
             return TopKBatch(query, values, indices)
 
         stream = batch_stream(
@@ -901,7 +957,13 @@ class ArnoldiInfluenceCalculator:
         IndexError
             If an index is negative or not below the number of training examples.
         """
-        host = np.asarray(_xp.to_numpy(indices), dtype=np.int64)
+        self._scoring_data(train_set, "train_set")
+        found = np.asarray(_xp.to_numpy(indices))
+        if found.dtype.kind not in "iu":
+            raise TypeError(
+                f"indices: expected integers (e.g. TopKBatch.indices), got dtype {found.dtype}"
+            )
+        host = found.astype(np.int64)
         sizes = np.array([self.model.batch_size(b) for b in train_set], dtype=np.int64)
         ends = np.cumsum(sizes)
         total = int(ends[-1]) if ends.size else 0
@@ -943,8 +1005,31 @@ class KeptTrainingVectors:
     store: MemoryStore
 
 
+SCRATCH_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_[A-Za-z0-9_]+")
+
+
+def _remove_scratch(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    unregister_cleanup(directory)
+
+
 def _device_key(device: Any) -> str:
     return "" if device is None else str(device)
+
+
+def _damping(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"damping={value!r}: expected a finite number >= 0")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"damping={value!r}: expected a finite number >= 0")
+    return number
+
+
+def _seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise TypeError(f"seed={value!r}: expected an integer >= 0 (the start vector's seed)")
+    return int(value)
 
 
 def _positive_int(value: Any, name: str) -> int:

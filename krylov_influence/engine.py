@@ -200,6 +200,17 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
     def losses(self, batch: Any) -> Any:
         """Per-example losses of ``batch``, shape (B,)."""
 
+    def random_order(self, dataset: Any) -> str | None:
+        """Why ``dataset`` yields its examples in another order on every pass, or ``None``.
+
+        Results that are paired with batches or global indices by position (stores of
+        influence vectors, top-k indices) need the same order on every pass. Engines whose
+        data loaders can shuffle (a PyTorch ``DataLoader`` with a random sampler, a
+        ``tf.data`` pipeline that reshuffles each iteration) say so here; the default knows of
+        no such dataset.
+        """
+        return None
+
     # ------------------------------------------------------------------------ the operators
     @abc.abstractmethod
     def flat_parameters(self) -> Any:

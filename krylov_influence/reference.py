@@ -214,6 +214,12 @@ class NumpyInfluenceModel(InfluenceModel):
             if not np.issubdtype(y.dtype, np.integer):
                 raise TypeError(f"batch: y must hold integer class labels, got {y.dtype}")
             y = y.astype(np.intp)
+            classes = int(self._theta.shape[1])
+            if y.size and (y.min() < 0 or y.max() >= classes):
+                raise ValueError(
+                    f"batch: y must hold class labels in [0, {classes}), got "
+                    f"{y.min()}..{y.max()} (a negative label would silently wrap)"
+                )
         z = np.concatenate([x, np.ones((x.shape[0], 1), dtype=self._dtype)], axis=1)
         return z, y
 

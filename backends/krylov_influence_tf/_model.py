@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence_tf._datasets import reshuffling_stage
 from krylov_influence_tf._functional import Functional
 from krylov_influence_tf._namespace import canonical_device, namespace, same_device
 
@@ -283,6 +284,10 @@ class TensorFlowInfluenceModel(InfluenceModel):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"batch: expected an (x, y) pair, got {type(batch).__name__}")
         return self._count(batch[0])
+
+    def random_order(self, dataset: Any) -> str | None:
+        """A ``tf.data`` pipeline that reshuffles on every pass, named; else None."""
+        return reshuffling_stage(dataset)
 
     def losses(self, batch: Any) -> tf.Tensor:
         x, y = self._stage(batch)

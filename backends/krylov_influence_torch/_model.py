@@ -16,6 +16,7 @@ import torch
 from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
 from krylov_influence_torch._data import Batch, batch_size, prepare_batch
 from krylov_influence_torch._ops import Functional
+from krylov_influence_torch._order import random_sampler
 from krylov_influence_torch._params import select_parameters
 
 __all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
@@ -234,6 +235,10 @@ class TorchInfluenceModel(InfluenceModel):
 
     def batch_size(self, batch: Any) -> int:
         return batch_size(batch)
+
+    def random_order(self, dataset: Any) -> str | None:
+        """A ``DataLoader`` whose sampler draws a new order on every pass, named; else None."""
+        return random_sampler(dataset)
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -484,6 +489,17 @@ def _resolve_dtype(dtype: Any, chosen: list[torch.Tensor]) -> torch.dtype:
 
 
 def _resolve_device(device: Any, chosen: list[torch.Tensor]) -> torch.device:
+    target = _find_device(device, chosen)
+    if target.type == "meta":
+        raise ValueError(
+            f"device={device!r}: the model's parameters would be meta tensors, which hold no "
+            "values to differentiate; materialise the module (e.g. module.to_empty(device="
+            "'cpu') and load its weights) first"
+        )
+    return target
+
+
+def _find_device(device: Any, chosen: list[torch.Tensor]) -> torch.device:
     if device is None:
         found = {param.device for param in chosen}
         if len(found) != 1:

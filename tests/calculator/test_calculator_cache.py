@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,26 +150,31 @@ def _key() -> StoreKey:
     return StoreKey("f" * 32, "e" * 32, "float64", 3)
 
 
+def _with_losses(blocks: list[np.ndarray]) -> Any:
+    """``(vectors, losses)`` pairs as ``write_disk_store`` takes them (losses: row sums)."""
+    return iter([(block, block.sum(axis=1)) for block in blocks])
+
+
 def test_interrupted_write_keeps_the_previous_store(tmp_path, monkeypatch) -> None:
     path = tmp_path / "store.npz"
     rng = np.random.default_rng(0)
     first = [rng.standard_normal((4, 3)) for _ in range(3)]
-    write_disk_store(path, _key(), iter(first))
+    write_disk_store(path, _key(), _with_losses(first))
     before = path.read_bytes()
 
     real_write = np.lib.format.write_array
     written: list[int] = []
 
     def crash_mid_write(*args: object, **kwargs: object) -> None:
-        if len(written) == 2:
-            raise KeyboardInterrupt("simulated crash after two blocks")
+        if len(written) == 4:
+            raise KeyboardInterrupt("simulated crash after two blocks (and their losses)")
         written.append(1)
         real_write(*args, **kwargs)
 
     monkeypatch.setattr(np.lib.format, "write_array", crash_mid_write)
     second = [rng.standard_normal((4, 3)) for _ in range(5)]
     with pytest.raises(KeyboardInterrupt):
-        write_disk_store(path, _key(), iter(second))
+        write_disk_store(path, _key(), _with_losses(second))
     monkeypatch.undo()
 
     assert path.read_bytes() == before  # untouched, still the complete first store
@@ -186,7 +192,7 @@ def test_crash_before_rename_leaves_no_store(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
-        write_disk_store(path, _key(), iter([np.ones((2, 3))]))
+        write_disk_store(path, _key(), _with_losses([np.ones((2, 3))]))
     assert os.listdir(tmp_path) == []
 
 

@@ -89,3 +89,63 @@ def test_non_finite_query_names_the_batch(numpy_problem: Problem) -> None:
     stream = calc.top_k(bad, train, k=2)
     with pytest.raises(NonFiniteError, match="dataset_to_evaluate: batch 1"):
         list(stream)
+
+
+def test_unclear_inputs_get_errors_that_name_the_argument(setup, numpy_problem: Problem):
+    model, train = setup
+    with pytest.raises(TypeError, match="train_dataset: expected a re-iterable dataset"):
+        ArnoldiInfluenceCalculator(model, None, 5, True, 4)
+    for seed in (None, 1.7, -1, True):
+        with pytest.raises(TypeError, match=f"seed={seed!r}: expected an integer >= 0"):
+            ArnoldiInfluenceCalculator(model, train, 5, True, 4, seed=seed)
+    for damping in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"damping=.*expected a finite number >= 0"):
+            ArnoldiInfluenceCalculator(model, train, 5, True, 4, damping=damping)
+    calc, queries = numpy_problem.calc, numpy_problem.queries
+    empty = (queries[0][0][:0], queries[0][1][:0])
+    with pytest.raises(ValueError, match="dataset_to_evaluate: batch 1 is empty"):
+        list(calc.top_k([queries[0], empty], train, k=2))
+    with pytest.raises(TypeError, match="indices: expected integers"):
+        calc.locate_examples(train, np.array([1.0, 2.7]))
+    wrapped = [(train[0][0], np.where(train[0][1] == 0, -1, train[0][1]))]
+    with pytest.raises(ValueError, match=r"class labels in \[0, 3\), got -1"):
+        calc.self_influence(wrapped)
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value):RuntimeWarning")  # the overflow
+def test_an_overflowing_hessian_names_the_batch() -> None:
+    from krylov_influence.reference import LinearRegression
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((4, 3)), rng.standard_normal(4)) for _ in range(3)]
+    # x xᵀ overflows float64 while the loss ½(xᵀw − y)² stays small (w is tiny).
+    batches[1] = (batches[1][0] * 1e155, batches[1][1])
+    model = LinearRegression(rng.standard_normal(3) * 1e-160, np.zeros(1), l2=0.1)
+    with pytest.raises(NonFiniteError, match="batch 1 of train_dataset gives non-finite Hessian"):
+        ArnoldiInfluenceCalculator(model, batches, 3, True, 2, "float64")
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the overflow under test
+def test_float32_score_overflow_is_an_error_not_inf(numpy_problem: Problem) -> None:
+    spec = numpy_problem.spec
+    model, train = build(engine_class("numpy"), spec, "float32")
+    calc = ArnoldiInfluenceCalculator(model, train, 15, True, 15, "float32")
+    huge = [(train[0][0] * np.float32(1e30), train[0][1])]  # P ~ 1e30 fits, P² overflows
+    with pytest.raises(NonFiniteError, match="train_set: batch 0 gives non-finite self-infl"):
+        calc.self_influence(huge)
+    with pytest.raises(NonFiniteError, match=r"non-finite (scores|top-k scores)"):
+        list(calc.top_k(huge, huge, k=2))
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        calc.influence_matrix(huge, huge)
+
+
+def test_a_torch_model_on_the_meta_device_is_refused_clearly() -> None:
+    torch = pytest.importorskip("torch")
+    import krylov_influence as ki
+
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"device='meta': .*meta tensors"):
+        ki.InfluenceModel(net, loss, device="meta")
+    with pytest.raises(ValueError, match=r"device=None: .*meta tensors"):
+        ki.InfluenceModel(torch.nn.Linear(3, 2, device="meta"), loss)

@@ -23,7 +23,7 @@ def test_round_trip_on_the_same_model(numpy_problem: Problem, tmp_path) -> None:
     assert meta["dtype"] == "float64" and meta["k_largest_eig_vals"] == 15
 
     model, train = build(engine_class("numpy"), problem.spec)  # a fresh binding, same values
-    loaded = ArnoldiInfluenceCalculator.load(path, model)
+    loaded = ArnoldiInfluenceCalculator.load(path, model, check_model=False)
     np.testing.assert_array_equal(loaded.eig_vals, problem.calc.eig_vals)
     np.testing.assert_array_equal(loaded.G, problem.calc.G)
     assert loaded.eigenbasis_digest == problem.calc.eigenbasis_digest
@@ -42,7 +42,9 @@ def test_a_store_saved_before_save_is_valid_after_load(numpy_problem: Problem, t
     problem = numpy_problem
     store = tmp_path / "vectors.npz"
     expected = [v for _, v in problem.calc.compute_influence_vector(problem.train, store)]
-    loaded = ArnoldiInfluenceCalculator.load(problem.calc.save(tmp_path / "c.npz"), problem.model)
+    loaded = ArnoldiInfluenceCalculator.load(
+        problem.calc.save(tmp_path / "c.npz"), problem.model, train_dataset=problem.train
+    )
     got = [v for _, v in loaded.compute_influence_vector(problem.train, store)]
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -60,7 +62,7 @@ def test_load_refuses_another_model(numpy_problem: Problem, tmp_path) -> None:
         ArnoldiInfluenceCalculator.load(path, bigger)
     store = tmp_path / "v.npz"
     list(numpy_problem.calc.compute_influence_vector(numpy_problem.train, store))
-    with pytest.raises(IncompatibleStoreError, match="not a saved calculator"):
+    with pytest.raises(IncompatibleStoreError, match="not a valid saved calculator"):
         ArnoldiInfluenceCalculator.load(store, numpy_problem.model)
 
 
@@ -69,13 +71,15 @@ def test_basis_fitted_with_numpy_loads_into_every_engine(engine: object, tmp_pat
     fitted = make_problem(engine_class("numpy"))
     path = fitted.calc.save(tmp_path / "calc.npz")
     model, train = build(engine, fitted.spec)
-    loaded = ArnoldiInfluenceCalculator.load(path, model)
+    loaded = ArnoldiInfluenceCalculator.load(path, model, train_dataset=train)
     np.testing.assert_allclose(
         loaded.self_influence(train), fitted.calc.self_influence(fitted.train), rtol=1e-10
     )
     # And back: a basis fitted in this engine loads into the NumPy engine.
     native = make_problem(engine)
-    back = ArnoldiInfluenceCalculator.load(native.calc.save(tmp_path / "n.npz"), fitted.model)
+    back = ArnoldiInfluenceCalculator.load(
+        native.calc.save(tmp_path / "n.npz"), fitted.model, train_dataset=fitted.train
+    )
     np.testing.assert_allclose(
         back.self_influence(fitted.train), native.calc.self_influence(native.train), rtol=1e-10
     )
