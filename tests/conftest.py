@@ -54,3 +54,42 @@ def _namespace(name: str):
 def xp(request):
     """Each array namespace the core must run in."""
     return _namespace(request.param)
+
+
+# A framework that failed to install must not pass CI as skipped tests. With
+# KRYLOV_INFLUENCE_REQUIRE_ALL=1 (set by .ci/run) a skip for a missing framework, engine or
+# test dependency is a failure; without it (a developer with one framework) it stays a skip.
+_MISSING = ("could not import", "not available", "not installed", "no module named")
+
+
+REQUIRED_MODULES = ("torch", "jax", "tensorflow", "keras", "array_api_strict", "sklearn")
+
+
+def pytest_configure(config):
+    if os.environ.get("KRYLOV_INFLUENCE_REQUIRE_ALL") != "1":
+        return
+    import importlib
+
+    missing = []
+    for name in REQUIRED_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # a broken install counts as missing
+            missing.append(f"{name} ({type(error).__name__}: {error})")
+    if missing:
+        raise pytest.UsageError(
+            "KRYLOV_INFLUENCE_REQUIRE_ALL=1 but these cannot be imported, so their tests "
+            f"would be skipped: {', '.join(missing)}"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("KRYLOV_INFLUENCE_REQUIRE_ALL") != "1" or not report.skipped:
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if any(marker in reason.lower() for marker in _MISSING):
+        report.outcome = "failed"
+        report.longrepr = f"KRYLOV_INFLUENCE_REQUIRE_ALL=1 and a dependency is missing: {reason}"
