@@ -94,8 +94,8 @@ def _engine(text: str) -> str:
         )
     if not engines[text]:
         raise argparse.ArgumentTypeError(
-            f"the {text} engine needs {text}, which is not installed (pip install "
-            f"'krylov-influence[{text}]'); installed engines: {', '.join(ready)}"
+            f"the {text} engine needs {text}, which is not installed ({INSTALL[text]}); "
+            f"installed engines: {', '.join(ready)}"
         )
     return text
 
@@ -227,13 +227,22 @@ def _engines() -> int:
 
 _HEADER = ("engine", "status", "version", "devices", "note")
 
+#: How to install each framework so that its engine (shipped with this package) works. The
+#: package itself is installed from its checkout, so the hint names the framework alone;
+#: torch pinned to the CPU build (a bare `torch` resolves a multi-GB CUDA build).
+INSTALL = {
+    "torch": "pip install torch==2.13.0",
+    "jax": 'pip install "jax>=0.4.30"',
+    "tensorflow": 'pip install "tensorflow-cpu>=2.16" "keras>=3.0"',
+}
+
 
 def _describe(engine: Any, framework: str | None) -> tuple[str, str, str, str]:
     """(status, framework version, devices, note) of one engine, never raising."""
     if engine is None:
         return "unavailable", "-", "-", "not registered (its plugin failed to load)"
     if framework is not None and not _framework_installed(framework):
-        return "unavailable", "-", "-", f"pip install 'krylov-influence[{framework}]'"
+        return "unavailable", "-", "-", INSTALL.get(framework, f"install {framework}")
     try:
         version = str(engine.version())
         devices = ", ".join(engine.devices())
