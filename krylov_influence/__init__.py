@@ -23,7 +23,12 @@ from krylov_influence.cache import CACHE
 from krylov_influence.calculator import ArnoldiInfluenceCalculator
 from krylov_influence.eigen import EigenBasis, RitzPairs, build_eigenbasis, ritz_pairs
 from krylov_influence.engine import Engine, EngineCapabilities, HessianOperator, InfluenceModel
-from krylov_influence.errors import EngineNotFoundError, IncompatibleStoreError, NonFiniteError
+from krylov_influence.errors import (
+    EngineNotFoundError,
+    IncompatibleStoreError,
+    NegativeEigenvalueWarning,
+    NonFiniteError,
+)
 from krylov_influence.registry import available_engines, get_engine, infer_engine
 from krylov_influence.topk import (
     ORDER,
@@ -50,6 +55,7 @@ __all__ = [
     "InfluenceModel",
     "LinearNearestNeighbors",
     "MatrixOperator",
+    "NegativeEigenvalueWarning",
     "NonFiniteError",
     "RitzPairs",
     "TopKBatch",

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ from krylov_influence.arnoldi import arnoldi_iteration
 from krylov_influence.cache import CACHE, MemoryStore, StoreKey, as_cache, resolve_path
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
-from krylov_influence.errors import NonFiniteError
+from krylov_influence.errors import NegativeEigenvalueWarning, NonFiniteError
 from krylov_influence.registry import bind_model
 from krylov_influence.topk import (
     ORDER,
@@ -174,6 +175,7 @@ class ArnoldiInfluenceCalculator:
             self.hessian_dataset, "train_dataset" if hessian_dataset is None else "hessian_dataset"
         )
         self._set_eigenbasis(self._fit(self.subspace_dim))
+        self._warn_if_indefinite()
 
     def _configure(
         self,
@@ -287,6 +289,23 @@ class ArnoldiInfluenceCalculator:
             device=model.device,
         )
 
+    def _warn_if_indefinite(self) -> None:
+        """Say once per fit when kept ``λ + δ`` are negative, and what damping fixes it."""
+        basis = self.eigenbasis
+        if basis.negative_count == 0:
+            return
+        warnings.warn(
+            f"{basis.negative_count} of the {basis.rank} kept eigenvalues plus damping are "
+            f"negative (smallest λ = {float(np.min(basis.eigenvalues)):.3g}, damping "
+            f"{self.damping:g}): the Hessian is indefinite on the kept subspace (the model is "
+            "not at a minimum), and influence along those directions changes sign. "
+            f"damping > {basis.positive_damping:.3g} makes the kept spectrum positive (or "
+            "eigenvalue_selection='positive' keeps only positive ones); "
+            "calc.eigenbasis.negative_count reports it",
+            NegativeEigenvalueWarning,
+            stacklevel=3,
+        )
+
     def _non_finite_hessian_batch(self) -> str | None:
         """After a non-finite product: the first Hessian batch whose own HVP overflows."""
         model, data = self.model, self.hessian_dataset
@@ -327,6 +346,7 @@ class ArnoldiInfluenceCalculator:
         eigenbasis = self._fit(dim)
         self.subspace_dim = dim
         self._set_eigenbasis(eigenbasis)
+        self._warn_if_indefinite()
         return self.eig_vals, self.G
 
     @property

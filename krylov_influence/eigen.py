@@ -90,6 +90,20 @@ class EigenBasis:
         return self.eigenvalues + self.damping
 
     @property
+    def negative_count(self) -> int:
+        """How many kept ``λ + δ`` are negative (an indefinite Hessian on the kept subspace)."""
+        return int(np.count_nonzero(self.damped_eigenvalues < 0))
+
+    @property
+    def positive_damping(self) -> float:
+        """The smallest damping that makes every kept ``λ + δ`` positive: ``max(0, −min λ)``.
+
+        Any damping above it (e.g. twice it) removes the negative weights; ``0.0`` when the
+        kept spectrum is already positive.
+        """
+        return float(max(0.0, -float(np.min(self.eigenvalues)))) if self.rank else 0.0
+
+    @property
     def inverse_eigenvalues(self) -> np.ndarray:
         """``1 / (λ + δ)``, shape (k,), float64."""
         return 1.0 / self.damped_eigenvalues

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["EngineNotFoundError", "IncompatibleStoreError", "NonFiniteError"]
+__all__ = [
+    "EngineNotFoundError",
+    "IncompatibleStoreError",
+    "NegativeEigenvalueWarning",
+    "NonFiniteError",
+]
 
 
 class NonFiniteError(FloatingPointError):
@@ -17,3 +22,9 @@ class IncompatibleStoreError(ValueError):
     """A saved file (influence vectors, results, a fitted calculator) does not match the model,
     the eigenbasis or the dtype it is used with, or is not a krylov_influence archive at all.
     The message names the argument, the path and what differs."""
+
+
+class NegativeEigenvalueWarning(UserWarning):
+    """Kept eigenvalues plus damping are negative: the Hessian is indefinite on the kept
+    subspace (a model not at a minimum, or a saddle), so influence along those directions has
+    the opposite sign. The message gives the damping that makes the kept spectrum positive."""
