@@ -97,9 +97,11 @@ class ArnoldiInfluenceCalculator:
         Symmetrise the Hessenberg matrix and use ``eigh`` (recommended).
     k_largest_eig_vals : int
         ``k ≤ subspace_dim``: eigenpairs kept.
-    dtype : str or dtype, default "float32"
+    dtype : str or dtype, optional
         Working dtype of the Krylov basis and projector (``"float32"``/``"float64"`` or the
-        engine's dtype object).
+        engine's dtype object). Default: the model's. Every output is in the model's dtype, so
+        another dtype is refused: bind the model in the precision you want
+        (``InfluenceModel(..., dtype="float64")``).
     damping : float, keyword-only, default 0.0
         δ ≥ 0 added to the kept eigenvalues (the exact reference is then ``(H + δI)⁻¹``).
     seed : int, keyword-only, default 0
@@ -146,7 +148,7 @@ class ArnoldiInfluenceCalculator:
         subspace_dim: int,
         force_hermitian: bool,
         k_largest_eig_vals: int,
-        dtype: Any = "float32",
+        dtype: Any = None,
         *,
         damping: float = 0.0,
         seed: int = 0,
@@ -204,7 +206,7 @@ class ArnoldiInfluenceCalculator:
         self.hessian_dataset = (
             None if hessian is None else require_reiterable(hessian, "hessian_dataset")
         )
-        self.dtype = _xp.dtype_name(dtype)
+        self.dtype = self.model.dtype_name if dtype is None else _xp.dtype_name(dtype)
         self.force_hermitian = bool(force_hermitian)
         self.k_largest_eig_vals = _positive_int(k_largest_eig_vals, "k_largest_eig_vals")
         self.subspace_dim = _positive_int(subspace_dim, "subspace_dim")
@@ -220,6 +222,14 @@ class ArnoldiInfluenceCalculator:
         self.show_progress = resolve_show_progress(show_progress)
         if self.dtype == "float64" and not self.model.capabilities.float64:
             raise ValueError(f"dtype='float64': the {self.model.engine_name} engine has no float64")
+        if self.dtype != self.model.dtype_name:
+            # A float64 G with float32 HVPs, eigenvalues and outputs would look like float64
+            # and be float32 (2e-7 off); a float32 G under a float64 model loses half the digits.
+            raise ValueError(
+                f"dtype={self.dtype!r}: the model computes in {self.model.dtype_name}, and every "
+                f"output is in the model's dtype; bind the model in {self.dtype} "
+                f"(InfluenceModel(..., dtype={self.dtype!r})) or omit dtype"
+            )
         self._placements: dict[str, Placement] = {}
         self._digest: str | None = None
         self._scratch_dir: str | None = None

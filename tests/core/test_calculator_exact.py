@@ -92,11 +92,14 @@ def test_float32_basis_is_accurate_to_float32():
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((64, 6)), rng.integers(0, 3, 64)
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
-    model = ki.InfluenceModel(SoftmaxRegression(rng.standard_normal((6, 3)), np.zeros(3), l2=0.1))
+    reference = SoftmaxRegression(rng.standard_normal((6, 3)), np.zeros(3), l2=0.1)
+    model = ki.InfluenceModel(reference, dtype="float32")
     p = model.num_parameters
     calc = ki.ArnoldiInfluenceCalculator(model, batches, p, True, p, "float32")
     assert calc.G.dtype == np.float32
-    expected = exact.exact_self_influence(model, batches)
+    expected = exact.exact_self_influence(ki.InfluenceModel(reference), batches)  # float64
+    with pytest.raises(ValueError, match="the model computes in float32"):
+        ki.ArnoldiInfluenceCalculator(model, batches, p, True, p, "float64")
     # float32 basis: round-off of order sqrt(eps32) · condition, loosened to 1e-4.
     assert _relative_error(calc.self_influence(batches), expected) < 1e-4
 
