@@ -129,6 +129,9 @@ class TensorFlowInfluenceModel(InfluenceModel):
                         tape.watch(thetas)
                         total = tf.reduce_sum(self._data_losses(thetas, x, y))
                     grads = tape.gradient(total, thetas, unconnected_gradients=_ZERO)
+                    # An Embedding table's gradient is an IndexedSlices, which the accumulator
+                    # cannot differentiate; make it dense first.
+                    grads = [tf.convert_to_tensor(g) for g in grads]
                 hv = acc.jvp(grads, unconnected_gradients=_ZERO)
                 return tf.concat([tf.reshape(h, [-1]) for h in hv], axis=0)
 
@@ -161,7 +164,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
                     tape.watch(thetas)
                     loss = tf.reduce_sum(self._data_losses(thetas, xi, yi))
                 grads = tape.gradient(loss, thetas, unconnected_gradients=_ZERO)
-                return tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+                return tf.concat([tf.reshape(tf.convert_to_tensor(g), [-1]) for g in grads], axis=0)
 
             grads = tf.vectorized_map(one, (x, y), fallback_to_while_loop=False)
             if self._l2:
