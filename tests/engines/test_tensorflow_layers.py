@@ -33,6 +33,8 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import krylov_influence  # noqa: E402
+from krylov_influence import exact  # noqa: E402
+from krylov_influence.calculator import ArnoldiInfluenceCalculator  # noqa: E402
 from krylov_influence_tf import RouteFallbackWarning  # noqa: E402
 from krylov_influence_tf._model import (  # noqa: E402
     FORWARD_OVER_REVERSE,
@@ -340,6 +342,29 @@ def test_projection_in_chunks_of_examples_matches(monkeypatch):
         projected = model.project(model.from_numpy(projector), (c.x, c.y)).numpy()
     assert projected.shape == (NUM_EXAMPLES, 2)
     assert_products_close(projected, c.grads, projector.T, "float64")
+
+
+@pytest.mark.parametrize("name", ["Conv2D", "LSTM", "Embedding"])
+def test_fit_in_blocks_and_score_past_the_gradient_budget(name, monkeypatch):
+    """Issue 12 end to end: ``projection="auto"`` on a batch whose gradient block exceeds the
+    budget takes the JVP route, and the fit runs block HVPs; both used to raise for conv,
+    recurrent and embedding layers. Against the truncated inverse of the oracle Hessian."""
+    c = case(name, "float64")
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 8)  # JVP route; chunks of 1 example
+    batches = [(c.x[:3], c.y[:3]), (c.x[3:], c.y[3:])]
+    p, k = model.num_parameters, 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        calc = ArnoldiInfluenceCalculator(model, batches, p, True, k, "float64", block_size=4)
+        self_influence = calc.self_influence(batches)
+        pairs = calc.influence_matrix(batches[:1], batches)
+    inverse = exact.truncated_inverse_hessian(c.hessian, k)  # full Krylov space: exact pairs
+    expected = np.einsum("np,pq,nq->n", c.grads, inverse, c.grads)
+    scale = float(np.max(np.abs(expected)))
+    bound = rtol("float64") * scale  # measured errors are about 1e-15 of the scale
+    np.testing.assert_allclose(self_influence, expected, rtol=0, atol=bound)
+    np.testing.assert_allclose(pairs, c.grads[:3] @ inverse @ c.grads.T, rtol=0, atol=bound)
 
 
 def test_a_user_error_is_not_retried_on_every_route():
