@@ -21,7 +21,16 @@ from typing import Any
 
 from krylov_influence.engine import Engine, InfluenceModel
 
-__all__ = ["TensorFlowEngine"]
+__all__ = ["RouteFallbackWarning", "TensorFlowEngine"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily, so that importing this module (the registry does) never imports TensorFlow.
+    if name == "RouteFallbackWarning":
+        from krylov_influence_tf._routes import RouteFallbackWarning
+
+        return RouteFallbackWarning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_keras(model: Any) -> bool:

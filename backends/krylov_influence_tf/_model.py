@@ -12,6 +12,20 @@ so a new batch size or a new number of vectors retraces at most once more (to a 
   the rows with ``tf.vectorized_map`` (never a loop over examples or rows), chunked over rows;
 - ``per_example_grads``: ``tf.vectorized_map`` over examples of a one-example gradient.
 
+Each of these is a :class:`~krylov_influence_tf._routes.Kernel`: when its fast route cannot be
+traced for a model's ops (``pfor`` has no rule for ``Conv3D``, wants a loop-invariant conv
+filter, or forward mode meets Keras's recurrent ``while_loop``), it takes the next route, which
+is exact but slower, and says so once (see docs/layers.md for which layer takes which route):
+
+- ``per_example_grads``: ``pfor`` with a ``while_loop`` for the ops it cannot convert, then a
+  ``while_loop`` over examples;
+- ``project`` (JVP route): per-example gradients times ``Gᵀ`` over chunks of examples whose
+  (chunk, p) block fits :attr:`TensorFlowInfluenceModel.GRADIENT_PROJECTION_BYTES`;
+- ``hvp``/``hvps``: ``pfor`` with a ``while_loop`` fallback, then reverse-over-reverse (the
+  gradient of ``<grad, v>``, no forward mode) in a ``while_loop`` over the vectors.
+
+``Embedding`` gradients (``IndexedSlices``) are made dense before the forward accumulator.
+
 The L2 term ``½ l2 ‖θ‖²`` is part of every per-example loss; its exact contributions (``l2 v``,
 ``l2 θ``, ``l2 G θ``) are added outside the autodiff.
 """
@@ -28,12 +42,22 @@ from krylov_influence.engine import EngineCapabilities, HessianOperator, Influen
 from krylov_influence_tf._datasets import reshuffling_stage
 from krylov_influence_tf._functional import Functional
 from krylov_influence_tf._namespace import canonical_device, namespace, same_device
+from krylov_influence_tf._routes import EngineError, Kernel
 
 __all__ = ["TensorFlowInfluenceModel"]
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
 PROJECTIONS = ("auto", "jvp", "gradients")
+
+# Route names (see ``TensorFlowInfluenceModel.routes`` and docs/layers.md).
+VECTORISED = "vectorised"
+VECTORISED_LOOP_FALLBACK = "vectorised, while_loop for ops without a rule"
+LOOP = "while_loop"
+JVP_VECTORISED = "jvp, vectorised over the rows"
+GRADIENTS_IN_CHUNKS = "per-example gradients x G^T, in chunks of examples"
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+REVERSE_OVER_REVERSE = "reverse-over-reverse"
 
 
 class TensorFlowInfluenceModel(InfluenceModel):
@@ -109,80 +133,177 @@ class TensorFlowInfluenceModel(InfluenceModel):
         losses = self._loss(y, self._functional.forward(thetas, x))
         rank = losses.shape.rank
         if rank == 0:
-            raise ValueError(
+            raise EngineError(
                 "loss_fn: returned a scalar; influence needs per-example losses of shape (B,) "
                 "(for a Keras loss pass reduction=None)"
             )
         if rank != 1:
-            raise ValueError(
+            raise EngineError(
                 f"loss_fn: returned shape {losses.shape}; expected per-example losses of shape (B,)"
             )
         return tf.cast(losses, self._dtype)
 
+    def _flatten(self, parts: Iterable[Any]) -> tf.Tensor:
+        """Concatenate per-parameter tensors into one (p,) vector.
+
+        ``IndexedSlices`` (the gradient of an ``Embedding`` table) are made dense first: the
+        forward accumulator and ``tf.reshape`` only take dense tensors.
+        """
+        return tf.concat([tf.reshape(tf.convert_to_tensor(part), [-1]) for part in parts], axis=0)
+
     def _compile(self) -> None:
         # The parameters are fixed tensors captured by the closures, not traced arguments.
-        def hvp_sum(vectors: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
-            thetas = self._thetas
+        thetas = self._thetas
+        p, dtype = self.num_parameters, self._dtype
 
-            def one(vector: tf.Tensor) -> tf.Tensor:
-                with tf.autodiff.ForwardAccumulator(thetas, self._unflatten(vector)) as acc:
-                    with tf.GradientTape() as tape:
-                        tape.watch(thetas)
-                        total = tf.reduce_sum(self._data_losses(thetas, x, y))
-                    grads = tape.gradient(total, thetas, unconnected_gradients=_ZERO)
-                hv = acc.jvp(grads, unconnected_gradients=_ZERO)
-                return tf.concat([tf.reshape(h, [-1]) for h in hv], axis=0)
+        def loss_sum(x: Any, y: Any) -> tf.Tensor:
+            return tf.reduce_sum(self._data_losses(thetas, x, y))
 
-            if vectors.shape[0] == 1:
-                return tf.expand_dims(one(vectors[0]), 0)
-            return tf.vectorized_map(one, vectors, fallback_to_while_loop=False)
+        def hvp_forward(vector: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            """Forward-over-reverse: the JVP of the gradient along ``vector``."""
+            with tf.autodiff.ForwardAccumulator(thetas, self._unflatten(vector)) as acc:
+                with tf.GradientTape() as tape:
+                    tape.watch(thetas)
+                    total = loss_sum(x, y)
+                grads = tape.gradient(total, thetas, unconnected_gradients=_ZERO)
+                grads = [tf.convert_to_tensor(g) for g in grads]  # Embedding: IndexedSlices
+            return self._flatten(acc.jvp(grads, unconnected_gradients=_ZERO))
 
-        def project(rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
-            thetas = self._thetas
+        def hvp_reverse(vector: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            """Reverse-over-reverse: the gradient of ``<grad, vector>``, no forward mode
+            (Keras's recurrent layers run a ``while_loop`` that forward mode cannot enter)."""
+            with tf.GradientTape() as outer:
+                outer.watch(thetas)
+                with tf.GradientTape() as inner:
+                    inner.watch(thetas)
+                    total = loss_sum(x, y)
+                grads = inner.gradient(total, thetas, unconnected_gradients=_ZERO)
+                dot = tf.add_n(
+                    [
+                        tf.reduce_sum(tf.convert_to_tensor(g) * v)
+                        for g, v in zip(grads, self._unflatten(vector))
+                    ]
+                )
+            return self._flatten(outer.gradient(dot, thetas, unconnected_gradients=_ZERO))
 
-            def one(row: tf.Tensor) -> tf.Tensor:
-                with tf.autodiff.ForwardAccumulator(thetas, self._unflatten(row)) as acc:
-                    losses = self._data_losses(thetas, x, y)
-                return acc.jvp(losses, unconnected_gradients=_ZERO)
+        def jvp_losses(row: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            with tf.autodiff.ForwardAccumulator(thetas, self._unflatten(row)) as acc:
+                losses = self._data_losses(thetas, x, y)
+            return acc.jvp(losses, unconnected_gradients=_ZERO)
 
-            along = tf.transpose(tf.vectorized_map(one, rows, fallback_to_while_loop=False))
-            if self._l2:
-                along = along + self._l2 * tf.linalg.matvec(rows, self._flat)[tf.newaxis, :]
-            return along
+        def example_grad(example: Any) -> tf.Tensor:
+            xi, yi = tf.nest.map_structure(lambda t: t[tf.newaxis, ...], example)
+            with tf.GradientTape() as tape:
+                tape.watch(thetas)
+                loss = loss_sum(xi, yi)
+            return self._flatten(tape.gradient(loss, thetas, unconnected_gradients=_ZERO))
 
-        def per_example(x: Any, y: Any) -> tf.Tensor:
-            thetas = self._thetas
+        vector_spec = tf.TensorSpec([p], dtype)
+
+        def over_vectors(one: Any, how: str) -> Any:
+            """``one(vector, x, y)`` mapped over the rows of ``vectors``."""
+
+            def mapped(vectors: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+                def fn(vector: tf.Tensor) -> tf.Tensor:
+                    return one(vector, x, y)
+
+                if how == "loop":
+                    return tf.map_fn(fn, vectors, fn_output_signature=vector_spec)
+                return tf.vectorized_map(fn, vectors, fallback_to_while_loop=how == "pfor+loop")
+
+            return mapped
+
+        def over_examples(how: str) -> Any:
+            """Per-example gradients (B, p), plus the exact L2 term."""
 
             # vectorized_map over examples of a one-example gradient: pfor turns it into
             # batched kernels. (tape.jacobian with pfor is 40x slower here: it differentiates
             # through the batch loss and falls back to a while_loop for some ops.)
-            def one(example: Any) -> tf.Tensor:
-                xi, yi = tf.nest.map_structure(lambda t: t[tf.newaxis, ...], example)
-                with tf.GradientTape() as tape:
-                    tape.watch(thetas)
-                    loss = tf.reduce_sum(self._data_losses(thetas, xi, yi))
-                grads = tape.gradient(loss, thetas, unconnected_gradients=_ZERO)
-                return tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+            def grads(x: Any, y: Any) -> tf.Tensor:
+                if how == "loop":
+                    out = tf.map_fn(example_grad, (x, y), fn_output_signature=vector_spec)
+                else:
+                    out = tf.vectorized_map(
+                        example_grad, (x, y), fallback_to_while_loop=how == "pfor+loop"
+                    )
+                if self._l2:
+                    out = out + self._l2 * self._flat[tf.newaxis, :]
+                return out
 
-            grads = tf.vectorized_map(one, (x, y), fallback_to_while_loop=False)
-            if self._l2:
-                grads = grads + self._l2 * self._flat[tf.newaxis, :]
             return grads
 
+        def single(one: Any) -> Any:
+            return lambda vectors, x, y: tf.expand_dims(one(vectors[0], x, y), 0)
+
+        def project_jvp(rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            along = tf.transpose(over_vectors(jvp_losses, "pfor")(rows, x, y))
+            if self._l2:
+                along = along + self._l2 * tf.linalg.matvec(rows, self._flat)[tf.newaxis, :]
+            return along
+
         def losses(x: Any, y: Any) -> tf.Tensor:
-            data = self._data_losses(self._thetas, x, y)
+            data = self._data_losses(thetas, x, y)
             if self._l2:
                 data = data + 0.5 * self._l2 * tf.reduce_sum(tf.square(self._flat))
             return data
 
-        self._hvp_sum = tf.function(hvp_sum, reduce_retracing=True)
-        self._project = tf.function(project, reduce_retracing=True)
-        self._per_example = tf.function(per_example, reduce_retracing=True)
-        self._gradient_project = tf.function(
-            lambda rows, x, y: tf.matmul(per_example(x, y), rows, transpose_b=True),
-            reduce_retracing=True,
+        example_routes = [
+            (VECTORISED, over_examples("pfor")),
+            (VECTORISED_LOOP_FALLBACK, over_examples("pfor+loop")),
+            (LOOP, over_examples("loop")),
+        ]
+        self._per_example = Kernel("per_example_grads", example_routes)
+        self._project = Kernel(
+            "project (jvp)",
+            [(JVP_VECTORISED, project_jvp)],
+            fallback=(GRADIENTS_IN_CHUNKS, self._project_by_gradient_chunks),
         )
-        self._losses = tf.function(losses, reduce_retracing=True)
+        self._hvp_one = Kernel(
+            "hvp",
+            [
+                (FORWARD_OVER_REVERSE, single(hvp_forward)),
+                (REVERSE_OVER_REVERSE, single(hvp_reverse)),
+            ],
+        )
+        self._hvp_block = Kernel(
+            "hvps",
+            [
+                (f"{FORWARD_OVER_REVERSE}, {VECTORISED}", over_vectors(hvp_forward, "pfor")),
+                (
+                    f"{FORWARD_OVER_REVERSE}, {VECTORISED_LOOP_FALLBACK}",
+                    over_vectors(hvp_forward, "pfor+loop"),
+                ),
+                (f"{REVERSE_OVER_REVERSE}, {LOOP}", over_vectors(hvp_reverse, "loop")),
+            ],
+        )
+        self._losses = Kernel("losses", [("forward", losses)])
+
+    def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+        """Per-example gradients (B, p) times ``rowsᵀ``."""
+        return tf.matmul(self._per_example(x, y), rows, transpose_b=True)
+
+    def _project_by_gradient_chunks(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+        """``project`` where JVPs cannot be vectorised: per-example gradients times ``Gᵀ``,
+        over chunks of examples whose (chunk, p) block fits ``GRADIENT_PROJECTION_BYTES``."""
+        count = self._count(x)
+        chunk = max(1, self.GRADIENT_PROJECTION_BYTES // (self.num_parameters * self._dtype.size))
+        if count <= chunk:
+            return self._gradient_project(rows, x, y)
+        parts = []
+        for start in range(0, count, chunk):
+            part_x, part_y = tf.nest.map_structure(lambda t, s=start: t[s : s + chunk], (x, y))
+            parts.append(self._gradient_project(rows, part_x, part_y))
+        return tf.concat(parts, axis=0)
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """The route each compiled operator takes (the fastest until a trace of it fails).
+
+        Keys: ``"per_example_grads"`` (also the ``projection="gradients"`` route),
+        ``"project (jvp)"``, ``"hvp"`` (one vector) and ``"hvps"`` (a block of vectors).
+        """
+        kernels = (self._per_example, self._project, self._hvp_one, self._hvp_block)
+        return {kernel.name: kernel.route for kernel in kernels}
 
     # ------------------------------------------------------------------------ properties
     @property
@@ -313,7 +434,8 @@ class TensorFlowInfluenceModel(InfluenceModel):
     def tracing_counts(self) -> dict[str, int]:
         """How many times each compiled kernel was traced (for tests of retracing)."""
         kernels = {
-            "hvps": self._hvp_sum,
+            "hvp": self._hvp_one,
+            "hvps": self._hvp_block,
             "project": self._project,
             "per_example_grads": self._per_example,
             "losses": self._losses,
@@ -330,7 +452,8 @@ class TensorFlowInfluenceModel(InfluenceModel):
         with tf.device(self._device):
             for batch in batches:
                 x, y = self._stage(batch)
-                part = self._hvp_sum(vectors, x, y)
+                kernel = self._hvp_one if int(vectors.shape[0]) == 1 else self._hvp_block
+                part = kernel(vectors, x, y)
                 total = part if total is None else total + part
                 count += self._count(x)
             if count == 0:
@@ -350,11 +473,13 @@ class TensorFlowInfluenceModel(InfluenceModel):
         ):
             with tf.device(self._device):
                 return self._gradient_project(projector, x, y)
+        parts = []
         with tf.device(self._device):
-            parts = [
-                self._project(projector[start : start + self._chunk], x, y)
-                for start in range(0, k, self._chunk)
-            ]
+            for start in range(0, k, self._chunk):
+                if self._project.route == GRADIENTS_IN_CHUNKS:  # every remaining row at once
+                    parts.append(self._project_by_gradient_chunks(projector[start:], x, y))
+                    break
+                parts.append(self._project(projector[start : start + self._chunk], x, y))
             return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     def per_example_grads(self, batch: Any) -> tf.Tensor:

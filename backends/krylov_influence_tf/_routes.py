@@ -1,0 +1,173 @@
+"""Compiled kernels that fall back to a slower, correct route when the fast one cannot compile.
+
+TensorFlow vectorises with ``pfor`` (``tf.vectorized_map``), which has no rule for some ops
+(``Conv3D`` in float64), only handles others when a given input is loop invariant (a conv
+filter, when the loop runs over tangents of that filter; ``DepthwiseConv2dNative`` wants the
+opposite), and forward-mode autodiff fails inside Keras's recurrent ``while_loop``. Which of
+these a model meets is only known once its kernel is traced, so each kernel is a list of
+routes, fastest first:
+
+- a route is *tried* by tracing it (``get_concrete_function``) on the first call;
+- if tracing raises, the next route is traced, and a :class:`RouteFallbackWarning` says once
+  which route the kernel now takes and why;
+- the route a kernel switched to is kept for every later shape (and retraced for the shapes
+  the earlier route had seen); errors at run time (bad data, out of memory) are never a reason
+  to switch and propagate unchanged;
+- if every route fails, the first route's error is raised (it is usually the user's, e.g. a
+  model that does not accept the batch), with the other routes' failures in its notes.
+
+Errors the engine raises on purpose (:class:`EngineError`, e.g. a loss of the wrong shape) are
+never retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+__all__ = ["EngineError", "Kernel", "RouteFallbackWarning"]
+
+
+class RouteFallbackWarning(UserWarning):
+    """A compiled kernel took a slower fallback route (shown once per kernel and reason)."""
+
+
+class EngineError(ValueError):
+    """An error the engine raises on purpose while tracing; never a reason to fall back."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The line that says why a trace failed: pfor's own messages, else the exception's last line.
+_REASONS = re.compile(
+    r"(No pfor vectorization defined for \w+"
+    r"|Input \S+ of op '\w+' expected to be (?:not )?loop invariant"
+    r"|`dtype` <dtype: '\w+'> is not compatible with [^.]*)"
+)
+
+
+def _reason(error: BaseException) -> str:
+    """Why a route failed, in one line, without TensorFlow's op dumps and trace frames."""
+    text = _ANSI.sub("", str(error))
+    match = _REASONS.search(text)
+    if match is not None:
+        return match.group(1)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:200]
+
+
+def _engine_error(error: BaseException) -> EngineError | None:
+    """The :class:`EngineError` behind ``error``, if any.
+
+    Autograph re-raises errors from nested ``tf.function`` traces (``tf.vectorized_map``
+    traces its body as one) as a ``StagingError`` whose message names the original, so both
+    the exception chain and the message are searched.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, EngineError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"EngineError: (.*)", _ANSI.sub("", str(error)))
+    return EngineError(match.group(1).strip()) if match else None
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow_logger(quiet: bool) -> Iterator[None]:
+    """Silence TensorFlow's Python logger while a route that may fail is traced.
+
+    pfor logs every op it cannot convert (with its whole NodeDef) before raising; when a
+    fallback follows, that is noise. The last route is traced with the logger as it was. (A
+    filter, not ``setLevel``: setting a level clears every logger's cache, on every call.)
+    """
+    if not quiet:
+        yield
+        return
+    logger = tf.get_logger()
+    logger.addFilter(_drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop)
+
+
+class Kernel:
+    """A ``tf.function`` with fallback routes, chosen by the first successful trace.
+
+    Parameters
+    ----------
+    name : str
+        The operator's name in notes and :attr:`route` reports (``"hvps"``).
+    routes : sequence of (str, callable)
+        ``(route name, python function)`` pairs, fastest first; each function takes the
+        kernel's arguments and is compiled with ``tf.function(reduce_retracing=True)``.
+    fallback : (str, callable), optional
+        A last route that is called as it is, not traced here: a Python function that composes
+        other kernels (e.g. per-example gradients in chunks of examples).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        routes: Sequence[tuple[str, Callable[..., Any]]],
+        fallback: tuple[str, Callable[..., Any]] | None = None,
+    ):
+        if not routes:
+            raise ValueError("routes: expected at least one route")
+        self.name = name
+        self._routes = list(routes) + ([fallback] if fallback is not None else [])
+        self._index = 0
+        self._compiled = [tf.function(fn, reduce_retracing=True) for _, fn in routes]
+
+    @property
+    def route(self) -> str:
+        """The name of the route this kernel takes (the first one until a trace fails)."""
+        return self._routes[self._index][0]
+
+    def experimental_get_tracing_count(self) -> int:
+        """Traces of every route so far (for tests of retracing)."""
+        return sum(fn.experimental_get_tracing_count() for fn in self._compiled)
+
+    def __call__(self, *args: Any) -> Any:
+        failures: list[tuple[str, BaseException]] = []
+        while True:
+            if self._index == len(self._compiled):  # the Python-level fallback
+                return self._routes[self._index][1](*args)
+            function = self._compiled[self._index]
+            try:
+                with _quiet_tensorflow_logger(self._index + 1 < len(self._routes)):
+                    function.get_concrete_function(*args)  # traces once per input signature
+            except Exception as error:  # any failure to trace means "take the next route"
+                own = _engine_error(error)
+                if own is not None:  # the engine's own error (e.g. the loss shape): no retry
+                    raise own from None
+                failures.append((self.route, error))
+                if self._index + 1 == len(self._routes):
+                    raise self._exhausted(failures) from None
+                self._index += 1
+                warnings.warn(
+                    f"krylov_influence tensorflow engine: {self.name} cannot take the route "
+                    f"'{failures[-1][0]}' for this model ({_reason(error)}); it takes "
+                    f"'{self.route}' instead, which is correct but may be slower",
+                    RouteFallbackWarning,
+                    stacklevel=3,
+                )
+                continue
+            return function(*args)
+
+    def _exhausted(self, failures: list[tuple[str, BaseException]]) -> BaseException:
+        first = failures[0][1]
+        add_note = getattr(first, "add_note", None)
+        if add_note is not None:  # Python >= 3.11
+            for route, error in failures[1:]:
+                add_note(f"{self.name}, route '{route}' also failed: {_reason(error)}")
+        return first

@@ -1,0 +1,405 @@
+"""Every standard Keras layer on every route of the TensorFlow engine, against plain TensorFlow.
+
+For each layer a tiny Keras model (the layer, then a ``Dense`` head to two logits) is checked:
+
+- ``project(G, batch)`` with ``projection="gradients"`` and ``projection="jvp"`` against
+  ``grads @ G.T``, where ``grads`` are per-example gradients taken with ``tf.GradientTape`` one
+  example at a time through the Keras model itself (not the engine's functional copy);
+- ``hvps(V, batches)`` with blocks of 1 and 4 vectors against ``V @ H``, with ``H`` the dense
+  Hessian of the mean loss built by nested tapes, one gradient per row (no ``pfor``).
+
+Each check also asserts the route the engine took (:attr:`TensorFlowInfluenceModel.routes`),
+so the table in ``docs/layers.md`` is what these tests check; regenerate it with
+``python -m tests.engines.test_tensorflow_layers`` (a test fails when it is stale).
+
+Tolerances: ``4·sqrt(eps)`` of the dtype relative to the largest entry of each row of
+``|grads| @ |G|ᵀ`` (resp. ``|V| @ |H|``), the scale of the rounding in a sum of products, in
+float32 and float64 alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import krylov_influence  # noqa: E402
+from krylov_influence import exact  # noqa: E402
+from krylov_influence.calculator import ArnoldiInfluenceCalculator  # noqa: E402
+from krylov_influence_tf import RouteFallbackWarning  # noqa: E402
+from krylov_influence_tf._model import (  # noqa: E402
+    FORWARD_OVER_REVERSE,
+    GRADIENTS_IN_CHUNKS,
+    JVP_VECTORISED,
+    LOOP,
+    REVERSE_OVER_REVERSE,
+    VECTORISED,
+    VECTORISED_LOOP_FALLBACK,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "layers.md"
+NUM_EXAMPLES = 5
+L = keras.layers
+
+
+def cross_entropy(y, logits):
+    """Per-example softmax cross-entropy, written in plain TensorFlow (the oracle's loss too)."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(y, tf.int32), logits=logits
+    )
+
+
+# ------------------------------------------------------------------------------ the layers
+@dataclass(frozen=True)
+class Layer:
+    """A tiny model around one layer: ``body(dtype)`` maps a Keras input to features."""
+
+    input_shape: tuple[int, ...]
+    body: Any
+    dtypes: tuple[str, ...] = ("float64",)
+    integer_input: int = 0  # > 0: token ids in [0, integer_input)
+
+
+def _seq(*layers):
+    return lambda h: functools.reduce(lambda acc, layer: layer(acc), layers, h)
+
+
+def _mha(dtype):
+    attention = L.MultiHeadAttention(num_heads=2, key_dim=2, dtype=dtype)
+    return lambda h: L.Flatten(dtype=dtype)(attention(h, h))
+
+
+BOTH = ("float64", "float32")
+LAYERS: dict[str, Layer] = {
+    "Dense": Layer((3,), lambda d: L.Dense(3, activation="tanh", dtype=d), BOTH),
+    "Conv1D": Layer(
+        (5, 2), lambda d: _seq(L.Conv1D(2, 3, activation="tanh", dtype=d), L.Flatten(dtype=d))
+    ),
+    "Conv2D": Layer(
+        (4, 4, 1),
+        lambda d: _seq(L.Conv2D(2, 3, activation="tanh", dtype=d), L.Flatten(dtype=d)),
+        BOTH,
+    ),
+    "Conv3D": Layer(
+        (3, 3, 3, 1),
+        lambda d: _seq(L.Conv3D(2, 2, activation="tanh", dtype=d), L.Flatten(dtype=d)),
+        BOTH,
+    ),
+    "Conv2DTranspose": Layer(
+        (2, 2, 1),
+        lambda d: _seq(L.Conv2DTranspose(2, 2, activation="tanh", dtype=d), L.Flatten(dtype=d)),
+    ),
+    "DepthwiseConv2D": Layer(
+        (4, 4, 2),
+        lambda d: _seq(L.DepthwiseConv2D(3, activation="tanh", dtype=d), L.Flatten(dtype=d)),
+        BOTH,
+    ),
+    "SeparableConv2D": Layer(
+        (4, 4, 2),
+        lambda d: _seq(L.SeparableConv2D(2, 3, activation="tanh", dtype=d), L.Flatten(dtype=d)),
+    ),
+    "Embedding": Layer(
+        (3,), lambda d: _seq(L.Embedding(5, 2, dtype=d), L.Flatten(dtype=d)), BOTH, 5
+    ),
+    "SimpleRNN": Layer((3, 2), lambda d: L.SimpleRNN(2, dtype=d)),
+    "LSTM": Layer((3, 2), lambda d: L.LSTM(2, dtype=d), BOTH),
+    "GRU": Layer((3, 2), lambda d: L.GRU(2, dtype=d)),
+    "LSTM, unroll=True": Layer((3, 2), lambda d: L.LSTM(2, unroll=True, dtype=d)),
+    "MultiHeadAttention": Layer((3, 2), _mha, BOTH),
+    "BatchNormalization": Layer(
+        (3,),
+        lambda d: _seq(
+            L.Dense(3, dtype=d), L.BatchNormalization(dtype=d), L.Activation("tanh", dtype=d)
+        ),
+    ),
+    "LayerNormalization": Layer(
+        (3,),
+        lambda d: _seq(
+            L.Dense(3, dtype=d), L.LayerNormalization(dtype=d), L.Activation("tanh", dtype=d)
+        ),
+    ),
+    "MaxPooling2D + AveragePooling2D": Layer(
+        (4, 4, 2),
+        lambda d: _seq(
+            L.Dense(2, activation="tanh", dtype=d),
+            L.MaxPooling2D(2, dtype=d),
+            L.AveragePooling2D(2, dtype=d),
+            L.Flatten(dtype=d),
+        ),
+    ),
+    "Dropout": Layer(
+        (3,), lambda d: _seq(L.Dense(3, activation="tanh", dtype=d), L.Dropout(0.5, dtype=d))
+    ),
+}
+
+# The route each operator takes, per layer: (per_example_grads, project (jvp), hvp, hvps).
+# Layers not listed take the fast routes everywhere.
+FAST = (VECTORISED, JVP_VECTORISED, FORWARD_OVER_REVERSE, f"{FORWARD_OVER_REVERSE}, {VECTORISED}")
+_CONV_FILTER_TANGENT = (
+    VECTORISED,
+    GRADIENTS_IN_CHUNKS,
+    FORWARD_OVER_REVERSE,
+    f"{FORWARD_OVER_REVERSE}, {VECTORISED_LOOP_FALLBACK}",
+)
+_NO_PFOR_RULE = (
+    VECTORISED_LOOP_FALLBACK,
+    GRADIENTS_IN_CHUNKS,
+    FORWARD_OVER_REVERSE,
+    f"{FORWARD_OVER_REVERSE}, {VECTORISED_LOOP_FALLBACK}",
+)
+_RECURRENT = (
+    VECTORISED,
+    GRADIENTS_IN_CHUNKS,
+    REVERSE_OVER_REVERSE,
+    f"{REVERSE_OVER_REVERSE}, {LOOP}",
+)
+ROUTES: dict[tuple[str, str], tuple[str, str, str, str]] = {
+    ("Conv1D", "float64"): _CONV_FILTER_TANGENT,
+    ("Conv2D", "float64"): _CONV_FILTER_TANGENT,
+    ("Conv2D", "float32"): _CONV_FILTER_TANGENT,
+    ("Conv3D", "float64"): _NO_PFOR_RULE,
+    ("Conv3D", "float32"): _NO_PFOR_RULE,
+    ("Conv2DTranspose", "float64"): _CONV_FILTER_TANGENT,
+    ("DepthwiseConv2D", "float64"): _NO_PFOR_RULE,
+    ("DepthwiseConv2D", "float32"): _NO_PFOR_RULE,
+    ("SeparableConv2D", "float64"): _NO_PFOR_RULE,
+    ("SimpleRNN", "float64"): _RECURRENT,
+    ("LSTM", "float64"): _RECURRENT,
+    ("LSTM", "float32"): _RECURRENT,
+    ("GRU", "float64"): _RECURRENT,
+}
+KERNELS = ("per_example_grads", "project (jvp)", "hvp", "hvps")
+
+
+def expected_route(layer: str, dtype: str, kernel: str) -> str:
+    return ROUTES.get((layer, dtype), FAST)[KERNELS.index(kernel)]
+
+
+CASES = [(name, dtype) for name, layer in LAYERS.items() for dtype in layer.dtypes]
+CASE_IDS = [f"{name}-{dtype}" for name, dtype in CASES]
+
+
+# --------------------------------------------------------------------- models and oracles
+def _randomise(model: Any, rng: np.random.Generator) -> None:
+    """Nonzero weights everywhere (biases, BN statistics), so no second derivative hides."""
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        if "moving_variance" in variable.path:
+            value = rng.uniform(0.5, 1.5, shape)
+        elif "moving_mean" in variable.path or variable.trainable:
+            value = 0.6 * rng.standard_normal(shape)
+        else:
+            continue
+        variable.assign(value.astype(variable.dtype))
+
+
+def _flat(parts: list[Any]) -> tf.Tensor:
+    return tf.concat([tf.reshape(tf.convert_to_tensor(p), [-1]) for p in parts], axis=0)
+
+
+@dataclass
+class Case:
+    model: Any
+    x: np.ndarray
+    y: np.ndarray
+    grads: np.ndarray  # (B, p): the oracle's per-example gradients
+    hessian: np.ndarray  # (p, p): the oracle's Hessian of the mean loss
+    bound: dict[str, Any]  # projection route -> InfluenceModel, bound once per case
+
+
+def _oracle_gradients(model: Any, x: Any, y: Any) -> np.ndarray:
+    rows = []
+    for i in range(len(y)):  # one example at a time, through the Keras model itself
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(cross_entropy(y[i : i + 1], model(x[i : i + 1], training=False)))
+        rows.append(_flat(tape.gradient(loss, model.trainable_variables)).numpy())
+    return np.stack(rows)
+
+
+def _oracle_hessian(model: Any, x: Any, y: Any) -> np.ndarray:
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = tf.reduce_mean(cross_entropy(y, model(x, training=False)))
+        grad = _flat(inner.gradient(loss, variables))
+        entries = [grad[j] for j in range(int(grad.shape[0]))]
+    rows = [
+        _flat(outer.gradient(entry, variables, unconnected_gradients="zero")).numpy()
+        for entry in entries
+    ]
+    del outer
+    hessian = np.stack(rows)
+    return (hessian + hessian.T) / 2
+
+
+@functools.cache
+def case(name: str, dtype: str) -> Case:
+    layer = LAYERS[name]
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    inputs = keras.Input(layer.input_shape, dtype="int32" if layer.integer_input else dtype)
+    features = layer.body(dtype)(inputs)
+    model = keras.Model(inputs, L.Dense(2, dtype=dtype)(features))
+    _randomise(model, rng)
+    shape = (NUM_EXAMPLES, *layer.input_shape)
+    if layer.integer_input:
+        x = rng.integers(0, layer.integer_input, shape).astype(np.int32)
+    else:
+        x = rng.standard_normal(shape).astype(dtype)
+    y = rng.integers(0, 2, NUM_EXAMPLES).astype(np.int32)
+    bound = {
+        route: krylov_influence.InfluenceModel(model, cross_entropy, projection=route)
+        for route in ("gradients", "jvp")
+    }
+    return Case(model, x, y, _oracle_gradients(model, x, y), _oracle_hessian(model, x, y), bound)
+
+
+def rtol(dtype: str) -> float:
+    """``4·sqrt(eps)``: 1.4e-3 in float32, 6e-8 in float64."""
+    return 4.0 * math.sqrt(float(np.finfo(dtype).eps))
+
+
+def assert_products_close(actual, left, right, dtype: str) -> None:
+    """``actual ≈ left @ right`` within rtol × the row's largest entry of ``|left| @ |right|``.
+
+    That is the scale of the rounding in each row's sums of products. Entries that vanish by
+    structure (an attention key bias has zero gradient: softmax ignores it) come out as
+    rounding noise, so an entrywise relative test would be meaningless for them.
+    """
+    expected = left @ right
+    scale = np.max(np.abs(left) @ np.abs(right), axis=1, keepdims=True) + np.finfo(dtype).tiny
+    error = np.abs(np.asarray(actual, dtype=np.float64) - expected)
+    worst = float(np.max(error / scale))
+    assert worst <= rtol(dtype), f"max relative error {worst:.2e} > {rtol(dtype):.2e}"
+
+
+# -------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("route", ["gradients", "jvp"])
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
+def test_projection_matches_per_example_gradients(name, dtype, route):
+    c = case(name, dtype)
+    model = c.bound[route]
+    p = model.num_parameters
+    assert p == c.grads.shape[1]
+    projector = np.random.default_rng(1).standard_normal((3, p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        projected = model.project(model.from_numpy(projector), (c.x, c.y)).numpy()
+    assert_products_close(projected, c.grads, projector.T, dtype)
+    assert model.routes["per_example_grads"] == expected_route(name, dtype, "per_example_grads")
+    if route == "jvp":
+        assert model.routes["project (jvp)"] == expected_route(name, dtype, "project (jvp)")
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
+def test_hvps_match_the_dense_hessian(name, dtype, block):
+    c = case(name, dtype)
+    model = c.bound["jvp"]
+    vectors = np.random.default_rng(2).standard_normal((block, model.num_parameters))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        products = model.hvps(model.from_numpy(vectors), [(c.x, c.y)]).numpy()
+    assert_products_close(products, vectors, c.hessian, dtype)
+    kernel = "hvp" if block == 1 else "hvps"
+    assert model.routes[kernel] == expected_route(name, dtype, kernel)
+
+
+def test_a_fallback_is_noted_once_and_a_fast_route_not_at_all():
+    c = case("Conv2D", "float64")
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy, projection="jvp")
+    projector = model.from_numpy(np.ones((2, model.num_parameters)))
+    with pytest.warns(RouteFallbackWarning, match="loop invariant") as noted:
+        model.project(projector, (c.x, c.y))
+    assert len(noted) == 1 and "per-example gradients" in str(noted[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.project(projector, (c.x[:3], c.y[:3]))  # the route is kept: no second note
+        dense = case("Dense", "float64")
+        fast = krylov_influence.InfluenceModel(dense.model, cross_entropy, projection="jvp")
+        fast.project(fast.from_numpy(np.ones((2, fast.num_parameters))), (dense.x, dense.y))
+        fast.hvps(fast.from_numpy(np.ones((4, fast.num_parameters))), [(dense.x, dense.y)])
+
+
+def test_projection_in_chunks_of_examples_matches(monkeypatch):
+    """The JVP fallback splits the batch when its gradient block exceeds the budget."""
+    c = case("Conv2D", "float64")
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy, projection="jvp")
+    p = model.num_parameters
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 2 * p * 8)  # two examples a chunk
+    projector = np.random.default_rng(3).standard_normal((2, p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        projected = model.project(model.from_numpy(projector), (c.x, c.y)).numpy()
+    assert projected.shape == (NUM_EXAMPLES, 2)
+    assert_products_close(projected, c.grads, projector.T, "float64")
+
+
+@pytest.mark.parametrize("name", ["Conv2D", "LSTM", "Embedding"])
+def test_fit_in_blocks_and_score_past_the_gradient_budget(name, monkeypatch):
+    """Issue 12 end to end: ``projection="auto"`` on a batch whose gradient block exceeds the
+    budget takes the JVP route, and the fit runs block HVPs; both used to raise for conv,
+    recurrent and embedding layers. Against the truncated inverse of the oracle Hessian."""
+    c = case(name, "float64")
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 8)  # JVP route; chunks of 1 example
+    batches = [(c.x[:3], c.y[:3]), (c.x[3:], c.y[3:])]
+    p, k = model.num_parameters, 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        calc = ArnoldiInfluenceCalculator(model, batches, p, True, k, "float64", block_size=4)
+        self_influence = calc.self_influence(batches)
+        pairs = calc.influence_matrix(batches[:1], batches)
+    inverse = exact.truncated_inverse_hessian(c.hessian, k)  # full Krylov space: exact pairs
+    expected = np.einsum("np,pq,nq->n", c.grads, inverse, c.grads)
+    scale = float(np.max(np.abs(expected)))
+    bound = rtol("float64") * scale  # measured errors are about 1e-15 of the scale
+    np.testing.assert_allclose(self_influence, expected, rtol=0, atol=bound)
+    np.testing.assert_allclose(pairs, c.grads[:3] @ inverse @ c.grads.T, rtol=0, atol=bound)
+
+
+def test_a_user_error_is_not_retried_on_every_route():
+    c = case("Dense", "float64")
+    model = krylov_influence.InfluenceModel(
+        c.model, lambda y, logits: tf.reduce_sum(cross_entropy(y, logits))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback note: the error is the user's
+        with pytest.raises(ValueError, match="returned a scalar"):
+            model.per_example_grads((c.x, c.y))
+
+
+# ------------------------------------------------------------------------------ the docs
+def routes_table() -> str:
+    """The markdown table of docs/layers.md: the routes these tests assert, per layer."""
+    header = (
+        '| layer | dtype | `per_example_grads`, `projection="gradients"` '
+        '| `projection="jvp"` | `hvps`, block 1 | `hvps`, block ≥ 2 |\n'
+        "|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for name, dtype in CASES:
+        cells = [expected_route(name, dtype, kernel) for kernel in KERNELS]
+        marked = [cell if cell in FAST else f"**{cell}**" for cell in cells]
+        rows.append(f"| {name} | {dtype} | " + " | ".join(marked) + " |\n")
+    return header + "".join(rows)
+
+
+def test_the_docs_table_is_current():
+    assert routes_table() in DOCS.read_text(encoding="utf-8"), (
+        "docs/layers.md is stale: regenerate the table with "
+        "`python -m tests.engines.test_tensorflow_layers`"
+    )
+
+
+if __name__ == "__main__":
+    print(routes_table(), end="")
