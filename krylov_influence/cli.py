@@ -3,8 +3,10 @@
 ``krylov-influence demo``
     Train a digits classifier with 10 % flipped labels, find them by self-influence, show
     proponents and opponents of test digits; write a picture and a JSON summary.
-``krylov-influence engines``
-    List the engines found, their versions and devices.
+``krylov-influence engines [--devices]``
+    List the engines found and their frameworks' versions, read from package metadata
+    without importing any framework (seconds saved, no framework log lines); ``--devices``
+    imports each framework to list its devices.
 
 Importing this module imports neither a framework nor scikit-learn or matplotlib: the demo
 imports them when it runs, each framework only inside its own trainer.
@@ -151,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Errors found after parsing (--k against --subspace-dim) are reported by this parser.
     demo.set_defaults(subparser=demo)
-    commands.add_parser("engines", help="list the engines found, their versions and devices")
+    engines_parser = commands.add_parser(
+        "engines", help="list the engines found and their versions (no framework is imported)"
+    )
+    engines_parser.add_argument(
+        "--devices",
+        action="store_true",
+        help="import each framework to list its devices (seconds, and its log lines)",
+    )
     return parser
 
 
@@ -166,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "engines":
-        return _engines()
+        return _engines(probe_devices=args.devices)
     return _demo(parser, args)
 
 
@@ -210,14 +219,16 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _engines() -> int:
+def _engines(*, probe_devices: bool = False) -> int:
     from krylov_influence.demo.training import DEMO_ENGINES
     from krylov_influence.registry import available_engines
 
     registered = available_engines()
     rows = []
     for name in sorted(set(registered) | set(DEMO_ENGINES)):
-        status, version, devices, note = _describe(registered.get(name), DEMO_ENGINES.get(name))
+        status, version, devices, note = _describe(
+            registered.get(name), DEMO_ENGINES.get(name), probe_devices
+        )
         rows.append((name, status, version, devices, note))
     widths = [max(len(str(row[i])) for row in [*rows, _HEADER]) for i in range(len(_HEADER))]
     for row in [_HEADER, *rows]:
@@ -226,6 +237,26 @@ def _engines() -> int:
 
 
 _HEADER = ("engine", "status", "version", "devices", "note")
+
+#: Distributions that provide each framework's module (TensorFlow has several builds).
+_DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "jax": ("jax",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tensorflow-intel"),
+}
+
+
+def _distribution_version(framework: str) -> str | None:
+    """The installed version of ``framework`` from package metadata (no import)."""
+    from importlib import metadata
+
+    for distribution in _DISTRIBUTIONS.get(framework, (framework,)):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
 
 #: How to install each framework so that its engine (shipped with this package) works. The
 #: package itself is installed from its checkout, so the hint names the framework alone;
@@ -237,12 +268,16 @@ INSTALL = {
 }
 
 
-def _describe(engine: Any, framework: str | None) -> tuple[str, str, str, str]:
+def _describe(engine: Any, framework: str | None, probe_devices: bool) -> tuple[str, ...]:
     """(status, framework version, devices, note) of one engine, never raising."""
     if engine is None:
         return "unavailable", "-", "-", "not registered (its plugin failed to load)"
     if framework is not None and not _framework_installed(framework):
         return "unavailable", "-", "-", INSTALL.get(framework, f"install {framework}")
+    if framework not in (None, "numpy") and not probe_devices:  # numpy: already imported
+        version = _distribution_version(framework)
+        if version is not None:
+            return "available", version, "-", "--devices to probe devices"
     try:
         version = str(engine.version())
         devices = ", ".join(engine.devices())

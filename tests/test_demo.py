@@ -170,6 +170,26 @@ def test_cli_demo_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert (tmp_path / "influence_demo.png").stat().st_size > 0
 
 
+def test_cli_engines_imports_no_framework() -> None:
+    """The listing reads versions from package metadata: no framework is imported."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    script = (
+        "import sys; from krylov_influence.cli import main; main(['engines']); "
+        "print('IMPORTED', [m for m in ('torch', 'jax', 'tensorflow') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "IMPORTED []" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    for framework in ("torch", "jax"):
+        if framework in rows and rows[framework][1] == "available":
+            assert rows[framework][2] == metadata.version(framework)
+
+
 def test_cli_engines_lists_numpy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["engines"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
