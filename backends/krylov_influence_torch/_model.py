@@ -357,19 +357,51 @@ class TorchInfluenceModel(InfluenceModel):
         prepared = self.prepare(batch)
         block = prepared.size * self.num_parameters * self._theta.element_size()
         if self._projection == "gradients" or (
-            self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
+            self._projection == "auto"
+            and block <= self.GRADIENT_PROJECTION_BYTES
+            and not self._per_example_vmap_fails
         ):
-            with self._evaluating():
-                projected = self._functional.gradient_projections(self._theta, projector, prepared)
+            try:
+                with self._evaluating():
+                    projected = self._functional.gradient_projections(
+                        self._theta, projector, prepared
+                    )
+            except RuntimeError as error:
+                if "vmap" not in str(error) or getattr(self, "_per_example_vmap_fails", False):
+                    raise
+                self._per_example_vmap_fails = True
+                self._explain_vmap_failure(error)  # raises for projection="gradients"
+            else:
                 if self._l2:
                     projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
-            return projected
+                return projected
         chunk = self._chunk(projector.shape[0], prepared.size)
         with self._evaluating():
             projected = self._functional.directional(self._theta, projector, prepared, chunk)
             if self._l2:
                 projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
         return projected
+
+    #: Set when the loss cannot run under ``vmap`` over examples (``.item()``, data-dependent
+    #: shapes such as ``F.one_hot`` without ``num_classes``): "auto" then projects by JVPs.
+    _per_example_vmap_fails = False
+
+    def _explain_vmap_failure(self, error: RuntimeError) -> None:
+        """Take the JVP route from now on and say so once; refuse for projection='gradients'."""
+        reason = str(error).strip().splitlines()[0][:300]
+        if self._projection == "gradients":
+            raise ValueError(
+                f"loss_fn: cannot be evaluated per example under torch.func.vmap ({reason}); "
+                "pass projection='jvp' (or 'auto') to InfluenceModel, or make the loss "
+                "vmap-friendly (no .item(), F.one_hot(y, num_classes=C))"
+            ) from error
+        warnings.warn(
+            f"krylov_influence torch engine: loss_fn cannot run under vmap over examples "
+            f"({reason}); projections take the JVP route (projection='jvp') from now on, which "
+            "is exact and vectorised over the k directions",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def per_example_grads(self, batch: Any) -> torch.Tensor:
         """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``."""

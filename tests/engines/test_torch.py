@@ -783,3 +783,40 @@ def test_no_warnings_for_a_module_in_eval_mode():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         ki.InfluenceModel(mlp(), CE)
+
+
+def _item_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    scale = 1.0 + 0.0 * float(outputs.detach().abs().max().item())  # .item(): no vmap
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none") * scale
+
+
+def _one_hot_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    hot = torch.nn.functional.one_hot(targets).to(outputs.dtype)  # data-dependent shape
+    return -(hot * torch.log_softmax(outputs, dim=-1)).sum(dim=-1)
+
+
+@pytest.mark.parametrize("loss_fn", [_item_loss, _one_hot_loss])
+def test_a_loss_that_vmap_cannot_run_takes_the_jvp_route_once(loss_fn) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    net = net.double().eval()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.tensor([0, 1, 2] * 4)
+    model = ki.InfluenceModel(net, loss_fn)
+    rows = torch.randn(4, model.num_parameters, dtype=torch.float64)
+    # Oracle: one autograd gradient per example, in a Python loop (no vmap, no engine code).
+    params = [p for p in net.parameters()]
+    losses = loss_fn(net(x), y)  # the whole batch: one_hot sees every class
+    grads = []
+    for i in range(12):
+        parts = torch.autograd.grad(losses[i], params, retain_graph=True)
+        grads.append(torch.cat([g.reshape(-1) for g in parts]))
+    expected = torch.stack(grads) @ rows.T
+    with pytest.warns(RuntimeWarning, match="cannot run under vmap over examples") as caught:
+        first = model.project(rows, (x, y))
+    again = model.project(rows, (x, y))  # no second warning: the route is remembered
+    assert sum("vmap" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(again, expected, rtol=1e-10, atol=1e-12)
+    strict = ki.InfluenceModel(net, loss_fn, projection="gradients")
+    with pytest.raises(ValueError, match=r"loss_fn: cannot be evaluated per example.*'jvp'"):
+        strict.project(rows, (x, y))
