@@ -76,7 +76,12 @@ class Placement:
         xp = self.xp
         if self.model.batch_size(batch) == 0:
             raise ValueError(f"{stage}: batch {index} is empty")
-        projected = self.model.project(self.projector, batch)
+        try:
+            projected = self.model.project(self.projector, batch)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
+            raise type(error)(
+                f"{stage}: batch {index} cannot be projected ({type(error).__name__}: {error})"
+            ) from error
         if not bool(xp.all(xp.isfinite(projected))):
             raise NonFiniteError(
                 f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"

@@ -241,7 +241,13 @@ class ArnoldiInfluenceCalculator:
         xp, model = self.model.xp, self.model
         count = 0
         for index, batch in enumerate(dataset):
-            losses = model.losses(batch)
+            try:
+                losses = model.losses(batch)
+            except (RuntimeError, TypeError, ValueError) as error:
+                raise type(error)(
+                    f"{name}: batch {index} cannot be evaluated by the model and loss_fn "
+                    f"({type(error).__name__}: {error})"
+                ) from error
             if not bool(xp.all(xp.isfinite(losses))):
                 raise NonFiniteError(f"{name}: batch {index} has non-finite losses (NaN or Inf)")
             count += model.batch_size(batch)

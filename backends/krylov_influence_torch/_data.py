@@ -11,8 +11,8 @@ A batch is one of
 dict of tensors (``module(**x)``). ``y`` is a tensor, ``None``, or a tuple/list/dict of
 tensors that the loss receives as they are. Every leaf is a ``torch.Tensor`` or a NumPy array
 whose first axis is the batch axis (the same length B in every leaf). Floating leaves are cast
-to the model's dtype, NumPy integer arrays become ``int64`` tensors (what ``cross_entropy``
-expects), and everything moves to the model's device.
+to the model's dtype, integer arrays and tensors become ``int64`` tensors (what
+``cross_entropy`` expects), and everything moves to the model's device.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 __all__ = ["Batch", "batch_size", "map_leaves", "prepare_batch", "split_batch"]
 
 _DICT_KEYS = (("x", "y"), ("input", "target"))
+_NARROW_INTEGERS = (torch.int8, torch.uint8, torch.int16, torch.int32)
 
 
 class Batch:
@@ -123,6 +124,8 @@ def prepare_batch(batch: Any, device: torch.device, dtype: torch.dtype) -> Batch
             sizes.append((where, tuple(tensor.shape)))
             if tensor.is_floating_point():
                 return tensor.to(device=device, dtype=dtype)
+            if tensor.dtype in _NARROW_INTEGERS:  # as NumPy integers: what cross_entropy takes
+                return tensor.to(device=device, dtype=torch.int64)
             return tensor.to(device=device)
 
         return leaf

@@ -149,3 +149,24 @@ def test_a_torch_model_on_the_meta_device_is_refused_clearly() -> None:
         ki.InfluenceModel(net, loss, device="meta")
     with pytest.raises(ValueError, match=r"device=None: .*meta tensors"):
         ki.InfluenceModel(torch.nn.Linear(3, 2, device="meta"), loss)
+
+
+def test_label_dtypes_are_consistent_and_errors_name_the_batch() -> None:
+    torch = pytest.importorskip("torch")
+    import krylov_influence as ki
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    net = torch.nn.Linear(4, 3).double().eval()
+    model = ki.InfluenceModel(net, torch.nn.CrossEntropyLoss(reduction="none"))
+    calc = ki.ArnoldiInfluenceCalculator(model, [(x, y)], 15, True, 5)
+    # int32 labels (torch or NumPy) are int64 labels: the same numbers.
+    for labels in (y.to(torch.int32), y.numpy().astype(np.int32), y.numpy()):
+        np.testing.assert_array_equal(
+            calc.self_influence([(x, labels)]), calc.self_influence([(x, y)])
+        )
+    bad = [(x, y), (x, torch.rand(32, 5, dtype=torch.float64))]  # targets of another shape
+    with pytest.raises(RuntimeError, match=r"train_dataset: batch 1 cannot be evaluated"):
+        ki.ArnoldiInfluenceCalculator(model, bad, 15, True, 5)
+    with pytest.raises(Exception, match=r"train_set: batch 1 cannot be projected"):
+        calc.self_influence(bad)
