@@ -5,7 +5,7 @@ A batch is ``(x, y)`` (a tuple or list of two), or a mapping with the keys ``"x"
 time). ``x`` and ``y`` are arrays (NumPy, JAX, anything ``jnp.asarray`` takes) or pytrees of
 them, all with the examples along the leading axis. Floating-point leaves are cast to the
 model's dtype; integer leaves (labels, token ids) keep their kind. A :class:`Staged` batch
-(what ``stage`` returns, kept by a staged Hessian operator) is passed
+(what ``stage`` returns, kept by the calculator's staging of the Hessian data) is passed
 through without any conversion.
 """
 
@@ -30,6 +30,11 @@ class Staged:
 
     def __init__(self, x: Any, y: Any, size: int, dtype: np.dtype, device: Any):
         self.x, self.y, self.size, self.dtype, self.device = x, y, size, dtype, device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays of ``x`` and ``y``."""
+        return sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves((self.x, self.y)))
 
     def __repr__(self) -> str:
         return f"Staged(size={self.size}, dtype={self.dtype}, device={self.device})"

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_jax import _batches, _kernels
 from krylov_influence_jax._kernels import Program
 from krylov_influence_jax._namespace import JAX_NAMESPACE
@@ -144,6 +144,11 @@ class JaxInfluenceModel(InfluenceModel):
     def _stage(self, batch: Any) -> _batches.Staged:
         return _batches.stage(batch, self._batch_keys, self._dtype, self._device)
 
+    def stage_batch(self, batch: Any) -> tuple[_batches.Staged, int]:
+        """``(staged batch, bytes of its arrays)``: JAX arrays on the device, floats in dtype."""
+        staged = self._stage(batch)
+        return staged, staged.nbytes
+
     def batch_size(self, batch: Any) -> int:
         return _batches.batch_size(*_batches.unpack(batch, self._batch_keys))
 
@@ -188,12 +193,6 @@ class JaxInfluenceModel(InfluenceModel):
         """``H @ vectors[i]`` for every row, in one vectorised pass; (m, p) -> (m, p)."""
         vectors = self._vector(vectors, 2, "vectors")
         return self._hessian_sum(_kernels.hvps_sum, vectors, batches)
-
-    def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
-        """The Hessian operator; a list or tuple of batches is staged on the device once."""
-        if isinstance(batches, (list, tuple)):
-            batches = [self._stage(batch) for batch in batches]
-        return HessianOperator(self, batches)
 
     def _chunk(self, size: int, k: int) -> int:
         if self._jvp_chunk_size is not None:

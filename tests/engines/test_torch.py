@@ -625,13 +625,18 @@ def test_tuple_and_dict_inputs():
     )
 
 
-def test_hessian_operator_stages_lists_once():
+def test_staged_batches_are_prepared_once_and_give_the_same_products():
     net = mlp()
     x, y = classification_data()
     model = ki.InfluenceModel(net, CE)
-    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
-    operator = model.hessian_operator(batches)
-    assert all(isinstance(b, Batch) for b in operator.batches)
+    # float32 tensors are cast to the model's float64; int32 NumPy labels become int64.
+    first = (torch.as_tensor(x[:5], dtype=torch.float32), torch.as_tensor(y[:5]))
+    batches = [first, (x[5:], y[5:].astype(np.int32))]
+    staged = [model.stage_batch(batch) for batch in batches]
+    assert all(isinstance(b, Batch) for b, _ in staged)
+    assert [(b.x.dtype, b.y.dtype) for b, _ in staged] == [(torch.float64, torch.int64)] * 2
+    assert [n for _, n in staged] == [5 * (4 * 8 + 8), 6 * (4 * 8 + 8)]
+    operator = model.hessian_operator([b for b, _ in staged])
     v = model.from_numpy(np.arange(model.num_parameters, dtype=float))
     assert_close(operator.mv(v), numpy_of(model.hvp(v, batches)), 1e-14)
     assert_close(operator.mm(v[None, :]), numpy_of(model.hvp(v, batches))[None, :], 1e-12)
