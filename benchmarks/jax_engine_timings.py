@@ -44,7 +44,7 @@ def main() -> None:
         rng = np.random.default_rng(1)
         v = model.from_numpy(rng.standard_normal(model.num_parameters))
         G = model.from_numpy(rng.standard_normal((50, model.num_parameters)))
-        operator = model.hessian_operator(batches)
+        operator = model.hessian_operator([model.stage_batch(b)[0] for b in batches])
         batch = batches[0]
         rows = {
             "hvp (model.hvp)": median_ms(partial(model.hvp, v, batches)),

@@ -46,6 +46,7 @@ from krylov_influence._data import (
     resolve_show_progress,
 )
 from krylov_influence._identity import require_fixed_order
+from krylov_influence._staging import resolve_stage_budget, stage_hessian_data
 from krylov_influence._streaming import (
     Placement,
     TrainingVectors,
@@ -121,6 +122,15 @@ class ArnoldiInfluenceCalculator:
     show_progress : bool, optional, keyword-only
         tqdm bars on the Arnoldi loop and passes over data; default: when stderr is a
         terminal.
+    stage_hessian_data : bool, int or str, keyword-only, default True
+        Memory budget for staging the Hessian data: before the Arnoldi loop the data is
+        iterated once and every batch kept as the engine's arrays on the model's device, so
+        the ``subspace_dim`` Hessian-vector products neither re-iterate a ``DataLoader`` /
+        ``tf.data`` pipeline nor copy batches to the device again. ``True``: up to 1 GiB;
+        ``False`` or ``0``: never; an int: bytes; a string: ``"512MiB"``, ``"4GB"``. Data
+        above the budget is streamed on every product. The results are the same either
+        way; the Arnoldi progress bar (and the ``krylov_influence`` logger, at INFO) says
+        which happened.
 
     Attributes
     ----------
@@ -156,6 +166,7 @@ class ArnoldiInfluenceCalculator:
         hessian_dataset: Iterable[Any] | None = None,
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
+        stage_hessian_data: bool | int | str = True,
     ):
         require_reiterable(train_dataset, "train_dataset")
         self._configure(
@@ -171,6 +182,7 @@ class ArnoldiInfluenceCalculator:
             block_size=block_size,
             eigenvalue_selection=eigenvalue_selection,
             show_progress=show_progress,
+            stage_hessian_data=stage_hessian_data,
         )
         assert self.hessian_dataset is not None  # the constructor always has train data
         self.num_hessian_examples = self._validate_data(
@@ -194,6 +206,7 @@ class ArnoldiInfluenceCalculator:
         block_size: int,
         eigenvalue_selection: str,
         show_progress: bool | None,
+        stage_hessian_data: bool | int | str = True,
     ) -> None:
         """Validate and store the settings (shared by the constructor and :meth:`load`)."""
         self.model: InfluenceModel = bind_model(model)
@@ -220,6 +233,7 @@ class ArnoldiInfluenceCalculator:
             )
         self.eigenvalue_selection = eigenvalue_selection
         self.show_progress = resolve_show_progress(show_progress)
+        self.stage_hessian_data = resolve_stage_budget(stage_hessian_data)
         if self.dtype == "float64" and not self.model.capabilities.float64:
             raise ValueError(f"dtype='float64': the {self.model.engine_name} engine has no float64")
         if self.dtype != self.model.dtype_name:
@@ -276,8 +290,9 @@ class ArnoldiInfluenceCalculator:
                 "hessian_dataset: this calculator was loaded without Hessian data; pass "
                 "hessian_dataset= (or train_dataset=) to ArnoldiInfluenceCalculator.load to refit"
             )
-        operator = model.hessian_operator(self.hessian_dataset)
-        with progress_bar(self.show_progress, subspace_dim, "Arnoldi") as bar:
+        data, staging = stage_hessian_data(model, self.hessian_dataset, self.stage_hessian_data)
+        operator = model.hessian_operator(data)
+        with progress_bar(self.show_progress, subspace_dim, f"Arnoldi ({staging})") as bar:
             try:
                 result = arnoldi_iteration(
                     operator,

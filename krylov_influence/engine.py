@@ -140,8 +140,8 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
     Notes
     -----
     Subclasses implement the abstract members; the helpers (``to_numpy``, ``from_numpy``,
-    ``fingerprint``, ``hvps``, ``hessian_operator``) have working defaults that an engine may
-    override for speed.
+    ``fingerprint``, ``hvps``, ``stage_batch``, ``hessian_operator``) have working defaults
+    that an engine may override for speed.
     """
 
     #: Name of the engine this model is bound to.
@@ -270,10 +270,29 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
     def per_example_grads(self, batch: Any) -> Any:
         """Per-example gradients of the loss, shape (B, p). Meant for small models."""
 
+    def stage_batch(self, batch: Any) -> tuple[Any, int] | None:
+        """``batch`` converted once for repeated use, and the bytes it takes.
+
+        The calculator stages its Hessian data with this hook when the data fits its
+        ``stage_hessian_data`` budget (see :mod:`krylov_influence._staging`), so that the
+        ``subspace_dim`` Hessian-vector products do not convert (or collate) every batch
+        again. Engines override it to return the batch as their own arrays on :attr:`device`
+        (floating leaves in :attr:`dtype`, integer leaves kept integer), in a form that every
+        operator (``hvp``, ``hvps``, ``losses``, ``project``, ...) accepts as a batch at no
+        further cost, together with the size of those arrays in bytes.
+
+        Returns
+        -------
+        (staged_batch, nbytes) or None
+            ``None`` (the default): the engine does not stage; the data is streamed.
+        """
+        return None
+
     def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
         """The Hessian of the mean loss over ``batches`` as an operator with ``mv``.
 
-        Engines may override this to stage the data on the device once.
+        ``batches`` may be the user's data or the data staged by :meth:`stage_batch`;
+        engines may override this to build a faster operator over either.
         """
         return HessianOperator(self, batches)
 

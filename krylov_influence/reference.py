@@ -226,6 +226,12 @@ class NumpyInfluenceModel(InfluenceModel):
     def batch_size(self, batch: Any) -> int:
         return int(np.shape(batch[0])[0])
 
+    def stage_batch(self, batch: Any) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+        """``((x, y), bytes)``: ``x`` as an array in the model's dtype, ``y`` as an array."""
+        self._unpack(batch)  # the same checks as every operator, once
+        x, y = np.asarray(batch[0], dtype=self._dtype), np.asarray(batch[1])
+        return (x, y), x.nbytes + y.nbytes
+
     def losses(self, batch: Any) -> np.ndarray:
         z, y = self._unpack(batch)
         penalty = 0.5 * self._l2 * float(np.sum(self._theta.astype(np.float64) ** 2))

@@ -4,7 +4,9 @@ A batch is ``(x, y)`` (a tuple or list of two), or a mapping with the keys ``"x"
 ``"y"``, or ``"inputs"`` and ``"targets"`` (or the two keys named by ``batch_keys=`` at bind
 time). ``x`` and ``y`` are arrays (NumPy, JAX, anything ``jnp.asarray`` takes) or pytrees of
 them, all with the examples along the leading axis. Floating-point leaves are cast to the
-model's dtype; integer leaves (labels, token ids) keep their kind.
+model's dtype; integer leaves (labels, token ids) keep their kind. A :class:`Staged` batch
+(what ``stage`` returns, kept by the calculator's staging of the Hessian data) is passed
+through without any conversion.
 """
 
 from __future__ import annotations
@@ -16,9 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DEFAULT_KEYS", "batch_size", "stage", "unpack"]
+__all__ = ["DEFAULT_KEYS", "Staged", "batch_size", "stage", "unpack"]
 
 DEFAULT_KEYS: tuple[tuple[str, str], ...] = (("x", "y"), ("inputs", "targets"))
+
+
+class Staged:
+    """A batch as JAX arrays on ``device``, floating leaves in ``dtype``; ``size`` examples."""
+
+    __slots__ = ("device", "dtype", "size", "x", "y")
+
+    def __init__(self, x: Any, y: Any, size: int, dtype: np.dtype, device: Any):
+        self.x, self.y, self.size, self.dtype, self.device = x, y, size, dtype, device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays of ``x`` and ``y``."""
+        return sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves((self.x, self.y)))
+
+    def __repr__(self) -> str:
+        return f"Staged(size={self.size}, dtype={self.dtype}, device={self.device})"
 
 
 def unpack(batch: Any, keys: tuple[str, str] | None) -> tuple[Any, Any]:
@@ -29,6 +48,8 @@ def unpack(batch: Any, keys: tuple[str, str] | None) -> tuple[Any, Any]:
     TypeError
         If ``batch`` is neither a pair nor a mapping with known keys.
     """
+    if isinstance(batch, Staged):
+        return batch.x, batch.y
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping):
@@ -84,9 +105,13 @@ def _to_device(leaf: Any, dtype: np.dtype, device: Any) -> Any:
     return jax.device_put(array, device)
 
 
-def stage(batch: Any, keys: tuple[str, str] | None, dtype: np.dtype, device: Any) -> tuple:
-    """``(x, y, B)`` with every leaf a JAX array on ``device`` (floats in ``dtype``)."""
+def stage(batch: Any, keys: tuple[str, str] | None, dtype: np.dtype, device: Any) -> Staged:
+    """``batch`` with every leaf a JAX array on ``device`` (floats in ``dtype``)."""
+    if isinstance(batch, Staged) and batch.dtype == dtype and batch.device == device:
+        return batch
     x, y = unpack(batch, keys)
     size = batch_size(x, y)
     place = lambda leaf: _to_device(leaf, dtype, device)  # noqa: E731
-    return jax.tree_util.tree_map(place, x), jax.tree_util.tree_map(place, y), size
+    return Staged(
+        jax.tree_util.tree_map(place, x), jax.tree_util.tree_map(place, y), size, dtype, device
+    )

@@ -33,8 +33,6 @@ __all__ = [
     "losses",
     "per_example_grads",
     "project",
-    "staged_hvp",
-    "staged_hvps",
 ]
 
 _HIGHEST = "highest"
@@ -131,47 +129,6 @@ hvps_sum = _static(_hvps_sum)
 def finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
     """The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``."""
     return total / count + l2 * v
-
-
-def _weighted_hvp_sum(
-    program: Program, theta: Any, fixed: Any, x: Any, y: Any, w: Any, v: Any
-) -> Any:
-    """``Σ_b w_b ∇²ℓ_b v``: padded examples of a staged batch carry weight 0."""
-
-    def total_loss(t: Any) -> Any:
-        return jnp.sum(w * program.data_losses(t, fixed, x, y))
-
-    return jax.jvp(jax.grad(total_loss), (theta,), (v,))[1]
-
-
-def _weighted_hvps_sum(
-    program: Program, theta: Any, fixed: Any, x: Any, y: Any, w: Any, vectors: Any
-) -> Any:
-    one = functools.partial(_weighted_hvp_sum, program, theta, fixed, x, y, w)
-    return jax.vmap(one)(vectors)
-
-
-def _scan_groups(summed: Callable[..., Any]) -> Callable[..., Any]:
-    """One program for a staged dataset: a ``lax.scan`` over each group of stacked batches."""
-
-    def run(
-        program: Program, theta: Any, fixed: Any, groups: Any, count: Any, v: Any, l2: Any
-    ) -> Any:
-        total = jnp.zeros_like(v)
-        for xs, ys, ws in groups:
-
-            def body(acc: Any, batch: Any) -> tuple[Any, None]:
-                x, y, w = batch
-                return acc + summed(program, theta, fixed, x, y, w, v), None
-
-            total = lax.scan(body, total, (xs, ys, ws))[0]
-        return total / count + l2 * v
-
-    return _static(run)
-
-
-staged_hvp = _scan_groups(_weighted_hvp_sum)
-staged_hvps = _scan_groups(_weighted_hvps_sum)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk",))

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_tf._datasets import reshuffling_stage
 from krylov_influence_tf._functional import Functional
 from krylov_influence_tf._namespace import canonical_device, namespace, same_device
@@ -360,6 +360,8 @@ class TensorFlowInfluenceModel(InfluenceModel):
     # ----------------------------------------------------------------------------- data
     def _stage(self, batch: Any) -> tuple[Any, Any]:
         """``(x, y)`` as tensors on the device; floating inputs and targets in the dtype."""
+        if isinstance(batch, _Staged) and batch.key == (self._device, self._dtype):
+            return batch.x, batch.y
         if isinstance(batch, dict) or not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(
                 "batch: expected an (x, y) pair of tensors or NumPy arrays (a tf.data.Dataset "
@@ -402,6 +404,8 @@ class TensorFlowInfluenceModel(InfluenceModel):
         return int(shape[0])
 
     def batch_size(self, batch: Any) -> int:
+        if isinstance(batch, _Staged):
+            return batch.size
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"batch: expected an (x, y) pair, got {type(batch).__name__}")
         return self._count(batch[0])
@@ -487,11 +491,29 @@ class TensorFlowInfluenceModel(InfluenceModel):
         with tf.device(self._device):
             return self._per_example(x, y)
 
-    def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
-        """The Hessian operator; an in-memory list of batches is staged on the device once."""
-        if isinstance(batches, (list, tuple)):
-            batches = [self._stage(batch) for batch in batches]
-        return HessianOperator(self, batches)
+    def stage_batch(self, batch: Any) -> tuple[Any, int]:
+        """``(staged batch, bytes of its tensors)``: tensors on the device, floats in dtype."""
+        x, y = self._stage(batch)
+        staged = _Staged(x, y, self._count(x), (self._device, self._dtype))
+        return staged, staged.nbytes
 
     def to_numpy(self, array: Any) -> np.ndarray:
         return namespace.to_numpy(array)
+
+
+class _Staged:
+    """A batch staged by ``stage_batch``: ``x`` and ``y`` as tensors for the model ``key``."""
+
+    __slots__ = ("key", "size", "x", "y")
+
+    def __init__(self, x: Any, y: Any, size: int, key: tuple[str, Any]):
+        self.x, self.y, self.size, self.key = x, y, size, key
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors of ``x`` and ``y``."""
+        return sum(
+            int(leaf.shape.num_elements()) * leaf.dtype.size
+            for leaf in tf.nest.flatten((self.x, self.y))
+            if isinstance(leaf, tf.Tensor)
+        )

@@ -5,7 +5,7 @@ A batch is one of
 - ``(x, y)`` or ``[x, y]`` (what a ``DataLoader`` over ``(x, y)`` examples yields);
 - a dict with keys ``"x"`` and ``"y"``, or ``"input"`` and ``"target"`` (other keys, such as
   an example index, are ignored);
-- a :class:`Batch` already prepared by the engine (e.g. staged by ``hessian_operator``).
+- a :class:`Batch` already prepared by the engine (e.g. staged by ``stage_batch``).
 
 ``x`` is a tensor (passed as ``module(x)``), a tuple or list of tensors (``module(*x)``) or a
 dict of tensors (``module(**x)``). ``y`` is a tensor, ``None``, or a tuple/list/dict of
@@ -53,6 +53,19 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"Batch(size={self.size}, device={self.device}, dtype={self.dtype})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors of ``x`` and ``y``."""
+        total = 0
+
+        def count(leaf: Any) -> None:
+            nonlocal total
+            if isinstance(leaf, torch.Tensor):
+                total += leaf.numel() * leaf.element_size()
+
+        map_leaves(count, (self.x, self.y))
+        return total
 
 
 def map_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:

@@ -13,7 +13,7 @@ import array_api_compat.torch as torch_xp
 import numpy as np
 import torch
 
-from krylov_influence.engine import EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_torch._data import Batch, batch_size, prepare_batch
 from krylov_influence_torch._ops import Functional
 from krylov_influence_torch._order import random_sampler
@@ -412,11 +412,10 @@ class TorchInfluenceModel(InfluenceModel):
                 grads.add_(self._theta[None, :], alpha=self._l2)
         return grads
 
-    def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
-        """The Hessian over ``batches``; an in-memory list is converted to tensors once."""
-        if isinstance(batches, (list, tuple)):
-            batches = [self.prepare(batch) for batch in self._prepared(batches)]
-        return HessianOperator(self, batches)
+    def stage_batch(self, batch: Any) -> tuple[Batch, int]:
+        """``(prepared batch, bytes of its tensors)``: the batch on the device, in the dtype."""
+        prepared = self.prepare(batch)
+        return prepared, prepared.nbytes
 
     # ----------------------------------------------------------------------------- conversion
     def to_numpy(self, array: Any) -> np.ndarray:

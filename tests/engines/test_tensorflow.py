@@ -310,6 +310,35 @@ def test_uneven_batches_give_the_exact_mean(dtype):
     close(operator.mv(v).numpy(), model.hvp(v, [whole]).numpy(), dtype)
 
 
+def test_a_tf_data_pipeline_is_staged_once_and_fits_as_the_list_does():
+    spec = random_mlp_spec(np.random.default_rng(4), (3, 4, 2), num_examples=13, batch_size=5)
+    model, batches = TensorFlowEngine.from_neutral_spec(spec, dtype="float64")
+    p = model.num_parameters
+    calls = []
+
+    def count(x, y):  # runs eagerly once per batch the pipeline yields
+        calls.append(1)
+        return x, y
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((spec.x, spec.y.astype(np.int32)))
+        .batch(5)
+        .map(lambda x, y: tf.py_function(count, [x, y], [tf.float64, tf.int32]))
+    )
+
+    def fit(data, staged=True):
+        return ArnoldiInfluenceCalculator(
+            model, data, p, True, p, "float64", stage_hessian_data=staged
+        )
+
+    expected = fit(batches, staged=False).eig_vals.numpy()
+    close(fit(dataset).eig_vals.numpy(), expected, "float64")
+    assert len(calls) == 3 * 2  # one validation pass, one staging pass
+    calls.clear()
+    close(fit(dataset, staged=False).eig_vals.numpy(), expected, "float64")
+    assert len(calls) == 3 * (1 + p)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_outputs_follow_the_model_dtype_and_device(dtype):
     spec = random_mlp_spec(np.random.default_rng(1), (3, 4, 2), num_examples=7, batch_size=4)

@@ -625,16 +625,66 @@ def test_tuple_and_dict_inputs():
     )
 
 
-def test_hessian_operator_stages_lists_once():
+def test_staged_batches_are_prepared_once_and_give_the_same_products():
     net = mlp()
     x, y = classification_data()
     model = ki.InfluenceModel(net, CE)
-    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
-    operator = model.hessian_operator(batches)
-    assert all(isinstance(b, Batch) for b in operator.batches)
+    # float32 tensors are cast to the model's float64; int32 NumPy labels become int64.
+    first = (torch.as_tensor(x[:5], dtype=torch.float32), torch.as_tensor(y[:5]))
+    batches = [first, (x[5:], y[5:].astype(np.int32))]
+    staged = [model.stage_batch(batch) for batch in batches]
+    assert all(isinstance(b, Batch) for b, _ in staged)
+    assert [(b.x.dtype, b.y.dtype) for b, _ in staged] == [(torch.float64, torch.int64)] * 2
+    assert [n for _, n in staged] == [5 * (4 * 8 + 8), 6 * (4 * 8 + 8)]
+    operator = model.hessian_operator([b for b, _ in staged])
     v = model.from_numpy(np.arange(model.num_parameters, dtype=float))
     assert_close(operator.mv(v), numpy_of(model.hvp(v, batches)), 1e-14)
     assert_close(operator.mm(v[None, :]), numpy_of(model.hvp(v, batches))[None, :], 1e-12)
+
+
+def test_dataloaders_are_collated_once_per_fit_and_fit_as_the_list_does():
+    # The oracle is the streamed fit of the same data as a list of tensors; the shuffled
+    # loader sums the batches in another order, so it agrees to round-off only.
+    x, y = classification_data(n=23)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    model = ki.InfluenceModel(mlp(), CE, l2=0.1)
+    n = 20
+    listed = [(xt[s : s + 5], yt[s : s + 5]) for s in range(0, 23, 5)]
+
+    def fit(data, staged=True):
+        return ki.ArnoldiInfluenceCalculator(
+            model, data, n, True, 10, "float64", stage_hessian_data=staged
+        )
+
+    expected = numpy_of(fit(listed, staged=False).eig_vals)
+    collated = []
+
+    def counting_collate(examples):
+        collated.append(len(examples))
+        return torch.utils.data.default_collate(examples)
+
+    dataset = torch.utils.data.TensorDataset(xt, yt)
+    loaders = {
+        "TensorDataset": torch.utils.data.DataLoader(
+            dataset, batch_size=5, collate_fn=counting_collate
+        ),
+        "shuffled": torch.utils.data.DataLoader(
+            dataset,
+            batch_size=5,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            collate_fn=counting_collate,
+        ),
+        "list, batch_size=None": torch.utils.data.DataLoader(listed, batch_size=None),
+    }
+    for name, loader in loaders.items():
+        collated.clear()
+        assert_close(fit(loader).eig_vals, expected, 1e-10, name)
+        if name != "list, batch_size=None":  # that one converts, it does not collate
+            assert collated == [5, 5, 5, 5, 3] * 2, name  # validation + staging passes
+    collated.clear()
+    assert_close(fit(loaders["TensorDataset"], staged=False).eig_vals, expected, 1e-10)
+    assert len(collated) == 5 * (1 + n)  # streamed: one pass per Hessian-vector product
 
 
 @pytest.mark.parametrize("mode", HVP_MODES)
