@@ -81,6 +81,12 @@ class StageRecorder:
     The CPU time (all threads of the process) is recorded next to the wall time because the
     benchmark machine may be shared: under load the wall time stretches while the CPU time
     of the work itself changes much less.
+
+    Warm-up: none is run apart from the repeats. The first repeat of every stage includes
+    whatever the library does on a first call (tracing and compilation for JAX and
+    ``tf.function``, torch's lazy initialisation); it is reported on its own as the *first
+    call*, and the medians are taken over the repeats after the first when there are two
+    or more (with a single repeat, the median is that first call).
     """
 
     def __init__(self) -> None:
@@ -98,16 +104,22 @@ class StageRecorder:
         return out
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "seconds": entry["seconds"],
-                "median_s": statistics.median(entry["seconds"]),
-                "cpu_seconds": entry["cpu_seconds"],
-                "median_cpu_s": statistics.median(entry["cpu_seconds"]),
+        """Per stage: every repeat, the first call, and medians over the later repeats."""
+        out = {}
+        for name, entry in self.stages.items():
+            wall, cpu = entry["seconds"], entry["cpu_seconds"]
+            steady = slice(1, None) if len(wall) >= 2 else slice(None)
+            out[name] = {
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "first_s": wall[0],
+                "first_cpu_s": cpu[0],
+                "median_s": statistics.median(wall[steady]),
+                "median_cpu_s": statistics.median(cpu[steady]),
+                "median_of": "repeats 2.." + str(len(wall)) if len(wall) >= 2 else "repeat 1",
                 "peak_mb": max(entry["peak_mb"]),
             }
-            for name, entry in self.stages.items()
-        }
+        return out
 
 
 def load_problem(name: str) -> dict[str, Any]:
