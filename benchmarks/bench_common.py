@@ -26,6 +26,16 @@ RESULTS = HERE / "results"
 STAGES = ("fit", "self_influence", "scores", "top_k")
 TOP_K = 10
 
+#: How the data reaches a library (``--input-form``), each measured and reported separately:
+#:
+#: - ``prebatched``: batches made once, before any timing: a list of ``(x, y)`` tensor
+#:   tuples, or the thinnest loader over them for a library that insists on one;
+#: - ``dataloader``: the framework's idiomatic pipeline over the examples, re-run at every
+#:   pass over the data: ``DataLoader(TensorDataset(x, y), batch_size=B)`` in PyTorch
+#:   (collating B single examples per batch), ``tf.data.Dataset.from_tensor_slices((x, y))
+#:   .batch(B)`` in TensorFlow, host NumPy batches in JAX (which has no loader of its own).
+INPUT_FORMS = ("prebatched", "dataloader")
+
 
 def rss_mb() -> float:
     """Resident set size of this process now, in MiB (Linux /proc)."""
@@ -150,7 +160,40 @@ def peer_arguments(description: str) -> argparse.Namespace:
         "--no-mislabel", action="store_true", help="skip the fit on the flipped-label model"
     )
     parser.add_argument("--engine", default="torch", help="ours only: torch, jax or tensorflow")
-    return parser.parse_args()
+    parser.add_argument(
+        "--input-form",
+        default="prebatched",
+        choices=INPUT_FORMS,
+        help="prebatched (batches made once) or dataloader (the framework's own pipeline)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model and the inputs, make one pass over them, and stop",
+    )
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def dry_run_report(args: argparse.Namespace, peer: str, inputs: dict[str, Any]) -> None:
+    """One pass over every input of ``inputs`` (name -> iterable of batches); print the sizes.
+
+    Proves the input form is built and iterable for the problem without running any stage.
+    """
+    parts = []
+    for name, batches in inputs.items():
+        sizes = [int(np.shape(_first(batch))[0]) for batch in batches]
+        parts.append(f"{name}: {len(sizes)} batch(es) of {sorted(set(sizes), reverse=True)}")
+    print(f"dry run {peer} {args.problem} {args.input_form}: " + "; ".join(parts), flush=True)
+
+
+def _first(batch: Any) -> Any:
+    """``x`` of an ``(x, y)`` batch (a tuple, list or dict with key ``x``)."""
+    if isinstance(batch, dict):
+        return batch.get("x", next(iter(batch.values())))
+    return batch[0]
 
 
 def write_result(
@@ -181,6 +224,7 @@ def write_result(
     result = {
         "peer": peer,
         "problem": args.problem,
+        "input_form": args.input_form,
         "repeats": args.repeats,
         "stages": recorder.summary(),
         "max_rss_mb": max_rss_mb(),
