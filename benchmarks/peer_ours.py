@@ -22,6 +22,7 @@ host NumPy batches sliced at every pass (:class:`NumpyBatches`).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import traceback
@@ -151,6 +152,27 @@ def build(
     return neutral_side(problem, which, engine, form)
 
 
+def pin_threads(engine: str, threads: int) -> str:
+    """Set the framework's own thread counts before its first operation; say how.
+
+    torch: ``torch.set_num_threads`` (in ``torch_side``). TensorFlow:
+    ``tf.config.threading`` intra-op = ``threads``, inter-op = 1. JAX has no such call: the
+    driver sets ``XLA_FLAGS`` before JAX is imported and pins the process to one CPU, which
+    is what bounds XLA's CPU thread pool (``XLA_FLAGS`` alone does not).
+    """
+    if not threads:
+        return "threads: the framework's default"
+    if engine == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        return f"tf.config.threading: intra-op {threads}, inter-op 1"
+    if engine == "jax":
+        return "XLA_FLAGS=" + os.environ.get("XLA_FLAGS", "(unset)").strip()
+    return f"torch.set_num_threads({threads})"
+
+
 WARMUP = {
     "torch": "eager torch.func: no compilation; the first repeat includes torch's lazy "
     "initialisation",
@@ -196,6 +218,7 @@ def main() -> None:
     engine = block_size_of(args.engine)[0]
     notes += [
         f"input form {args.input_form}: " + INPUT_NOTES[engine][args.input_form],
+        pin_threads(engine, args.threads),
         WARMUP[engine] + "; no separate warm-up, medians over the repeats after the first",
     ]
 

@@ -1,4 +1,4 @@
-"""The driver's report: the tables of a run.
+"""The driver's report: the tables of a run and the one-core check.
 
 Every result is one library (or one of our engines and settings) in one input form. Ratios
 compare like with like: a row's time over the fastest *peer library* at the same stage **in
@@ -28,6 +28,8 @@ STAGE_TITLES = {
 }
 #: Our re-projecting stages and the peer stage each is compared with.
 COLD = {"scores_cold": "scores", "top_k_cold": "top_k"}
+#: CPU time over wall time above which a stage used more than one core.
+ONE_CORE_SLACK = 1.15
 
 
 def fmt_s(x: float | None) -> str:
@@ -75,6 +77,21 @@ def by_peer(ok: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     for r in ok:
         groups.setdefault(r["peer"], []).append(r)
     return list(groups.items())
+
+
+def one_core_check(ok: list[dict[str, Any]], threads: int) -> list[str]:
+    """Rows whose CPU time exceeds their wall time: more than one core at work."""
+    if threads != 1:
+        return []
+    bad = []
+    for r in ok:
+        for stage, s in r["stages"].items():
+            if s["median_s"] >= 0.02 and s["median_cpu_s"] > ONE_CORE_SLACK * s["median_s"]:
+                bad.append(
+                    f"{r['peer']} ({r['input_form']}) {stage}: CPU {fmt_s(s['median_cpu_s'])} "
+                    f"for {fmt_s(s['median_s'])} of wall time"
+                )
+    return bad
 
 
 def table(
@@ -151,6 +168,17 @@ def table(
     lines += accuracy_table(ok, info)
     if floor:
         lines += floor_table(ok, floor)
+    bad = one_core_check(ok, args.threads)
+    if args.threads == 1:
+        lines += [""]
+        if bad:
+            lines += ["**More than one core** (CPU time above wall time):", ""]
+            lines += [f"- {b}" for b in bad]
+        else:
+            lines.append(
+                "One core per process: at every stage of every row, CPU time ≤ "
+                f"{ONE_CORE_SLACK} × wall time."
+            )
     failed = [r for r in results if "error" in r]
     if failed:
         lines += ["", "Not measured:", ""]
@@ -159,11 +187,14 @@ def table(
         lines += ["", "Input forms a library does not accept (not run):", ""]
         lines += [f"- {item}" for item in info["not_run"]]
     m = info["machine"]
+    pinned = info.get("pinned_cpus")
     lines += [
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), load average before {info['load_before']}, "
         f"after {info['load_after']}; {args.threads or 'default'} intra-op thread(s) per "
-        f"process; started {info['started']}.",
+        "process"
+        + (f", every process pinned to CPU {pinned}" if pinned else ", no CPU pinning")
+        + f"; started {info['started']}.",
         "",
         f"Command: `{info['command']}`",
     ]

@@ -9,7 +9,8 @@ writes ``results/<problem>-summary.json`` and ``results/<problem>-table.md``.
 
 Every library runs once per input form (``--input-form``, default both; see
 ``bench_common.INPUT_FORMS``), each form its own rows, and ratios compare rows of the same
-form. Tables and headline: ``report.py``.
+form. With ``--threads 1`` every process is pinned to one CPU (``--pin-cpu``). Tables and
+headline: ``report.py``.
 
     python benchmarks/run.py --peer-repeats influenciae=2     # digits, every peer, both forms
     python benchmarks/run.py --problem cnn --peers ours-torch,captum,dattri,pydvl
@@ -215,7 +216,9 @@ def thread_env(threads: int) -> dict[str, str]:
     With ``threads`` > 0 the BLAS and OpenMP pools get that many threads, TensorFlow's
     intra-op pool too (inter-op 1; the TF scripts also call ``tf.config.threading``), and
     with 1 thread XLA gets ``--xla_cpu_multi_thread_eigen=false
-    intra_op_parallelism_threads=1`` before JAX is imported.
+    intra_op_parallelism_threads=1`` before JAX is imported. On JAX 0.10 that alone does not
+    stop XLA's CPU client from running work on its own pool (one thread per CPU it may use):
+    :func:`pin` is what holds every process to one core.
     """
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -235,6 +238,31 @@ def thread_env(threads: int) -> dict[str, str]:
                 " intra_op_parallelism_threads=1"
             ).strip()
     return env
+
+
+def pin_cpus(option: str, threads: int) -> set[int] | None:
+    """The CPUs every peer process is confined to (``--pin-cpu``), or None for no pinning.
+
+    ``auto``: with ``--threads 1`` the last CPU this driver may use (with more threads, or 0,
+    none); ``none``: no pinning; ``3`` or ``2,3``: those CPUs.
+    """
+    if option == "none" or not hasattr(os, "sched_setaffinity"):
+        return None
+    if option == "auto":
+        return {max(os.sched_getaffinity(0))} if threads == 1 else None
+    return {int(c) for c in option.split(",") if c.strip()}
+
+
+def pin(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` setting the child's CPU affinity before it imports anything.
+
+    XLA (and TensorFlow, and OpenMP) size their thread pools from the CPUs a process may
+    run on, so a process pinned to one CPU gets pools of one thread, and whatever threads it
+    still starts share that one core: its CPU time cannot exceed its wall time.
+    """
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
 
 def forms_of(peer: str, args: argparse.Namespace) -> list[str]:
@@ -289,6 +317,7 @@ def run_peer(peer: str, form: str, args: argparse.Namespace, out_dir: Path) -> d
             text=True,
             timeout=args.timeout,
             cwd=ROOT,
+            preexec_fn=pin(args.cpus),
         )
     except subprocess.TimeoutExpired:
         return {**tag, "error": f"timed out after {args.timeout} s"}
@@ -331,6 +360,7 @@ def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any] | None:
         capture_output=True,
         text=True,
         cwd=ROOT,
+        preexec_fn=pin(args.cpus),
     )
     if proc.returncode != 0:
         print(proc.stderr[-2000:])
@@ -383,6 +413,12 @@ def main() -> None:
         help="intra-op threads per process (0: each library's default)",
     )
     parser.add_argument(
+        "--pin-cpu",
+        default="auto",
+        help="CPU(s) every process is pinned to: auto (with --threads 1, the last CPU), "
+        "none, or a list such as 1 or 2,3",
+    )
+    parser.add_argument(
         "--peer-repeats",
         default="",
         help="per-peer repeats overriding --repeats, e.g. influenciae=2",
@@ -416,6 +452,7 @@ def main() -> None:
     if args.repeats < 1 or any(n < 1 for n in args.peer_repeats.values()):
         parser.error("repeats must be at least 1")
     args.input_forms = list(INPUT_FORMS) if args.input_form == "both" else [args.input_form]
+    args.cpus = pin_cpus(args.pin_cpu, args.threads)
     args.reuse = {p.strip() for p in args.reuse.split(",") if p.strip()}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -436,6 +473,7 @@ def main() -> None:
         "machine": machine(),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "input_forms": args.input_forms,
+        "pinned_cpus": ",".join(map(str, sorted(args.cpus))) if args.cpus else None,
         "thread_env": {
             k: v
             for k, v in thread_env(args.threads).items()
