@@ -1,4 +1,4 @@
-"""The driver's report: the tables of a run and the one-core check.
+"""The driver's report: headline ratios, tables and the one-core check.
 
 Every result is one library (or one of our engines and settings) in one input form. Ratios
 compare like with like: a row's time over the fastest *peer library* at the same stage **in
@@ -36,6 +36,14 @@ def fmt_s(x: float | None) -> str:
     if x is None:
         return "–"
     return f"{x * 1e3:.1f} ms" if x < 0.1 else f"{x:.2f} s"
+
+
+def setting(peer: str, form: str) -> str:
+    """``ours-jax-b8`` in ``prebatched`` -> ``ours-jax (engine jax, block_size=8, prebatched)``."""
+    if not peer.startswith("ours-"):
+        return f"{peer} ({form})"
+    engine, _, block = peer.removeprefix("ours-").partition("-b")
+    return f"ours-{engine} (engine {engine}, block_size={block or 1}, {form})"
 
 
 class Ratios:
@@ -79,6 +87,51 @@ def by_peer(ok: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     return list(groups.items())
 
 
+def headline(ok: list[dict[str, Any]], ratios: Ratios) -> tuple[list[str], list[dict]]:
+    """Markdown lines and their data: per input form and engine setting, like-for-like ratios.
+
+    First line: what a peer does (the training set re-projected at every call: ours'
+    ``scores_cold`` / ``top_k_cold``); second line: the kept-vector workflow.
+    """
+    lines: list[str] = []
+    data = []
+    forms = list(dict.fromkeys(r["input_form"] for r in ok))
+    for form in forms:
+        block = []
+        for r in ok:
+            if not r["peer"].startswith("ours-") or r["input_form"] != form:
+                continue
+            entry: dict[str, Any] = {"peer": r["peer"], "input_form": form}
+            parts = []
+            for stage, title in (
+                ("fit", "fit"),
+                ("self_influence", "self-influence"),
+                ("scores_cold", "scores"),
+                ("top_k_cold", "top-10"),
+            ):
+                ratio = ratios.of(r, stage)
+                if ratio is not None:
+                    entry[stage] = {"ratio": ratio[0], "against": ratio[1]}
+                    parts.append(f"{title} **{ratio[0]:.2f}×** {ratio[1]}")
+            kept = []
+            for stage, title in (("scores", "scores"), ("top_k", "top-10")):
+                ratio = ratios.of(r, stage)
+                if ratio is not None:
+                    entry[f"{stage}_kept"] = {"ratio": ratio[0], "against": ratio[1]}
+                    kept.append(f"{title} {ratio[0]:.2f}× {ratio[1]}")
+            if not parts:
+                continue
+            data.append(entry)
+            block.append(f"- {setting(r['peer'], form)}: " + ", ".join(parts))
+            if kept:
+                block.append(
+                    "  - training vectors kept (`cache_training_vectors`): " + ", ".join(kept)
+                )
+        if block:
+            lines += [f"Input form `{form}`:", "", *block, ""]
+    return lines, data
+
+
 def one_core_check(ok: list[dict[str, Any]], threads: int) -> list[str]:
     """Rows whose CPU time exceeds their wall time: more than one core at work."""
     if threads != 1:
@@ -110,7 +163,13 @@ def table(
     lines = [f"Problem `{args.problem}`: {info['problem']}.", ""]
     if info.get("provisional"):
         lines += [f"**Provisional figures**: {info['provisional']}.", ""]
+    head, info["headline"] = headline(ok, ratios)
     lines += [
+        "Headline: our time over the fastest peer library at the same stage, in the same "
+        "input form (below 1 is faster), with the training set re-projected at every call as "
+        "the peers do; the second line keeps the training vectors between calls.",
+        "",
+        *head,
         f"Wall time: {repeats}; median over the repeats after the first (over the one repeat "
         "when there is one); *first call* is the first repeat, compilation and lazy "
         "initialisation included. In brackets: × the fastest peer library at that stage in "
