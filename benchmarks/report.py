@@ -1,4 +1,4 @@
-"""The driver's report: headline ratios, tables and the one-core check.
+"""The driver's report: headline ratios, tables, the one-core check, and publishing.
 
 Every result is one library (or one of our engines and settings) in one input form. Ratios
 compare like with like: a row's time over the fastest *peer library* at the same stage **in
@@ -12,13 +12,16 @@ printed on its own as the "first call" (compilation and lazy initialisation incl
 from __future__ import annotations
 
 import argparse
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench_common import STAGES
+from bench_common import HERE, STAGES
 
+PUBLISHED = HERE / "published"
 LIBRARIES = ("captum", "dattri", "pydvl", "influenciae")
 STAGE_TITLES = {
     "fit": "fit",
@@ -349,3 +352,26 @@ def floor_table(ok: list[dict[str, Any]], floor: dict[str, Any]) -> list[str]:
                 f"{fit_cpu:.2f} | {st['self_influence']['median_s'] / pg:.2f} | {si_cpu:.2f} |"
             )
     return lines
+
+
+def publish(summary: dict[str, Any], text: str, problem: str, where: Path = PUBLISHED) -> Path:
+    """Copy the run's summary (without the paths of its arrays) and table to ``where``.
+
+    Named ``<problem>-<UTC date>.json`` / ``.md``; a second run on the same day gets the
+    time appended, and a run on a loaded machine ``-provisional``. Returns the JSON's path.
+    """
+    where.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc)
+    stem = f"{problem}-{now:%Y-%m-%d}"
+    if (where / f"{stem}.json").exists():
+        stem += f"-{now:%H%M}"
+    if summary["info"].get("provisional"):
+        stem += "-provisional"
+    slim = {
+        **summary,
+        "results": [{k: v for k, v in r.items() if k != "files"} for r in summary["results"]],
+    }
+    path = where / f"{stem}.json"
+    path.write_text(json.dumps(slim, indent=1, default=str) + "\n")
+    (where / f"{stem}.md").write_text(text + "\n")
+    return path

@@ -5,7 +5,8 @@ made by ``setup_peers.sh``; ours in the main environment), writes its figures as
 score arrays (already mapped to the project's convention) as .npy. This driver computes the
 exact oracle (dense Hessian, small model only), the accuracy of every peer against it, the
 ratios against the fastest peer, and the autodiff-floor ratios, then prints the table and
-writes ``results/<problem>-summary.json`` and ``results/<problem>-table.md``.
+writes ``results/<problem>-summary.json`` and ``results/<problem>-table.md`` (``--publish``:
+also ``published/<problem>-<date>.json`` / ``.md``, committed).
 
 Every library runs once per input form (``--input-form``, default both; see
 ``bench_common.INPUT_FORMS``), each form its own rows, and ratios compare rows of the same
@@ -44,6 +45,7 @@ from bench_common import (
 
 ROOT = HERE.parent
 VENVS = HERE / ".venvs"
+PUBLISHED = report.PUBLISHED
 LIBRARIES = report.LIBRARIES
 # "-b<b>": the same engine fitting by block Arnoldi with block_size=b.
 OURS = (
@@ -439,6 +441,13 @@ def main() -> None:
         help="every peer builds its model and inputs in every form and makes one pass over "
         "them; nothing is timed (checks a problem's paths, e.g. --problem cnn, in minutes)",
     )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also copy the summary JSON and the table to benchmarks/published/"
+        "<problem>-<date>.json / .md (committed; what docs/benchmarks.md quotes)",
+    )
+    parser.add_argument("--publish-dir", default=str(PUBLISHED), help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         args.peer_repeats = {
@@ -538,6 +547,9 @@ def main() -> None:
         json.dumps(summary, indent=1, default=str)
     )
     print(f"\nWritten: {out_dir / (args.problem + '-summary.json')} and -table.md")
+    if args.publish:
+        path = report.publish(summary, text, args.problem, Path(args.publish_dir))
+        print(f"Published: {path} and {path.with_suffix('.md')} (commit them)")
 
 
 def dry_run(peers: list[str], args: argparse.Namespace, out_dir: Path) -> None:
