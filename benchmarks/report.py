@@ -172,6 +172,16 @@ def table(
         "input form (below 1 is faster), with the training set re-projected at every call as "
         "the peers do; the second line keeps the training vectors between calls.",
         "",
+    ]
+    single = sorted({r["peer"] for r in ok if r.get("repeats", 1) < 2})
+    if single:
+        lines += [
+            "One repeat only for " + ", ".join(single) + ": their medians are first calls "
+            "(compilation and lazy initialisation included), so their ratios do not measure "
+            "steady-state speed.",
+            "",
+        ]
+    lines += [
         *head,
         f"Wall time: {repeats}; median over the repeats after the first (over the one repeat "
         "when there is one); *first call* is the first repeat, compilation and lazy "
