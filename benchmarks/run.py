@@ -15,7 +15,7 @@ headline: ``report.py``.
 
     python benchmarks/run.py --peer-repeats influenciae=2     # digits, every peer, both forms
     python benchmarks/run.py --problem cnn --peers ours-torch,captum,dattri,pydvl
-    python benchmarks/run.py --problem cnn --dry-run          # inputs only, nothing timed
+    python benchmarks/run.py --problem cnn --peers ours-torch,pydvl --dry-run  # inputs only
 """
 
 from __future__ import annotations
