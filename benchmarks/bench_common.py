@@ -26,6 +26,16 @@ RESULTS = HERE / "results"
 STAGES = ("fit", "self_influence", "scores", "top_k")
 TOP_K = 10
 
+#: How the data reaches a library (``--input-form``), each measured and reported separately:
+#:
+#: - ``prebatched``: batches made once, before any timing: a list of ``(x, y)`` tensor
+#:   tuples, or the thinnest loader over them for a library that insists on one;
+#: - ``dataloader``: the framework's idiomatic pipeline over the examples, re-run at every
+#:   pass over the data: ``DataLoader(TensorDataset(x, y), batch_size=B)`` in PyTorch
+#:   (collating B single examples per batch), ``tf.data.Dataset.from_tensor_slices((x, y))
+#:   .batch(B)`` in TensorFlow, host NumPy batches in JAX (which has no loader of its own).
+INPUT_FORMS = ("prebatched", "dataloader")
+
 
 def rss_mb() -> float:
     """Resident set size of this process now, in MiB (Linux /proc)."""
@@ -81,6 +91,12 @@ class StageRecorder:
     The CPU time (all threads of the process) is recorded next to the wall time because the
     benchmark machine may be shared: under load the wall time stretches while the CPU time
     of the work itself changes much less.
+
+    Warm-up: none is run apart from the repeats. The first repeat of every stage includes
+    whatever the library does on a first call (tracing and compilation for JAX and
+    ``tf.function``, torch's lazy initialisation); it is reported on its own as the *first
+    call*, and the medians are taken over the repeats after the first when there are two
+    or more (with a single repeat, the median is that first call).
     """
 
     def __init__(self) -> None:
@@ -98,16 +114,22 @@ class StageRecorder:
         return out
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "seconds": entry["seconds"],
-                "median_s": statistics.median(entry["seconds"]),
-                "cpu_seconds": entry["cpu_seconds"],
-                "median_cpu_s": statistics.median(entry["cpu_seconds"]),
+        """Per stage: every repeat, the first call, and medians over the later repeats."""
+        out = {}
+        for name, entry in self.stages.items():
+            wall, cpu = entry["seconds"], entry["cpu_seconds"]
+            steady = slice(1, None) if len(wall) >= 2 else slice(None)
+            out[name] = {
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "first_s": wall[0],
+                "first_cpu_s": cpu[0],
+                "median_s": statistics.median(wall[steady]),
+                "median_cpu_s": statistics.median(cpu[steady]),
+                "median_of": "repeats 2.." + str(len(wall)) if len(wall) >= 2 else "repeat 1",
                 "peak_mb": max(entry["peak_mb"]),
             }
-            for name, entry in self.stages.items()
-        }
+        return out
 
 
 def load_problem(name: str) -> dict[str, Any]:
@@ -138,7 +160,72 @@ def peer_arguments(description: str) -> argparse.Namespace:
         "--no-mislabel", action="store_true", help="skip the fit on the flipped-label model"
     )
     parser.add_argument("--engine", default="torch", help="ours only: torch, jax or tensorflow")
-    return parser.parse_args()
+    parser.add_argument(
+        "--input-form",
+        default="prebatched",
+        choices=INPUT_FORMS,
+        help="prebatched (batches made once) or dataloader (the framework's own pipeline)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model and the inputs, make one pass over them, and stop",
+    )
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def dry_run_report(args: argparse.Namespace, peer: str, inputs: dict[str, Any]) -> None:
+    """One pass over every input of ``inputs`` (name -> iterable of batches); print the sizes.
+
+    Proves the input form is built and iterable for the problem without running any stage.
+    """
+    parts = []
+    for name, batches in inputs.items():
+        sizes = [int(np.shape(_first(batch))[0]) for batch in batches]
+        parts.append(f"{name}: {len(sizes)} batch(es) of {sorted(set(sizes), reverse=True)}")
+    print(f"dry run {peer} {args.problem} {args.input_form}: " + "; ".join(parts), flush=True)
+
+
+def _first(batch: Any) -> Any:
+    """``x`` of an ``(x, y)`` batch (a tuple, list or dict with key ``x``)."""
+    if isinstance(batch, dict):
+        return batch.get("x", next(iter(batch.values())))
+    return batch[0]
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, summed by thread name (Linux /proc).
+
+    Shows which pools did the work (``python``: the main thread and Python-level threads;
+    ``tf_XLAEigen``: XLA's CPU pool; ...); threads under 10 ms are left out.
+    """
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return {name: round(s, 3) for name, s in sorted(out.items()) if s >= 0.01}
+
+
+def affinity_note(threads: int) -> str:
+    """The process's thread setting and the CPUs it may run on."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return f"--threads {threads or 'default'}; " + (
+        f"CPU affinity {cpus} of {os.cpu_count()} CPUs" if cpus else "affinity unknown"
+    )
 
 
 def write_result(
@@ -169,11 +256,13 @@ def write_result(
     result = {
         "peer": peer,
         "problem": args.problem,
+        "input_form": args.input_form,
         "repeats": args.repeats,
         "stages": recorder.summary(),
         "max_rss_mb": max_rss_mb(),
+        "thread_cpu_s": thread_cpu_seconds(),
         "files": files,
         "versions": versions,
-        "notes": notes,
+        "notes": [*notes, affinity_note(args.threads)],
     }
     out.write_text(json.dumps(result, indent=1))

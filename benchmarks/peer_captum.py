@@ -6,6 +6,11 @@ so with ``hessian_reg = N δ`` its scores are ``g_zᵀ (N(H + δI))⁻¹ g_x``: 
 We multiply by N. captum keeps only eigenvalues above ``hessian_inverse_tol`` (positive ones);
 with the damping every kept eigenvalue is positive here. ``arnoldi_tol`` is lowered so that
 the iteration runs all ``subspace_dim`` steps, as the others do.
+
+Inputs. captum takes the training data as a ``DataLoader`` (or a ``Dataset`` it batches
+itself): the form's ``train_loader``, i.e. ``DataLoader(list_of_batches, batch_size=None)``
+when prebatched (how captum wraps a single batch itself) or the ``TensorDataset`` DataLoader.
+Its ``influence`` takes the queries as one batch tuple, the same in both forms.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ def fit(model: torch.nn.Module, data: dict[str, Any]) -> Any:
     config, n = data["config"], data["num_train"]
     return ArnoldiInfluenceFunction(
         model,
-        data["train"],
+        data["train_loader"],
         checkpoint="in-memory",
         checkpoints_load_func=lambda net, path: 1.0,  # the model is already loaded
         loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
@@ -39,7 +44,7 @@ def fit(model: torch.nn.Module, data: dict[str, Any]) -> Any:
 
 
 def self_influence(state: Any, data: dict[str, Any]) -> np.ndarray:
-    return state.self_influence(data["train"]).detach().numpy() * data["num_train"]
+    return state.self_influence(data["train_loader"]).detach().numpy() * data["num_train"]
 
 
 def query_batch(data: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,5 +69,11 @@ if __name__ == "__main__":
         scores,
         top_k,
         {"captum": captum.__version__, "torch": torch.__version__},
-        ["summed Hessian: scores × N", "hessian_reg = N (damping + l2)", "per-example grads"],
+        [
+            "summed Hessian: scores × N",
+            "hessian_reg = N (damping + l2)",
+            "per-example grads",
+            "train: the form's DataLoader; queries: one (x, y) tuple in both forms",
+        ],
+        uses=("train_loader",),
     )

@@ -11,6 +11,17 @@ to its kept eigenvalues (``calc.eig_vals``): by shift invariance of Krylov space
 damped Hessian of the trained objective, as for the other peers. It keeps the k *smallest* |λ|
 (REFERENCE.md §2): left as is — that is the library. Its top-k returns training samples, not
 indices; they are mapped back to indices by their bytes.
+
+Inputs. influenciae takes only a batched ``tf.data.Dataset`` (it reads the private
+``dataset._batch_size`` and checks that the dataset is batched), so it runs in the
+``dataloader`` form alone: ``tf.data.Dataset.from_tensor_slices((x, y)).batch(B)``, the
+idiomatic TensorFlow pipeline. A list of pre-made batches, or a dataset of them built with
+``from_tensors``, is not a ``BatchDataset`` and is refused; the driver does not ask for it.
+
+Threads and warm-up. ``--threads`` sets TensorFlow's intra-op threads (and one inter-op
+thread) before any operation. influenciae decorates its methods with ``tf.function``, traced
+per instance: every repeat's fresh calculator traces again, which the library does for any
+user; the first repeat also pays TensorFlow's start-up.
 """
 
 from __future__ import annotations
@@ -22,7 +33,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bench_common import TOP_K, StageRecorder, load_problem, peer_arguments, write_result
+from bench_common import (
+    TOP_K,
+    StageRecorder,
+    dry_run_report,
+    load_problem,
+    peer_arguments,
+    write_result,
+)
 
 
 def keras_mlp(problem: dict[str, Any], which: str) -> Any:
@@ -43,6 +61,11 @@ def main() -> None:
     from deel.influenciae.influence import ArnoldiInfluenceCalculator
 
     args = peer_arguments("benchmark peer: influenciae")
+    if args.input_form != "dataloader":
+        sys.exit(
+            "influenciae peer: only --input-form dataloader (a batched tf.data.Dataset, "
+            "the one input influenciae accepts)"
+        )
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -94,6 +117,9 @@ def main() -> None:
         return np.concatenate([np.asarray(o) for o in out], axis=0)
 
     train, query = datasets("clean")
+    if args.dry_run:
+        dry_run_report(args, "influenciae", {"train": train, "query": query})
+        return
     recorder = StageRecorder()
     si = sc = tk = None
     for _ in range(args.repeats):
@@ -115,6 +141,9 @@ def main() -> None:
         "no damping in influenciae: δ + l2 added to its kept eigenvalues",
         "keeps the k smallest |λ| (its selection)",
         "top-k returns samples: mapped back",
+        "input form dataloader: tf.data from_tensor_slices((x, y)).batch(B), its only input",
+        "tf.function methods traced per calculator instance: every repeat traces again; "
+        "medians over the repeats after the first",
     ]
     write_result(args, "influenciae", recorder, sc, si, flipped, tk, versions, notes)
 

@@ -5,10 +5,17 @@ made by ``setup_peers.sh``; ours in the main environment), writes its figures as
 score arrays (already mapped to the project's convention) as .npy. This driver computes the
 exact oracle (dense Hessian, small model only), the accuracy of every peer against it, the
 ratios against the fastest peer, and the autodiff-floor ratios, then prints the table and
-writes ``results/<problem>-summary.json`` and ``results/<problem>-table.md``.
+writes ``results/<problem>-summary.json`` and ``results/<problem>-table.md`` (``--publish``:
+also ``published/<problem>-<date>.json`` / ``.md``, committed).
 
-    python benchmarks/run.py                                  # digits, every peer, 3 repeats
+Every library runs once per input form (``--input-form``, default both; see
+``bench_common.INPUT_FORMS``), each form its own rows, and ratios compare rows of the same
+form. With ``--threads 1`` every process is pinned to one CPU (``--pin-cpu``). Tables and
+headline: ``report.py``.
+
+    python benchmarks/run.py --peer-repeats influenciae=2     # digits, every peer, both forms
     python benchmarks/run.py --problem cnn --peers ours-torch,captum,dattri,pydvl
+    python benchmarks/run.py --problem cnn --peers ours-torch,pydvl --dry-run  # inputs only
 """
 
 from __future__ import annotations
@@ -26,11 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from bench_common import HERE, RESULTS, STAGES, TOP_K, load_problem, top_k_indices
+import report
+from bench_common import (
+    HERE,
+    INPUT_FORMS,
+    RESULTS,
+    TOP_K,
+    load_problem,
+    top_k_indices,
+)
 
 ROOT = HERE.parent
 VENVS = HERE / ".venvs"
-LIBRARIES = ("captum", "dattri", "pydvl", "influenciae")
+PUBLISHED = report.PUBLISHED
+LIBRARIES = report.LIBRARIES
 # "-b<b>": the same engine fitting by block Arnoldi with block_size=b.
 OURS = (
     "ours-torch",
@@ -41,6 +57,9 @@ OURS = (
     "ours-tensorflow-b8",
 )
 ALL_PEERS = OURS + LIBRARIES
+#: Input forms a library accepts, where not both: influenciae takes only a batched
+#: tf.data.Dataset (see peer_influenciae.py).
+ACCEPTS = {"influenciae": ("dataloader",)}
 
 
 # ------------------------------------------------------------------------------ the oracle
@@ -194,6 +213,15 @@ def interpreter(peer: str) -> tuple[Path | None, str]:
 
 
 def thread_env(threads: int) -> dict[str, str]:
+    """The environment of every peer process: quiet logs, paths, and thread counts.
+
+    With ``threads`` > 0 the BLAS and OpenMP pools get that many threads, TensorFlow's
+    intra-op pool too (inter-op 1; the TF scripts also call ``tf.config.threading``), and
+    with 1 thread XLA gets ``--xla_cpu_multi_thread_eigen=false
+    intra_op_parallelism_threads=1`` before JAX is imported. On JAX 0.10 that alone does not
+    stop XLA's CPU client from running work on its own pool (one thread per CPU it may use):
+    :func:`pin` is what holds every process to one core.
+    """
     env = dict(os.environ)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["PYTHONWARNINGS"] = "ignore"
@@ -214,17 +242,48 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_peer(peer: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    out = out_dir / f"{args.problem}-{peer}.json"
+def pin_cpus(option: str, threads: int) -> set[int] | None:
+    """The CPUs every peer process is confined to (``--pin-cpu``), or None for no pinning.
+
+    ``auto``: with ``--threads 1`` the last CPU this driver may use (with more threads, or 0,
+    none); ``none``: no pinning; ``3`` or ``2,3``: those CPUs.
+    """
+    if option == "none" or not hasattr(os, "sched_setaffinity"):
+        return None
+    if option == "auto":
+        return {max(os.sched_getaffinity(0))} if threads == 1 else None
+    return {int(c) for c in option.split(",") if c.strip()}
+
+
+def pin(cpus: set[int] | None) -> Any:
+    """A ``preexec_fn`` setting the child's CPU affinity before it imports anything.
+
+    XLA (and TensorFlow, and OpenMP) size their thread pools from the CPUs a process may
+    run on, so a process pinned to one CPU gets pools of one thread, and whatever threads it
+    still starts share that one core: its CPU time cannot exceed its wall time.
+    """
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def forms_of(peer: str, args: argparse.Namespace) -> list[str]:
+    """The input forms ``peer`` runs in: the requested ones that the library accepts."""
+    return [form for form in args.input_forms if form in ACCEPTS.get(peer, INPUT_FORMS)]
+
+
+def run_peer(peer: str, form: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    out = out_dir / f"{args.problem}-{peer}-{form}.json"
+    tag = {"peer": peer, "input_form": form}
     if peer in args.reuse:
         if not out.exists():
-            return {"peer": peer, "error": f"--reuse: {out} does not exist"}
-        print(f"-- {peer}: reusing {out}", flush=True)
+            return {**tag, "error": f"--reuse: {out} does not exist"}
+        print(f"-- {peer} ({form}): reusing {out}", flush=True)
         earlier = json.loads(out.read_text())
         return earlier if "error" in earlier else {**earlier, "reused": True}
     python, why = interpreter(peer)
     if python is None:
-        return {"peer": peer, "error": why}
+        return {**tag, "error": why}
     script = HERE / ("peer_ours.py" if peer in OURS else f"peer_{peer}.py")
     if out.exists():
         out.unlink()
@@ -240,12 +299,17 @@ def run_peer(peer: str, args: argparse.Namespace, out_dir: Path) -> dict[str, An
         str(out),
         "--threads",
         str(args.threads),
+        "--input-form",
+        form,
     ]
     if peer in OURS:
         cmd += ["--engine", peer.removeprefix("ours-")]
-    if args.no_mislabel:
+    # The mislabel fit does not depend on the input form: once per library, in its first.
+    if args.no_mislabel or form != forms_of(peer, args)[0]:
         cmd.append("--no-mislabel")
-    print(f"-- {peer}: {shlex.join(cmd)}", flush=True)
+    if args.dry_run:
+        cmd.append("--dry-run")
+    print(f"-- {peer} ({form}): {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -255,14 +319,21 @@ def run_peer(peer: str, args: argparse.Namespace, out_dir: Path) -> dict[str, An
             text=True,
             timeout=args.timeout,
             cwd=ROOT,
+            preexec_fn=pin(args.cpus),
         )
     except subprocess.TimeoutExpired:
-        return {"peer": peer, "error": f"timed out after {args.timeout} s"}
+        return {**tag, "error": f"timed out after {args.timeout} s"}
     elapsed = time.perf_counter() - start
-    (out_dir / f"{args.problem}-{peer}.log").write_text(proc.stdout + proc.stderr)
+    (out_dir / f"{args.problem}-{peer}-{form}.log").write_text(proc.stdout + proc.stderr)
+    if args.dry_run:
+        said = [ln for ln in proc.stdout.splitlines() if ln.startswith("dry run")]
+        ok = proc.returncode == 0 and bool(said)
+        tail = said or (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        print(("   " if ok else "   FAILED: ") + " | ".join(tail), flush=True)
+        return {**tag, "error": "dry run" if ok else f"dry run failed: exit {proc.returncode}"}
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        return {"peer": peer, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        return {**tag, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
     result = json.loads(out.read_text())
     result["subprocess_s"] = elapsed
     print(f"   done in {elapsed:.0f} s", flush=True)
@@ -286,7 +357,12 @@ def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any] | None:
     ]
     print(f"-- floor: {shlex.join(cmd)}", flush=True)
     proc = subprocess.run(
-        cmd, env=thread_env(args.threads), capture_output=True, text=True, cwd=ROOT
+        cmd,
+        env=thread_env(args.threads),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=pin(args.cpus),
     )
     if proc.returncode != 0:
         print(proc.stderr[-2000:])
@@ -312,178 +388,26 @@ def machine() -> dict[str, str]:
     }
 
 
-def fmt_s(x: float | None) -> str:
-    if x is None:
-        return "–"
-    return f"{x * 1e3:.1f} ms" if x < 0.1 else f"{x:.2f} s"
-
-
-def table(
-    results: list[dict[str, Any]],
-    floor: dict[str, Any] | None,
-    args: argparse.Namespace,
-    info: dict[str, Any],
-) -> str:
-    ok = [r for r in results if "stages" in r]
-    libraries = [r for r in ok if r["peer"] in LIBRARIES]
-    fastest = {
-        stage: min(
-            (r["stages"][stage]["median_s"] for r in libraries if stage in r["stages"]),
-            default=None,
-        )
-        for stage in STAGES
-    }
-    fastest_cpu = {
-        stage: min(
-            (r["stages"][stage]["median_cpu_s"] for r in libraries if stage in r["stages"]),
-            default=None,
-        )
-        for stage in STAGES
-    }
-    lines = [
-        f"Problem `{args.problem}`: {info['problem']}.",
-        "",
-        f"Wall time, median of {args.repeats} repeats"
-        + (
-            f" ({', '.join(f'{k}: {v}' for k, v in args.peer_repeats.items())})"
-            if args.peer_repeats
-            else ""
-        )
-        + " (× the fastest other library at that stage; "
-        "below 1 is faster). CPU seconds (all threads) in the second table. Our engines keep "
-        "the training vectors of the self-influence stage (`cache_training_vectors`) for the "
-        "scores and top-10 stages; their rows 'training re-projected' give those stages "
-        "without it, re-projecting the training set at each call as the peers do.",
-        "",
-        "| peer | fit | self-influence (train) | scores (queries × train) | top-10 |",
-        "|---|---|---|---|---|",
-    ]
-    for r in ok:
-        cells = []
-        for stage in STAGES:
-            s = r["stages"].get(stage)
-            if s is None:
-                cells.append("–")
-                continue
-            ratio = s["median_s"] / fastest[stage] if fastest[stage] else None
-            cells.append(fmt_s(s["median_s"]) + (f" ({ratio:.2f}×)" if ratio else ""))
-        name = r["peer"] + (" (earlier run)" if r.get("reused") else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        cold = [r["stages"].get(f"{stage}_cold") for stage in ("scores", "top_k")]
-        if all(cold):  # ours, with the training set re-projected at each call as peers do
-            cells = [
-                fmt_s(s["median_s"])
-                + (f" ({s['median_s'] / fastest[stage]:.2f}×)" if fastest[stage] else "")
-                for s, stage in zip(cold, ("scores", "top_k"))
-            ]
-            lines.append(f"| {name}, training re-projected | – | – | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| peer | CPU s: fit | self-influence | scores | top-10 | peak MB: fit | "
-        "self-influence | scores | top-10 | max RSS MB |",
-        "|---|" + "---|" * 9,
-    ]
-    for r in ok:
-        st = r["stages"]
-        cpu = [
-            fmt_s(st[s]["median_cpu_s"])
-            + (f" ({st[s]['median_cpu_s'] / fastest_cpu[s]:.2f}×)" if fastest_cpu[s] else "")
-            if s in st
-            else "–"
-            for s in STAGES
-        ]
-        mem = [f"{st[s]['peak_mb']:.0f}" if s in st else "–" for s in STAGES]
-        lines.append(f"| {r['peer']} | " + " | ".join(cpu + mem) + f" | {r['max_rss_mb']:.0f} |")
-    lines += [
-        "",
-        "Accuracy against the exact oracle (dense Hessian, float64) and mislabel "
-        "detection (AUC of self-influence, 10 % flipped labels, retrained model):",
-        "",
-        "| peer | Spearman (scores) | top-10 overlap | scale vs exact | "
-        "Spearman vs exact top-k truncation | Spearman (self-influence) | mislabel AUC | "
-        "own top-k = top-k of own scores |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-
-    def f3(x: Any) -> str:
-        return "–" if x is None else f"{x:.4f}"
-
-    oracle_auc = info.get("oracle_auc")
-    if oracle_auc is not None:
-        lines.append(f"| exact oracle | 1 | 1 | 1 | – | 1 | {oracle_auc:.4f} | – |")
-        trunc = info.get("truncated")
-        if trunc:
-            lines.append(
-                f"| exact top-k truncation | {trunc['spearman']:.4f} | {trunc['top10_overlap']:.4f}"
-                f" | {trunc['scale_vs_exact']:.4f} | 1 | {trunc['self_influence_spearman']:.4f} "
-                "| – | – |"
-            )
-    for r in ok:
-        a = r.get("accuracy", {})
-        lines.append(
-            f"| {r['peer']} | {f3(a.get('spearman'))} | {f3(a.get('top10_overlap'))} | "
-            f"{f3(a.get('scale_vs_exact'))} | {f3(a.get('spearman_vs_top_k'))} | "
-            f"{f3(a.get('self_influence_spearman'))} | "
-            f"{f3(a.get('auc'))} | {f3(a.get('top_k_self_consistency'))} |"
-        )
-    if floor:
-        hvp = min(floor["hvp_s"], floor["hvp_rev_rev_s"])
-        pg = floor["per_example_grads_s"]
-        project = floor[next(k for k in floor if k.startswith("project_jvp"))]
-        fit_floor = fmt_s(floor["subspace_dim"] * hvp)
-        lines += [
-            "",
-            f"Autodiff floor (torch.func, same model, {floor['threads']} thread(s)): one HVP "
-            f"over the {floor['num_train']} training points {fmt_s(floor['hvp_s'])} "
-            f"(forward-over-reverse) / {fmt_s(floor['hvp_rev_rev_s'])} (reverse-over-reverse); "
-            f"10 HVPs sharing a vmap pass {fmt_s(floor['hvp_vmap10_per_vector_s'])} per vector; "
-            f"one vmap(grad) per-example-gradient pass {fmt_s(pg)}; k JVPs of every "
-            f"per-example loss vmapped over k {fmt_s(project)}. CPU time of the same: "
-            + ", ".join(f"{k} {fmt_s(v)}" for k, v in floor.get("cpu_s", {}).items())
-            + " (hvp10: per vector).",
-            "",
-            "Lower-bound ratios: a stage's time over the autodiff it cannot avoid, by wall "
-            "time and by CPU time (CPU seconds of the stage over CPU seconds of the floor "
-            "operation; steadier on a shared machine).",
-            "",
-            f"| peer | fit / ({floor['subspace_dim']} × one HVP = {fit_floor}), wall | "
-            "fit / HVPs, CPU | self-influence / one per-example-gradient pass, wall | "
-            "self-influence / per-example gradients, CPU |",
-            "|---|---|---|---|---|",
-        ]
-        cpu = floor.get("cpu_s", {})
-        hvp_cpu = min(cpu.get("hvp", np.inf), cpu.get("hvp_rev_rev", np.inf))
-        pg_cpu = cpu.get("per_example_grads")
-        for r in ok:
-            st = r["stages"]
-            fit_cpu = st["fit"]["median_cpu_s"] / (floor["subspace_dim"] * hvp_cpu)
-            si_cpu = st["self_influence"]["median_cpu_s"] / pg_cpu if pg_cpu else np.nan
-            lines.append(
-                f"| {r['peer']} | {st['fit']['median_s'] / (floor['subspace_dim'] * hvp):.2f} | "
-                f"{fit_cpu:.2f} | {st['self_influence']['median_s'] / pg:.2f} | {si_cpu:.2f} |"
-            )
-    failed = [r for r in results if "error" in r]
-    if failed:
-        lines += ["", "Not measured:", ""]
-        lines += [f"- {r['peer']}: {r['error']}" for r in failed]
-    lines += [
-        "",
-        f"Machine: {info['machine']['nproc']} CPUs ({info['machine']['cpu']}), "
-        f"load average before {info['load_before']}, after {info['load_after']}; "
-        f"{args.threads or 'default'} intra-op thread(s) per process.",
-        "",
-        f"Command: `{info['command']}`",
-    ]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problem", default="digits", choices=("digits", "cnn"))
     parser.add_argument(
         "--peers", default=",".join(ALL_PEERS), help=f"comma-separated, from {', '.join(ALL_PEERS)}"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--input-form",
+        default="both",
+        choices=("both", *INPUT_FORMS),
+        help="how the data reaches every library: prebatched (batches made once), "
+        "dataloader (the framework's own pipeline), or both (each its own rows)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=4,
+        help="repeats per library and form; the first is reported as the first call, the "
+        "median is over the others",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -491,11 +415,17 @@ def main() -> None:
         help="intra-op threads per process (0: each library's default)",
     )
     parser.add_argument(
+        "--pin-cpu",
+        default="auto",
+        help="CPU(s) every process is pinned to: auto (with --threads 1, the last CPU), "
+        "none, or a list such as 1 or 2,3",
+    )
+    parser.add_argument(
         "--peer-repeats",
         default="",
-        help="per-peer repeats overriding --repeats, e.g. influenciae=1",
+        help="per-peer repeats overriding --repeats, e.g. influenciae=2",
     )
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds per peer")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per peer and form")
     parser.add_argument(
         "--reuse",
         default="",
@@ -505,6 +435,19 @@ def main() -> None:
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--floor-repeats", type=int, default=10, help="repeats of each floor op")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="every peer builds its model and inputs in every form and makes one pass over "
+        "them; nothing is timed (checks a problem's paths, e.g. --problem cnn, in minutes)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also copy the summary JSON and the table to benchmarks/published/"
+        "<problem>-<date>.json / .md (committed; what docs/benchmarks.md quotes)",
+    )
+    parser.add_argument("--publish-dir", default=str(PUBLISHED), help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         args.peer_repeats = {
@@ -515,6 +458,10 @@ def main() -> None:
         }
     except ValueError:
         parser.error(f"--peer-repeats={args.peer_repeats!r}: expected peer=int[,peer=int...]")
+    if args.repeats < 1 or any(n < 1 for n in args.peer_repeats.values()):
+        parser.error("repeats must be at least 1")
+    args.input_forms = list(INPUT_FORMS) if args.input_form == "both" else [args.input_form]
+    args.cpus = pin_cpus(args.pin_cpu, args.threads)
     args.reuse = {p.strip() for p in args.reuse.split(",") if p.strip()}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -524,12 +471,25 @@ def main() -> None:
         parser.error(f"--peers: unknown {sorted(unknown)}; expected some of {ALL_PEERS}")
     if not (RESULTS / f"{args.problem}.npz").exists():
         subprocess.run([sys.executable, str(HERE / "prepare.py"), args.problem], check=True)
+    if args.dry_run:
+        dry_run(peers, args, out_dir)
+        return
     problem = load_problem(args.problem)
     config = problem["config"]
     info: dict[str, Any] = {
         "command": "python benchmarks/run.py " + shlex.join(sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "input_forms": args.input_forms,
+        "pinned_cpus": ",".join(map(str, sorted(args.cpus))) if args.cpus else None,
+        "thread_env": {
+            k: v
+            for k, v in thread_env(args.threads).items()
+            if k.endswith("_THREADS") or k == "XLA_FLAGS"
+        },
+        "timing": "median over the repeats after the first (over the one repeat when there "
+        "is one); first_s: the first repeat, compilation and lazy initialisation included",
         "config": config,
         "problem": (
             f"{config['kind'].upper()} with p = {config['num_parameters']} ({config['dtype']}), "
@@ -538,6 +498,7 @@ def main() -> None:
             f"damping δ = {config['damping']} on top of the L2 term l2 = {config['l2']}"
         ),
     }
+    loads = [os.getloadavg()[0]]
     oracle = exact_oracle(args.problem)
     if oracle is not None:
         info["oracle_auc"] = auc(oracle["flipped_self_influence"], problem["flip_mask"])
@@ -552,24 +513,57 @@ def main() -> None:
         }
     floor = None if args.no_floor else run_floor(args, out_dir)
     results = []
+    info["not_run"] = []
     for peer in peers:
-        result = run_peer(peer, args, out_dir)
-        if "error" in result and not result.get("reused"):
-            # Kept so that a later --reuse reports the same reason.
-            (out_dir / f"{args.problem}-{peer}.json").write_text(json.dumps(result))
-        if "stages" in result:
-            result["accuracy"] = accuracy(result, oracle, problem)
-        else:
-            print(f"   {peer}: {result['error']}", flush=True)
-        results.append(result)
+        skipped = [f for f in args.input_forms if f not in forms_of(peer, args)]
+        if skipped:
+            info["not_run"].append(
+                f"{peer}: {', '.join(skipped)} (it accepts {', '.join(ACCEPTS[peer])} only)"
+            )
+        for form in forms_of(peer, args):
+            result = run_peer(peer, form, args, out_dir)
+            loads.append(os.getloadavg()[0])
+            if "error" in result and not result.get("reused"):
+                # Kept so that a later --reuse reports the same reason.
+                (out_dir / f"{args.problem}-{peer}-{form}.json").write_text(json.dumps(result))
+            if "stages" in result:
+                result["accuracy"] = accuracy(result, oracle, problem)
+            else:
+                print(f"   {peer} ({form}): {result['error']}", flush=True)
+            results.append(result)
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    text = table(results, floor, args, info)
+    info["load_max"] = max(loads)
+    if info["load_max"] > (os.cpu_count() or 1):
+        info["provisional"] = (
+            f"the 1-minute load average reached {info['load_max']:.1f} on "
+            f"{os.cpu_count()} CPUs during the run (other work on the machine)"
+        )
+    text = report.table(results, floor, args, info)
     print()
     print(text)
+    summary = {"info": info, "floor": floor, "results": results}
     (out_dir / f"{args.problem}-table.md").write_text(text + "\n")
     (out_dir / f"{args.problem}-summary.json").write_text(
-        json.dumps({"info": info, "floor": floor, "results": results}, indent=1, default=str)
+        json.dumps(summary, indent=1, default=str)
     )
+    print(f"\nWritten: {out_dir / (args.problem + '-summary.json')} and -table.md")
+    if args.publish:
+        path = report.publish(summary, text, args.problem, Path(args.publish_dir))
+        print(f"Published: {path} and {path.with_suffix('.md')} (commit them)")
+
+
+def dry_run(peers: list[str], args: argparse.Namespace, out_dir: Path) -> None:
+    """Every peer in every form builds its model and inputs and makes one pass; no timing."""
+    failed = []
+    for peer in peers:
+        for form in forms_of(peer, args):
+            result = run_peer(peer, form, args, out_dir)
+            if result["error"] != "dry run":
+                failed.append(f"{peer} ({form}): {result['error']}")
+    if failed:
+        print("dry run failed:\n" + "\n".join(failed))
+        sys.exit(1)
+    print("dry run: every peer and input form built its inputs")
 
 
 if __name__ == "__main__":
