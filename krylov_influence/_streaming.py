@@ -60,12 +60,52 @@ class Placement:
     inverse : array, shape (k,)
         ``1 / (λ + δ)``.
     show_progress : bool
+    complement_weight : float or None
+        ``1 / (c + δ)`` of the spectral complement (:mod:`krylov_influence.complement`), or
+        ``None`` for plain truncation.
     """
 
     model: InfluenceModel
     projector: Any
     inverse: Any
     show_progress: bool = False
+    complement_weight: float | None = None
+
+    def self_influence(self, batch: Any, index: int, stage: str) -> Any:
+        """``S(x)`` of every example of ``batch``, shape (B,), with the complement if any."""
+        xp = self.xp
+        projected = self.projections(batch, index, stage)
+        squared = projected * projected
+        values = xp.sum(squared * self.inverse, axis=1)
+        if self.complement_weight is not None:
+            norms = self.gradient_norms(batch, index, stage)
+            values = values + self.complement_weight * (norms - xp.sum(squared, axis=1))
+        return require_finite(xp, values, "self-influence", stage, index)
+
+    def gradient_norms(self, batch: Any, index: int, stage: str) -> Any:
+        """``‖g‖²`` of every example of ``batch``, shape (B,) (the complement's share)."""
+        xp = self.xp
+        norms = self.model.squared_gradient_norms(batch)
+        return require_finite(xp, norms, "gradient norms", stage, index)
+
+    def complement_scores(
+        self, projected: Any, query_grads: Any, batch: Any, vectors: Any, index: int
+    ) -> Any:
+        """Scores of a query block against a training batch, complement included.
+
+        ``P_z v_xᵀ + w (G_z g_xᵀ − P_z P_xᵀ)`` with ``P_x = v_x (λ + δ)`` and the inner
+        products of gradients ``g_zᵀ g_x`` from projecting the training batch onto the
+        query gradients (shape (B_query, p)).
+        """
+        xp = self.xp
+        assert self.complement_weight is not None
+        cross = self.model.project(query_grads, batch)  # (B_train, B_query)
+        train_projected = vectors / self.inverse
+        transposed = xp.permute_dims(vectors, (1, 0))
+        truncated = xp.matmul(projected, transposed)
+        overlap = xp.matmul(projected, xp.permute_dims(train_projected, (1, 0)))
+        scores = truncated + self.complement_weight * (xp.permute_dims(cross, (1, 0)) - overlap)
+        return require_finite(xp, scores, "scores", "train_set", index)
 
     @property
     def xp(self) -> Any:
@@ -424,7 +464,8 @@ def save_top_k(
     query batch; the query batches come from ``queries`` again.
     """
     target = resolve_path(path, "top_k")
-    provenance = {name: metadata[name] for name in ("fingerprint", "eigenbasis", "dtype", "rank")}
+    names = ("fingerprint", "eigenbasis", "dtype", "rank", "complement")
+    provenance = {name: metadata[name] for name in names}
     guard_overwrite(target, "save_top_k_ds_path", "top_k", provenance)
     model = placement.model
     xp = placement.xp

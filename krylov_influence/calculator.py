@@ -19,6 +19,7 @@ vectors: for one call when ``CACHE.MEMORY`` asks for it, or across calls after
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -62,6 +63,11 @@ from krylov_influence._streaming import (
 )
 from krylov_influence.arnoldi import arnoldi_iteration
 from krylov_influence.cache import CACHE, MemoryStore, StoreKey, as_cache, resolve_path
+from krylov_influence.complement import (
+    SpectralComplement,
+    estimate_mean_discarded,
+    resolve_complement,
+)
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import NegativeEigenvalueWarning, NonFiniteError
@@ -122,6 +128,14 @@ class ArnoldiInfluenceCalculator:
     show_progress : bool, optional, keyword-only
         tqdm bars on the Arnoldi loop and passes over data; default: when stderr is a
         terminal.
+    complement : {"none", "mean"} or float, keyword-only, default "none"
+        What the directions outside the kept eigenpairs get (:mod:`krylov_influence.complement`):
+        nothing (the paper's truncation), the mean discarded eigenvalue ``c`` estimated at fit
+        time from ``complement_probes`` Hessian-vector products, or a given ``c ≥ 0``. Every
+        method then adds ``(g_zᵀ g_x − (G g_z)ᵀ (G g_x)) / (c + δ)`` to each score (a
+        projection onto the query gradients per training batch for pairwise scores).
+    complement_probes : int, keyword-only, default 10
+        Hutchinson probes of the estimate of ``c``.
     stage_hessian_data : bool, int or str, keyword-only, default True
         Memory budget for staging the Hessian data: before the Arnoldi loop the data is
         iterated once and every batch kept as the engine's arrays on the model's device, so
@@ -167,6 +181,8 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
         stage_hessian_data: bool | int | str = True,
+        complement: str | float = "none",
+        complement_probes: int = 10,
     ):
         require_reiterable(train_dataset, "train_dataset")
         self._configure(
@@ -183,6 +199,8 @@ class ArnoldiInfluenceCalculator:
             eigenvalue_selection=eigenvalue_selection,
             show_progress=show_progress,
             stage_hessian_data=stage_hessian_data,
+            complement=complement,
+            complement_probes=complement_probes,
         )
         assert self.hessian_dataset is not None  # the constructor always has train data
         self.num_hessian_examples = self._validate_data(
@@ -207,6 +225,8 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str,
         show_progress: bool | None,
         stage_hessian_data: bool | int | str = True,
+        complement: str | float = "none",
+        complement_probes: int = 10,
     ) -> None:
         """Validate and store the settings (shared by the constructor and :meth:`load`)."""
         self.model: InfluenceModel = bind_model(model)
@@ -234,6 +254,8 @@ class ArnoldiInfluenceCalculator:
         self.eigenvalue_selection = eigenvalue_selection
         self.show_progress = resolve_show_progress(show_progress)
         self.stage_hessian_data = resolve_stage_budget(stage_hessian_data)
+        self.complement = resolve_complement(complement)
+        self.complement_probes = _positive_int(complement_probes, "complement_probes")
         if self.dtype == "float64" and not self.model.capabilities.float64:
             raise ValueError(f"dtype='float64': the {self.model.engine_name} engine has no float64")
         if self.dtype != self.model.dtype_name:
@@ -310,7 +332,7 @@ class ArnoldiInfluenceCalculator:
                 if culprit is None:
                     raise
                 raise NonFiniteError(f"{error}; {culprit}") from None
-        return build_eigenbasis(
+        basis = build_eigenbasis(
             result,
             self.k_largest_eig_vals,
             force_hermitian=self.force_hermitian,
@@ -319,6 +341,29 @@ class ArnoldiInfluenceCalculator:
             xp=model.xp,
             device=model.device,
         )
+        if self.complement == "none":
+            return basis
+        if self.complement == "mean":
+            found = estimate_mean_discarded(
+                operator,
+                result.basis,
+                basis.ritz.spectrum,
+                basis.eigenvalues,
+                probes=self.complement_probes,
+                seed=self.seed,
+                xp=model.xp,
+                device=model.device,
+                to_numpy=model.to_numpy,
+            )
+        else:
+            found = SpectralComplement(float(self.complement), "given")
+        if found.value + self.damping <= 0 and basis.rank < model.num_parameters:
+            raise ValueError(
+                f"complement={self.complement!r}: the discarded spectrum's value c = "
+                f"{found.value:.3g} plus damping {self.damping:g} is not positive, so the "
+                "complement cannot be inverted; add damping > -c (an indefinite Hessian)"
+            )
+        return dataclasses.replace(basis, complement=found)
 
     def _warn_if_indefinite(self) -> None:
         """Say once per fit when kept ``λ + δ`` are negative, and what damping fixes it."""
@@ -502,7 +547,11 @@ class ArnoldiInfluenceCalculator:
         if projector.dtype != model.dtype:
             projector = xp.astype(projector, model.dtype)
         inverse = model.from_numpy(self.eigenbasis.inverse_eigenvalues)
-        placement = Placement(model, projector, inverse, self.show_progress)
+        complement = self.eigenbasis.complement
+        weight = None
+        if complement is not None and self.eigenbasis.rank < model.num_parameters:
+            weight = complement.weight(self.eigenbasis.damping)  # with k = p: nothing left
+        placement = Placement(model, projector, inverse, self.show_progress, weight)
         self._placements[key] = placement
         return placement
 
@@ -549,6 +598,20 @@ class ArnoldiInfluenceCalculator:
         arrays = [vectors for _, vectors in placement.vector_stream(train_set, "train_set")]
         self._kept = KeptTrainingVectors(train_set, _device_key(device), MemoryStore(None, arrays))
         return self._kept.store.num_examples
+
+    def _kept_norms(self, placement: Placement, train_set: Iterable[Any]) -> list[Any]:
+        """``‖g‖²`` per kept batch, computed once when the spectral complement needs them."""
+        kept = self._kept
+        if placement.complement_weight is None or kept is None:
+            return []
+        if kept.norms is None:
+            norms = [
+                placement.gradient_norms(batch, index, "train_set")
+                for index, batch in enumerate(train_set)
+            ]
+            self._kept = dataclasses.replace(kept, norms=norms)
+            return norms
+        return kept.norms
 
     def clear_training_vectors(self) -> None:
         """Drop the vectors kept by :meth:`cache_training_vectors` (if any)."""
@@ -639,17 +702,22 @@ class ArnoldiInfluenceCalculator:
             training = TrainingVectors(placement, train_set, kept, "train_set")
             damped = 1 / placement.inverse
 
+            norms = self._kept_norms(placement, train_set)
+            weight = placement.complement_weight
+
             def from_kept() -> Iterator[tuple[Any, Any]]:
                 for index, (batch, vectors) in enumerate(training.paired()):
                     values = xp.sum(vectors * vectors * damped, axis=1)
+                    if weight is not None:
+                        projected = vectors * damped
+                        kept_part = xp.sum(projected * projected, axis=1)
+                        values = values + weight * (norms[index] - kept_part)
                     yield batch, require_finite(xp, values, "self-influence", "train_set", index)
 
             return BatchStream(from_kept, len(kept.batch_sizes))
 
         def produce(index: int, batch: Any) -> tuple[Any, Any]:
-            projected = placement.projections(batch, index, "train_set")
-            values = xp.sum(projected * projected * placement.inverse, axis=1)
-            return batch, require_finite(xp, values, "self-influence", "train_set", index)
+            return batch, placement.self_influence(batch, index, "train_set")
 
         return batch_stream(train_set, "train_set", produce, self.show_progress)
 
@@ -700,6 +768,13 @@ class ArnoldiInfluenceCalculator:
             start += size
         values, indices = running.result()
         return TrainingTopK(xp.reshape(indices, (k,)), xp.reshape(values, (k,)))
+
+    @staticmethod
+    def _query_grads(placement: Placement, query: Any) -> Any:
+        """The queries' gradients (B_query, p) when the spectral complement needs them."""
+        if placement.complement_weight is None:
+            return None
+        return placement.model.per_example_grads(query)
 
     # ----------------------------------------------------------------- training stores
     def _scoring_data(self, dataset: Iterable[Any], name: str) -> None:
@@ -752,11 +827,14 @@ class ArnoldiInfluenceCalculator:
         )
 
     def _provenance(self, placement: Placement) -> dict[str, Any]:
+        complement = self.eigenbasis.complement
         return {
             "fingerprint": self.model.fingerprint(),
             "eigenbasis": self.eigenbasis_digest,
             "dtype": placement.model.dtype_name,
             "rank": self.eigenbasis.rank,
+            # Saved scores depend on c; the influence vectors (and their stores) do not.
+            "complement": None if complement is None else complement.value,
         }
 
     # --------------------------------------------------------------------- pairwise scores
@@ -830,9 +908,17 @@ class ArnoldiInfluenceCalculator:
             device,
         )
 
-        def scores_against_training(projected: Any) -> BatchStream:
+        def scores_against_training(projected: Any, query_grads: Any) -> BatchStream:
             def run() -> Iterator[tuple[Any, Any]]:
                 for index, (batch, vectors) in enumerate(training.paired()):
+                    if query_grads is not None:
+                        yield (
+                            batch,
+                            placement.complement_scores(
+                                projected, query_grads, batch, vectors, index
+                            ),
+                        )
+                        continue
                     scores = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
                     yield batch, require_finite(xp, scores, "scores", "train_set", index)
 
@@ -840,7 +926,7 @@ class ArnoldiInfluenceCalculator:
 
         def produce(index: int, query: Any) -> tuple[Any, BatchStream]:
             projected = placement.projections(query, index, "dataset_to_evaluate")
-            return query, scores_against_training(projected)
+            return query, scores_against_training(projected, self._query_grads(placement, query))
 
         stream = batch_stream(
             dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress
@@ -931,6 +1017,7 @@ class ArnoldiInfluenceCalculator:
         k = _positive_int(k, "k")
         order = as_order(order)
         cache = as_cache(influence_vector_in_cache, "influence_vector_in_cache")
+        chosen_search = nearest_neighbors is not None
         if nearest_neighbors is None:
             nearest_neighbors = LinearNearestNeighbors()
         elif not isinstance(nearest_neighbors, BaseNearestNeighbors):
@@ -963,14 +1050,40 @@ class ArnoldiInfluenceCalculator:
             raise ValueError(
                 f"k={k}: expected at most the number of training examples ({num_examples})"
             )
-        nearest_neighbors.build(
-            lambda: training.indexed_blocks(convert), num_examples=num_examples, xp=xp
-        )
+        if placement.complement_weight is not None:
+            if chosen_search:
+                raise ValueError(
+                    "nearest_neighbors: with the spectral complement a score is not an inner "
+                    "product of k-vectors, so top_k scans every training batch exactly; leave "
+                    "nearest_neighbors=None"
+                )
+        else:
+            nearest_neighbors.build(
+                lambda: training.indexed_blocks(convert), num_examples=num_examples, xp=xp
+            )
         search = nearest_neighbors
 
+        def scan(projected: Any, query: Any) -> tuple[Any, Any]:
+            """Exact top-k over the complement's score blocks (one training pass)."""
+            query_grads = placement.model.per_example_grads(query)
+            running = RunningTopK(k, order, xp=xp, device=placement.model.device)
+            start = 0
+            for t, (batch, vectors) in enumerate(training.paired()):
+                scores = placement.complement_scores(projected, query_grads, batch, vectors, t)
+                running.update(convert(scores), start)
+                start += int(scores.shape[1])
+            if k > start:
+                raise ValueError(
+                    f"k={k}: expected at most the number of training examples ({start})"
+                )
+            return running.result()
+
         def produce(index: int, query: Any) -> TopKBatch:
-            projected = convert(placement.projections(query, index, "dataset_to_evaluate"))
-            values, indices = search.query(projected, k, order)
+            projected = placement.projections(query, index, "dataset_to_evaluate")
+            if placement.complement_weight is not None:
+                values, indices = scan(projected, query)
+            else:
+                values, indices = search.query(convert(projected), k, order)
             require_finite(xp, values, "top-k scores", "dataset_to_evaluate", index)
             return TopKBatch(query, values, indices)
 
@@ -1054,6 +1167,7 @@ class KeptTrainingVectors:
     train_set: Iterable[Any]  # held, so that its id can never be reused by another object
     device: str
     store: MemoryStore
+    norms: list[Any] | None = None  # ‖g‖² per batch, once the spectral complement asks
 
 
 SCRATCH_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_[A-Za-z0-9_]+")

@@ -74,6 +74,9 @@ class EigenBasis:
         ``max |Q Qᵀ − I|`` of the Krylov basis.
     residual_norm : float
         ``β``, the final Arnoldi residual norm.
+    complement : SpectralComplement or None
+        The value given to the discarded spectrum (:mod:`krylov_influence.complement`), or
+        ``None`` for plain truncation.
     """
 
     eigenvalues: np.ndarray
@@ -83,6 +86,7 @@ class EigenBasis:
     arnoldi_restarts: tuple[int, ...] = ()
     orthogonality_loss: float | None = None
     residual_norm: float = 0.0
+    complement: Any = None
 
     @property
     def damped_eigenvalues(self) -> np.ndarray:

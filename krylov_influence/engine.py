@@ -270,6 +270,15 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
     def per_example_grads(self, batch: Any) -> Any:
         """Per-example gradients of the loss, shape (B, p). Meant for small models."""
 
+    def squared_gradient_norms(self, batch: Any) -> Any:
+        """``‖∇ℓ_b‖²`` of every example, shape (B,) (for the spectral complement).
+
+        The default squares :meth:`per_example_grads` (a (B, p) block); engines may compute it
+        without forming the block.
+        """
+        grads = self.per_example_grads(batch)
+        return self.xp.sum(grads * grads, axis=1)
+
     def stage_batch(self, batch: Any) -> tuple[Any, int] | None:
         """``batch`` converted once for repeated use, and the bytes it takes.
 

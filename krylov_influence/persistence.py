@@ -17,7 +17,9 @@ member                    shape, dtype                what
 ``metadata.json`` holds ``kind`` (``"calculator"``), ``version``, the model ``fingerprint``
 (:meth:`InfluenceModel.fingerprint`), ``num_parameters`` (p), the ``engine`` and model dtype it
 was fitted with, the working ``dtype``, ``hessian_data`` (``"train_dataset"`` or
-``"hessian_dataset"``: which data the Hessian was fitted on), and every setting:
+``"hessian_dataset"``: which data the Hessian was fitted on), the spectral complement
+(``complement_setting``, ``complement_probes`` and ``complement``: the fitted ``c`` with its
+method, trace estimate, standard error and probes, or ``null``), and every setting:
 ``subspace_dim``, ``k_largest_eig_vals``, ``force_hermitian``, ``damping``, ``seed``,
 ``block_size``, ``eigenvalue_selection``, ``num_hessian_examples``, plus the Arnoldi
 diagnostics (``arnoldi_restarts``, ``orthogonality_loss``, ``residual_norm``).
@@ -32,6 +34,7 @@ may differ: a basis fitted with PyTorch loads into JAX on the same neutral model
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,7 @@ from krylov_influence import _xp
 from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
 from krylov_influence._identity import check_hessian_agreement
 from krylov_influence.cache import finite_number, resolve_path
+from krylov_influence.complement import SpectralComplement, resolve_complement
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, RitzPairs
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import IncompatibleStoreError
@@ -49,7 +53,8 @@ __all__ = ["load_calculator", "save_calculator"]
 
 KIND = "calculator"
 # 2: hessian_data says which data the Hessian check at load needs.
-VERSION = 2
+# 3: the spectral complement (complement_setting, complement_probes, complement).
+VERSION = 3
 
 
 def save_calculator(calculator: Any, path: Any) -> str:
@@ -86,6 +91,9 @@ def save_calculator(calculator: Any, path: Any) -> str:
         "eigenvalue_selection": calculator.eigenvalue_selection,
         "num_hessian_examples": int(calculator.num_hessian_examples),
         "hessian_data": calculator.hessian_argument,
+        "complement_setting": calculator.complement,
+        "complement_probes": int(calculator.complement_probes),
+        "complement": None if basis.complement is None else asdict(basis.complement),
         "arnoldi_restarts": [int(r) for r in basis.arnoldi_restarts],
         "orthogonality_loss": basis.orthogonality_loss,
         "residual_norm": float(basis.residual_norm),
@@ -187,6 +195,8 @@ def load_calculator(
         block_size=meta["block_size"],
         eigenvalue_selection=meta["eigenvalue_selection"],
         show_progress=show_progress,
+        complement=meta["complement_setting"],
+        complement_probes=meta["complement_probes"],
     )
     calculator.num_hessian_examples = meta["num_hessian_examples"]
     placed = bound.from_numpy(projector, dtype=getattr(bound.xp, _xp.dtype_name(dtype)))
@@ -202,6 +212,7 @@ def load_calculator(
             arnoldi_restarts=tuple(meta["arnoldi_restarts"]),
             orthogonality_loss=meta["orthogonality_loss"],
             residual_norm=meta["residual_norm"],
+            complement=meta["complement"],
         )
     )
     return calculator
@@ -279,6 +290,27 @@ def _validated_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"force_hermitian is {meta['force_hermitian']!r}, expected a boolean")
     if meta["hessian_data"] not in ("train_dataset", "hessian_dataset"):
         raise ValueError(f"hessian_data is {meta['hessian_data']!r}")
+    setting = meta["complement_setting"]
+    out["complement_setting"] = resolve_complement(setting)
+    out["complement_probes"] = _count(meta["complement_probes"], "complement_probes")
+    found = meta["complement"]
+    if found is None:
+        if setting != "none":
+            raise ValueError(f"complement is None but complement_setting is {setting!r}")
+        out["complement"] = None
+    else:
+        if not isinstance(found, dict) or found.get("method") not in ("mean", "given"):
+            raise ValueError(f"complement is {found!r}")
+        value = finite_number(found["value"], "complement value")
+        if value + out["damping"] <= 0:
+            raise ValueError("complement value plus damping is not positive")
+        optional = {
+            name: None if found.get(name) is None else finite_number(found[name], name)
+            for name in ("trace", "stderr")
+        }
+        out["complement"] = SpectralComplement(
+            value, found["method"], optional["trace"], optional["stderr"], _probes(found)
+        )
     restarts = meta["arnoldi_restarts"]
     if not isinstance(restarts, list) or not all(
         isinstance(r, int) and not isinstance(r, bool) for r in restarts
@@ -296,3 +328,10 @@ def _count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} is {value!r}, expected a positive integer")
     return value
+
+
+def _probes(found: dict[str, Any]) -> int:
+    probes = found.get("probes")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
+        raise ValueError(f"complement probes is {probes!r}, expected an integer >= 0")
+    return probes
