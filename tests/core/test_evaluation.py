@@ -7,6 +7,12 @@ counting, and a ridge regression whose retraining on a subset is closed-form for
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -374,3 +380,19 @@ def test_lds_errors(kwargs: dict, message: str) -> None:
 def test_lds_rejects_a_non_callable() -> None:
     with pytest.raises(TypeError, match="retrain_and_evaluate: expected a callable"):
         linear_datamodeling_score(np.ones((1, 4)), "train.py")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ the docs
+def test_docs_example_prints_what_the_page_shows() -> None:
+    """docs/evaluation.md's example runs as printed and gives the output printed under it."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text("utf-8")
+    code = re.findall(r"```python\n(.*?)```", page, re.S)[-1]
+    shown = re.search(r"Output:\n\n```text\n(.*?)```", page, re.S)
+    assert shown is not None
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "backends")])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == shown.group(1)
