@@ -172,8 +172,15 @@ def spearman(a: Any, b: Any) -> np.ndarray | float:
     -------
     float, or numpy.ndarray of shape (Q,)
         NaN where either row is constant (ρ is undefined).
+
+    Raises
+    ------
+    ValueError
+        On unequal shapes, fewer than 2 values per row, or non-finite values.
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = _as_float_array(a, "a"), _as_float_array(b, "b")
+    _require_finite(a, "a")
+    _require_finite(b, "b")
     if a.shape != b.shape or a.ndim not in (1, 2):
         raise ValueError(f"a, b: expected equal shapes (N,) or (Q, N), got {a.shape}, {b.shape}")
     if a.shape[-1] < 2:

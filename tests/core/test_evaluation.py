@@ -110,6 +110,10 @@ def test_spearman_rows_and_scipy_convention() -> None:
     for row_a, row_b, rho in zip(a, b, rows):
         assert rho == pytest.approx(brute_spearman(row_a, row_b), abs=1e-12)
     assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="b: 1 non-finite value"):
+        spearman([1, 2, 3], [1, np.nan, 2])
+    with pytest.raises(ValueError, match="a, b: expected equal shapes"):
+        spearman([1, 2, 3], [1, 2])
 
 
 # ------------------------------------------------------------------------------ mislabels
