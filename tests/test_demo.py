@@ -30,6 +30,7 @@ from krylov_influence.demo.metrics import (
     proponents_and_opponents,
     strongest_neighbours,
 )
+from krylov_influence.evaluation import mislabel_detection
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,10 +85,18 @@ def test_demo_end_to_end(engine: str, tmp_path: Path) -> None:
     # Inspecting 5 % can find at most half of 10 % flipped labels; more inspected finds more.
     assert 0.0 <= found[0] <= 0.5 + 1e-12
     assert found[0] <= found[1] <= found[2] <= 1.0
+    _check_baselines(on_disk, load_digits_data(0, on_disk["settings"]["flip"]))
     assert on_disk["settings"]["subspace_dim"] == SUBSPACE_DIM
     assert len(results["kept_eigenvalues"]) == K
     assert len(results["ritz_spectrum"]) == SUBSPACE_DIM
-    assert set(on_disk["timings_s"]) >= {"data", "train", "fit", "self_influence", "plot"}
+    assert set(on_disk["timings_s"]) >= {
+        "data",
+        "train",
+        "fit",
+        "self_influence",
+        "baselines",
+        "plot",
+    }
     picture = tmp_path / "influence_demo.png"
     assert picture.stat().st_size > 10_000
     assert picture.read_bytes()[:8] == PNG_SIGNATURE
@@ -96,6 +105,45 @@ def test_demo_end_to_end(engine: str, tmp_path: Path) -> None:
         cons = [row["score"] for row in query["opponents"]]
         assert pros == sorted(pros, reverse=True) and cons == sorted(cons)
         assert min(pros) > max(cons)
+
+
+def _check_baselines(summary: dict, data) -> None:
+    """The loss and gradient-norm baselines are reported, and are what the module computes
+    from the per-example arrays the demo saved beside its summary."""
+    results = summary["results"]
+    saved = np.load(summary["outputs"]["scores"])
+    n = data.num_train
+    assert {key: saved[key].shape for key in saved.files} == {
+        "self_influence": (n,),
+        "losses": (n,),
+        "gradient_norms": (n,),
+        "flipped": (n,),
+    }
+    np.testing.assert_array_equal(saved["flipped"], data.flipped)
+    assert np.all(saved["losses"] > 0) and np.all(saved["gradient_norms"] > 0)
+    again = mislabel_detection(
+        saved["self_influence"],
+        saved["flipped"],
+        losses=saved["losses"],
+        gradient_norms=saved["gradient_norms"],
+        fractions=INSPECTED_FRACTIONS,
+    )
+    pairs = [
+        ("detection_auc", "found_after_inspecting", again.influence),
+        ("loss_ranking_auc", "loss_ranking_found_after_inspecting", again.loss),
+        (
+            "gradient_norm_ranking_auc",
+            "gradient_norm_ranking_found_after_inspecting",
+            again.gradient_norm,
+        ),
+    ]
+    for auc_key, found_key, curve in pairs:
+        assert 0.0 <= results[auc_key] <= 1.0
+        assert results[auc_key] == curve.auc
+        assert results[found_key] == {f"{f:.2f}": v for f, v in curve.found.items()}
+    # A broken baseline (wrong sign, losses of the wrong examples) sits near 0 or 0.5; the
+    # loss of a model trained on flipped labels ranks them high (docs/demo.md: 0.99).
+    assert results["loss_ranking_auc"] > 0.9
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -165,6 +213,14 @@ def test_cli_demo_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "detection AUC:" in captured.out
+    # The baselines are printed beside the self-influence AUC, as valid AUCs.
+    printed = dict(line.split(": ", 1) for line in captured.out.splitlines() if ": " in line)
+    for key in ("detection AUC", "loss AUC", "gradient-norm AUC"):
+        assert 0.5 < float(printed[key]) <= 1.0, (key, printed.get(key))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert printed["loss AUC"] == f"{summary['results']['loss_ranking_auc']:.4f}"
+    assert printed["gradient-norm AUC"] == f"{summary['results']['gradient_norm_ranking_auc']:.4f}"
+    _check_baselines(summary, load_digits_data(0, 0.1))
     assert "━" not in captured.out  # --quiet drops the decorations
     assert captured.err == ""  # and the progress bars
     assert (tmp_path / "influence_demo.png").stat().st_size > 0

@@ -14,6 +14,7 @@ def test_core_and_numpy_engine_import_no_framework():
         import numpy as np
         import krylov_influence as ki
         import krylov_influence.testing
+        import krylov_influence.evaluation as evaluation
         from krylov_influence.reference import SoftmaxRegression
 
         engines = ki.available_engines()          # loads every engine plugin class
@@ -24,6 +25,8 @@ def test_core_and_numpy_engine_import_no_framework():
         calc = ki.ArnoldiInfluenceCalculator(model, batches, 8, True, 4, "float64")
         values = [v for _, v in calc.compute_influence_values(batches)]
         assert values[0].shape == (8,)
+        detected = evaluation.mislabel_detection(values[0], np.arange(8) < 2, losses=np.ones(8))
+        assert 0.0 <= detected.influence.auc <= 1.0
         frameworks = ("torch", "jax", "jaxlib", "tensorflow", "keras")
         loaded = sorted(m for m in frameworks if m in sys.modules)
         print(",".join(loaded))

@@ -1,4 +1,8 @@
-"""What the demo measures: mislabel detection by self-influence, proponents and opponents."""
+"""What the demo measures: mislabel detection by self-influence, proponents and opponents.
+
+Detection is :func:`krylov_influence.evaluation.mislabel_detection`, the function users call
+on their own models; this module adds the demo's fractions and its choice of test digits.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from krylov_influence.evaluation import DetectionCurve, mislabel_detection
 
 __all__ = [
     "INSPECTED_FRACTIONS",
@@ -22,32 +28,16 @@ __all__ = [
 INSPECTED_FRACTIONS: tuple[float, ...] = (0.05, 0.10, 0.20)
 
 
-@dataclass(frozen=True)
-class Detection:
-    """How well a score ranks the flipped labels first.
-
-    Attributes
-    ----------
-    auc : float
-        ROC AUC of the score as a detector of flipped labels (1: every flipped example
-        ranks above every clean one; 0.5: chance).
-    found : dict of float to float
-        Fraction of the flipped labels among the top ``f · N`` examples, for ``f`` in
-        :data:`INSPECTED_FRACTIONS`.
-    inspected : numpy.ndarray, shape (N + 1,)
-        ``0, 1/N, ..., 1``: fraction of the training set inspected.
-    recall : numpy.ndarray, shape (N + 1,)
-        Fraction of the flipped labels found after inspecting ``inspected``.
-    """
-
-    auc: float
-    found: dict[float, float]
-    inspected: np.ndarray
-    recall: np.ndarray
+#: How well one score ranks the flipped labels first (``auc``, ``found``, ``inspected``,
+#: ``recall``): :class:`krylov_influence.evaluation.DetectionCurve`.
+Detection = DetectionCurve
 
 
 def detection(scores: np.ndarray, flipped: np.ndarray) -> Detection:
     """Rank the training set by ``scores`` (largest first) and measure mislabel detection.
+
+    The ranking by ``scores`` of :func:`krylov_influence.evaluation.mislabel_detection` at
+    :data:`INSPECTED_FRACTIONS`.
 
     Parameters
     ----------
@@ -59,18 +49,7 @@ def detection(scores: np.ndarray, flipped: np.ndarray) -> Detection:
     -------
     Detection
     """
-    from sklearn.metrics import roc_auc_score
-
-    scores = np.asarray(scores, dtype=np.float64)
-    flipped = np.asarray(flipped, dtype=bool)
-    if not 0 < np.count_nonzero(flipped) < flipped.size:
-        raise ValueError("flipped: expected both flipped and clean examples")
-    # A stable sort on -score: ties keep dataset order, so the ranking is reproducible.
-    order = np.argsort(-scores, kind="stable")
-    hits = np.concatenate([[0], np.cumsum(flipped[order])]) / np.count_nonzero(flipped)
-    inspected = np.arange(flipped.size + 1) / flipped.size
-    found = {f: float(hits[round(f * flipped.size)]) for f in INSPECTED_FRACTIONS}
-    return Detection(float(roc_auc_score(flipped, scores)), found, inspected, hits)
+    return mislabel_detection(scores, flipped, fractions=INSPECTED_FRACTIONS).influence
 
 
 def choose_queries(

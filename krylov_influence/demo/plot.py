@@ -27,6 +27,7 @@ def draw_demo(
     by_influence: Detection,
     by_loss: Detection,
     eigenbasis: Any,
+    by_gradient_norm: Detection | None = None,
     queries: np.ndarray,
     test_predictions: np.ndarray,
     neighbours: list[Neighbours],
@@ -35,9 +36,9 @@ def draw_demo(
     """Draw the four panels of the demo and save them as a PNG.
 
     Panels: the training digits of highest self-influence (given and true labels), the
-    detection curve (self-influence against training loss and chance), the Ritz spectrum
-    with the kept eigenvalues and the damping, and the proponents and opponents of a few
-    test digits.
+    detection curve (self-influence against training loss, gradient norm and chance), the
+    Ritz spectrum with the kept eigenvalues and the damping, and the proponents and
+    opponents of a few test digits.
 
     Parameters
     ----------
@@ -47,6 +48,8 @@ def draw_demo(
     self_influence : numpy.ndarray, shape (N,)
     by_influence, by_loss : Detection
         Rankings by self-influence and by training loss.
+    by_gradient_norm : Detection, optional
+        Ranking by per-example gradient norm, drawn when given.
     eigenbasis : EigenBasis
         The calculator's fitted eigenbasis (``ritz.spectrum``, ``eigenvalues``, ``damping``).
     queries : numpy.ndarray of int, shape (Q,)
@@ -71,7 +74,7 @@ def draw_demo(
     left, centre, right = middle.subplots(
         1, 3, gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.24, "top": 0.88, "wspace": 0.3}
     )
-    _detection_curve(left, by_influence, by_loss, data)
+    _detection_curve(left, by_influence, by_loss, by_gradient_norm, data)
     _spectrum(centre, eigenbasis)
     _histogram(right, self_influence, data.flipped)
     _neighbours(bottom, data, queries, test_predictions, neighbours, num_cols)
@@ -103,7 +106,13 @@ def _top_self_influence(figure: Any, data: DigitsData, self_influence: np.ndarra
         _digit(axis, data.images_train[index], label, FLIPPED if flipped else CLEAN)
 
 
-def _detection_curve(axis: Any, by_influence: Detection, by_loss: Detection, data: Any) -> None:
+def _detection_curve(
+    axis: Any,
+    by_influence: Detection,
+    by_loss: Detection,
+    by_gradient_norm: Detection | None,
+    data: Any,
+) -> None:
     share = data.num_flipped / data.num_train
     axis.plot(
         by_influence.inspected,
@@ -119,6 +128,15 @@ def _detection_curve(axis: Any, by_influence: Detection, by_loss: Detection, dat
         lw=1.3,
         label=f"training loss (AUC {by_loss.auc:.3f})",
     )
+    if by_gradient_norm is not None:
+        axis.plot(
+            by_gradient_norm.inspected,
+            by_gradient_norm.recall,
+            color="#27ae60",
+            lw=1.1,
+            ls="-.",
+            label=f"gradient norm (AUC {by_gradient_norm.auc:.3f})",
+        )
     grid = np.linspace(0.0, 1.0, 201)
     axis.plot(grid, np.minimum(1.0, grid / share), ":", color=MUTED, label="ideal")
     axis.plot(grid, grid, "--", color=MUTED, lw=1, label="random")

@@ -6,11 +6,18 @@ from typing import Any
 
 __all__ = ["format_report"]
 
+# Baselines of the detection: (summary key prefix, plain-report label, table label).
+_BASELINES = (
+    ("loss_ranking", "loss", "training loss"),
+    ("gradient_norm_ranking", "gradient-norm", "gradient norm"),
+)
+
 _STAGE_NAMES = {
     "data": "data",
     "train": "train",
     "fit": "Arnoldi fit",
     "self_influence": "self-influence",
+    "baselines": "baselines",
     "scores": "scores",
     "plot": "plot",
     "total": "total",
@@ -35,14 +42,24 @@ def format_report(summary: dict[str, Any], *, decorated: bool = True) -> str:
     settings, results = summary["settings"], summary["results"]
     diagnostics = results["diagnostics"]
     kept = results["kept_eigenvalues"]
-    found = results["found_after_inspecting"]
-    loss_found = results["loss_ranking_found_after_inspecting"]
 
     def pct(value: float) -> str:
         return f"{100 * value:.0f} %"
 
-    found_line = "   ".join(f"{pct(float(f))}: {pct(v)}" for f, v in found.items())
-    loss_line = "   ".join(f"{pct(float(f))}: {pct(v)}" for f, v in loss_found.items())
+    # (label in the plain report, label in the table, AUC, found after inspecting), for
+    # self-influence and each baseline the summary holds.
+    rankings = [
+        (
+            "detection",
+            "self-influence",
+            results["detection_auc"],
+            results["found_after_inspecting"],
+        )
+    ]
+    for key, plain, label in _BASELINES:
+        if f"{key}_auc" in results:
+            found = results[f"{key}_found_after_inspecting"]
+            rankings.append((plain, label, results[f"{key}_auc"], found))
     facts = [
         ("engine", f"{settings['engine']} ({summary['versions']['engine_framework']})"),
         ("model", f"{settings['model']}; {settings['num_parameters']} parameters"),
@@ -68,12 +85,17 @@ def format_report(summary: dict[str, Any], *, decorated: bool = True) -> str:
             f"{len(diagnostics['arnoldi_restarts'])} restarts",
         ),
     ]
-    detection = [
-        ("detection AUC", f"{results['detection_auc']:.4f}"),
-        ("found after", found_line),
-        ("loss AUC", f"{results['loss_ranking_auc']:.4f} (baseline: rank by training loss)"),
-        ("loss found after", loss_line),
-    ]
+    detection = []
+    for plain, _, auc, found in rankings:
+        line = "   ".join(f"{pct(float(f))}: {pct(v)}" for f, v in found.items())
+        prefix = "" if plain == "detection" else f"{plain} "
+        detection += [(f"{plain} AUC", f"{auc:.4f}"), (f"{prefix}found after", line)]
+    fractions = " / ".join(pct(float(f)) for f in rankings[0][3])
+    table = [f"  {'ranking':<17}{'AUC':<9}found after inspecting {fractions}"]
+    for plain, label, auc, found in rankings:
+        cells = " / ".join(pct(v) for v in found.values())
+        note = "" if plain == "detection" else "   (baseline)"
+        table.append(f"  {label:<17}{auc:<9.4f}{cells}{note}")
     queries = []
     for query in results["queries"]:
         head = f"test #{query['test_index']} ({query['label']}, predicted {query['predicted']})"
@@ -85,24 +107,26 @@ def format_report(summary: dict[str, Any], *, decorated: bool = True) -> str:
         for name, seconds in summary["timings_s"].items()
     )
     outputs = summary["outputs"]
+    written = [outputs[key] for key in ("picture", "summary", "scores") if key in outputs]
 
     if not decorated:
         lines = [f"{key}: {value}" for key, value in facts + detection]
         lines += [f"{head}: {rest}" for head, rest in queries]
         lines.append(f"timings (s): {timings}")
-        lines.append(f"wrote: {outputs['picture']}, {outputs['summary']}")
+        lines.append(f"wrote: {', '.join(written)}")
         return "\n".join(lines)
 
     width = 78
     lines = ["━━ krylov-influence demo ".ljust(width, "━"), ""]
     lines += [f"  {key:<12}{value}" for key, value in facts]
     lines += ["", "Mislabel detection: training set ranked by self-influence g_xᵀ H⁻¹ g_x"]
-    lines += [f"  {key:<17}{value}" for key, value in detection]
+    lines += ["and, as baselines, by training loss and by gradient norm ‖g_x‖"]
+    lines += table
     lines += ["", "Test digits: strongest proponents (+) and opponents (−), as #index:label"]
     for head, rest in queries:
         lines += [f"  {head}", f"    {rest}"]
     lines += ["", "Wall time per stage (s)", f"  {timings}", ""]
-    lines += [f"Wrote {outputs['picture']} and {outputs['summary']}", "━" * width]
+    lines += [f"Wrote {', '.join(written[:-1])} and {written[-1]}", "━" * width]
     return "\n".join(lines)
 
 

@@ -14,13 +14,15 @@ from typing import Any
 import numpy as np
 
 from krylov_influence.demo.data import load_digits_data
-from krylov_influence.demo.metrics import choose_queries, detection, strongest_neighbours
+from krylov_influence.demo.metrics import INSPECTED_FRACTIONS, choose_queries, strongest_neighbours
 from krylov_influence.demo.training import TrainingConfig, engine_context, train
+from krylov_influence.evaluation import mislabel_detection
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
 PICTURE_NAME = "influence_demo.png"
 SUMMARY_NAME = "summary.json"
+SCORES_NAME = "detection_scores.npz"
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class DemoConfig:
         keeps ``1/(λ+δ)`` bounded if a larger ``k`` reaches the near-zero or negative Ritz
         values of the MLP's non-convex Hessian.
     out : pathlib.Path
-        Folder for ``influence_demo.png`` and ``summary.json``.
+        Folder for ``influence_demo.png``, ``summary.json`` and ``detection_scores.npz``
+        (self-influence, training losses, gradient norms and the flipped mask, shape (N,)
+        each, for recomputing the detection figures).
     num_queries : int
         Test digits whose proponents and opponents are shown.
     num_neighbours : int
@@ -160,10 +164,14 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
 
         with stages("self_influence"):
             self_influence = calc.self_influence(trained.train_batches)
-            losses = np.concatenate(
-                [trained.model.to_numpy(trained.model.losses(b)) for b in trained.train_batches]
-            )
         say(f"self-influence of {data.num_train} digits ({stages.seconds['self_influence']:.1f} s)")
+
+        with stages("baselines"):
+            losses, gradient_norms = _baselines(trained.model, trained.train_batches)
+        say(
+            f"baselines: training loss and gradient norm of {data.num_train} digits "
+            f"({stages.seconds['baselines']:.1f} s)"
+        )
 
         with stages("scores"):
             queries = choose_queries(
@@ -178,11 +186,26 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
             f"({stages.seconds['scores']:.1f} s)"
         )
 
-    by_influence = detection(self_influence, data.flipped)
-    by_loss = detection(losses, data.flipped)
+    detected = mislabel_detection(
+        self_influence,
+        data.flipped,
+        losses=losses,
+        gradient_norms=gradient_norms,
+        fractions=INSPECTED_FRACTIONS,
+    )
+    by_influence = detected.influence
+    by_loss, by_gradient_norm = detected.curves["loss"], detected.curves["gradient_norm"]
     basis = calc.eigenbasis
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    scores_path = out / SCORES_NAME
+    np.savez(
+        scores_path,
+        self_influence=np.asarray(self_influence, dtype=np.float64),
+        losses=losses,
+        gradient_norms=gradient_norms,
+        flipped=data.flipped,
+    )
     picture = out / PICTURE_NAME
     with stages("plot"):
         draw_demo(
@@ -191,6 +214,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
             self_influence=self_influence,
             by_influence=by_influence,
             by_loss=by_loss,
+            by_gradient_norm=by_gradient_norm,
             eigenbasis=basis,
             queries=queries,
             test_predictions=trained.test_predictions,
@@ -234,6 +258,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
             "loss_ranking_found_after_inspecting": {
                 f"{f:.2f}": v for f, v in by_loss.found.items()
             },
+            "gradient_norm_ranking_auc": by_gradient_norm.auc,
+            "gradient_norm_ranking_found_after_inspecting": {
+                f"{f:.2f}": v for f, v in by_gradient_norm.found.items()
+            },
             "train_accuracy_given_labels": trained.train_accuracy,
             "test_accuracy": trained.test_accuracy,
             "gradient_norm_at_optimum": trained.gradient_norm,
@@ -249,11 +277,34 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
         },
         "timings_s": {name: round(s, 4) for name, s in stages.seconds.items()},
         "versions": _versions(trained.framework_version),
-        "outputs": {"picture": str(picture), "summary": str(out / SUMMARY_NAME)},
+        "outputs": {
+            "picture": str(picture),
+            "summary": str(out / SUMMARY_NAME),
+            "scores": str(scores_path),
+        },
     }
     summary_path = out / SUMMARY_NAME
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return DemoResult(summary, picture, summary_path)
+
+
+def _baselines(model: Any, batches: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example training loss and gradient norm ``‖∇L(x)‖`` of every training example.
+
+    The two rankings that self-influence ``g_xᵀ H⁻¹ g_x`` must beat: the loss alone, and the
+    gradient without the inverse Hessian. Per-example gradients are (B, p) per batch, cheap
+    for the demo's models (p = 650 or 2410).
+
+    Returns
+    -------
+    losses, gradient_norms : numpy.ndarray, shape (N,), float64
+    """
+    losses, norms = [], []
+    for batch in batches:
+        losses.append(model.to_numpy(model.losses(batch)).astype(np.float64))
+        grads = model.to_numpy(model.per_example_grads(batch)).astype(np.float64)
+        norms.append(np.linalg.norm(grads, axis=1))
+    return np.concatenate(losses), np.concatenate(norms)
 
 
 def _query_summary(data: Any, trained: Any, query: int, neighbours: Any) -> dict[str, Any]:
