@@ -56,6 +56,20 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _complement(text: str) -> str | float:
+    if text in ("none", "mean"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected none, mean or a number c >= 0, got {text!r}"
+        ) from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected none, mean or a number c >= 0, got {text!r}")
+    return value
+
+
 def _damping(text: str) -> float:
     try:
         value = float(text)
@@ -143,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--damping", type=_damping, default=1e-3, help="added to the kept eigenvalues (1e-3)"
     )
     demo.add_argument(
+        "--complement",
+        type=_complement,
+        default="none",
+        help="what the discarded eigen-directions get: none (the paper), mean, or a number c",
+    )
+    demo.add_argument(
         "--out",
         type=Path,
         default=Path("influence_demo"),
@@ -202,6 +222,7 @@ def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         subspace_dim=args.subspace_dim,
         k=args.k,
         damping=args.damping,
+        complement=args.complement,
         out=args.out,
         show_progress=not args.quiet,
     )

@@ -93,3 +93,21 @@ def pytest_runtest_makereport(item, call):
     if any(marker in reason.lower() for marker in _MISSING):
         report.outcome = "failed"
         report.longrepr = f"KRYLOV_INFLUENCE_REQUIRE_ALL=1 and a dependency is missing: {reason}"
+
+
+# Whole files of slow tests (each test several seconds: compiles, subprocesses, Hypothesis over
+# engines), marked here in one place; single slow tests carry @pytest.mark.slow themselves.
+# `pytest -m "not slow"` is the quick subset (README).
+_SLOW_FILES = (
+    "tests/conformance/",
+    "tests/engines/test_tensorflow_layers.py",
+    "tests/test_readme.py",
+    "tests/test_no_silent_skips.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = str(item.path).replace(os.sep, "/")
+        if any(part in path for part in _SLOW_FILES):
+            item.add_marker(pytest.mark.slow)

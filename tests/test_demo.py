@@ -226,6 +226,26 @@ def test_cli_demo_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert (tmp_path / "influence_demo.png").stat().st_size > 0
 
 
+def test_cli_demo_with_the_spectral_complement(tmp_path: Path, capsys) -> None:
+    """--complement mean reaches the calculator: the summary records the fitted c, and the
+    self-influence it ranks by differs from the truncated run of the same seed."""
+    base = ["demo", "--quiet", "--subspace-dim", "40", "--k", "10"]
+    assert main([*base, "--out", str(tmp_path / "none")]) == 0
+    assert main([*base, "--complement", "mean", "--out", str(tmp_path / "mean")]) == 0
+    capsys.readouterr()
+    plain = json.loads((tmp_path / "none" / "summary.json").read_text())
+    completed = json.loads((tmp_path / "mean" / "summary.json").read_text())
+    assert plain["settings"]["complement"] == "none"
+    assert plain["settings"]["complement_value"] is None
+    assert completed["settings"]["complement"] == "mean"
+    assert completed["settings"]["complement_value"] > 0
+    scores = [np.load(tmp_path / run / "detection_scores.npz") for run in ("none", "mean")]
+    assert not np.allclose(scores[0]["self_influence"], scores[1]["self_influence"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--complement", "median"])
+    assert "expected none, mean or a number c >= 0" in capsys.readouterr().err
+
+
 def test_cli_engines_imports_no_framework() -> None:
     """The listing reads versions from package metadata: no framework is imported."""
     import subprocess

@@ -47,6 +47,8 @@ class DemoConfig:
         with the defaults (about 0.1 with ``l2 = 1e-2``), so it barely changes scores, yet it
         keeps ``1/(λ+δ)`` bounded if a larger ``k`` reaches the near-zero or negative Ritz
         values of the MLP's non-convex Hessian.
+    complement : {"none", "mean"} or float
+        The calculator's spectral complement (``"none"``: the paper's truncation).
     out : pathlib.Path
         Folder for ``influence_demo.png``, ``summary.json`` and ``detection_scores.npz``
         (self-influence, training losses, gradient norms and the flipped mask, shape (N,)
@@ -67,6 +69,7 @@ class DemoConfig:
     subspace_dim: int = 200
     k: int = 50
     damping: float = 1e-3
+    complement: str | float = "none"
     out: Path = Path("influence_demo")
     num_queries: int = 4
     num_neighbours: int = 3
@@ -159,6 +162,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
                 damping=config.damping,
                 seed=config.seed,
                 show_progress=config.show_progress,
+                complement=config.complement,
             )
         say(f"fit: {config.subspace_dim} Arnoldi steps ({stages.seconds['fit']:.1f} s)")
 
@@ -235,6 +239,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] | None = None) ->
             "subspace_dim": config.subspace_dim,
             "k_largest_eig_vals": config.k,
             "damping": config.damping,
+            "complement": config.complement,
+            "complement_value": (
+                None if calc.eigenbasis.complement is None else calc.eigenbasis.complement.value
+            ),
             "eigenvalue_selection": calc.eigenvalue_selection,
             "dtype": calc.dtype,
             "l2": training.l2,

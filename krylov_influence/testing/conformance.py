@@ -239,6 +239,44 @@ class EngineConformance:
         actual_pairs = calc.influence_matrix(batches[:2], batches)
         assert np.max(np.abs(actual_pairs - pairs)) <= 1e-6 * np.max(np.abs(pairs))
 
+    @_suite_settings()
+    @given(spec=mlp_specs(), data=st.data())
+    def test_spectral_complement_is_its_formula(self, spec: MLPSpec, data: Any) -> None:
+        # k < p with complement=c: every score is g_zᵀ [Gᵀ diag(1/(λ+δ)) G + (I − GᵀG)/(c+δ)]
+        # g_x with the fit's own G and λ, and the spec's backpropagation gradients; the
+        # engine's squared gradient norms and query-gradient projections are what is tested.
+        p = spec.num_parameters
+        assume(p >= 3)
+        model, batches = self._build(spec, "float64")
+        k = data.draw(st.integers(1, p - 1), label="k")
+        c = data.draw(st.floats(0.0, 2.0), label="c")
+        try:
+            calc = ArnoldiInfluenceCalculator(
+                model, batches, p, True, k, "float64", damping=0.5, complement=c
+            )
+        except ValueError:  # a kept λ + δ of zero: the inverse does not exist
+            assume(False)
+            raise  # unreachable
+        assume(np.min(np.abs(calc.eigenbasis.damped_eigenvalues)) > 1e-3)
+        g = self._host(model, calc.G)
+        inverse = g.T @ np.diag(calc.eigenbasis.inverse_eigenvalues) @ g
+        inverse += (np.eye(p) - g.T @ g) / (c + 0.5)
+        grads = spec.gradients(spec.x, spec.y)
+        _close(
+            calc.self_influence(batches),
+            np.einsum("ip,pq,iq->i", grads, inverse, grads),
+            "float64",
+            "self-influence with the complement",
+        )
+        queries = batches[:1]
+        first = spec.batch_slices()[0]
+        _close(
+            calc.influence_matrix(queries, batches),
+            grads[first] @ inverse @ grads.T,
+            "float64",
+            "scores with the complement",
+        )
+
     @pytest.mark.parametrize("dtype", _DTYPES)
     @_suite_settings()
     @given(spec=mlp_specs(), data=st.data())
