@@ -98,16 +98,19 @@ def pytest_runtest_makereport(item, call):
 # Whole files of slow tests (each test several seconds: compiles, subprocesses, Hypothesis over
 # engines), marked here in one place; single slow tests carry @pytest.mark.slow themselves.
 # `pytest -m "not slow"` is the quick subset (README).
-_SLOW_FILES = (
+_SLOW = (
     "tests/conformance/",
     "tests/engines/test_tensorflow_layers.py",
     "tests/test_readme.py",
     "tests/test_no_silent_skips.py",
+    "tests/calculator/test_store_faults.py",  # subprocess writers, killed and racing
+    "test_tensorflow.py::test_hvp_symmetry_linearity_and_projection",
+    "test_tensorflow.py::test_hvp_equals_the_finite_difference_hessian",
 )
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = str(item.path).replace(os.sep, "/")
-        if any(part in path for part in _SLOW_FILES):
+        where = str(item.path).replace(os.sep, "/") + "::" + item.name
+        if any(part in where for part in _SLOW):
             item.add_marker(pytest.mark.slow)
