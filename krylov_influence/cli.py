@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=_PROG,
         description="Influence functions at scale with the Arnoldi method.",
     )
+    from krylov_influence import __version__
+
+    parser.add_argument("--version", action="version", version=f"{_PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",

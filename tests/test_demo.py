@@ -246,6 +246,15 @@ def test_cli_demo_with_the_spectral_complement(tmp_path: Path, capsys) -> None:
     assert "expected none, mean or a number c >= 0" in capsys.readouterr().err
 
 
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from krylov_influence import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"krylov-influence {__version__}"
+
+
 def test_cli_engines_imports_no_framework() -> None:
     """The listing reads versions from package metadata: no framework is imported."""
     import subprocess
