@@ -142,6 +142,17 @@ class Placement:
         """Per-example losses of ``batch`` on the host, (B,) float64: the data's identity."""
         return np.asarray(self.model.to_numpy(self.model.losses(batch)), dtype=np.float64)
 
+    def vectors_and_losses(
+        self, dataset: Iterable[Any], with_losses: bool
+    ) -> tuple[list[Any], list[Any] | None]:
+        """Every batch's influence vectors, and (when asked) its losses, from one pass."""
+        arrays, losses = [], []
+        for batch, vectors in self.vector_stream(dataset, "train_set"):
+            arrays.append(vectors)
+            if with_losses:
+                losses.append(self.host_losses(batch))
+        return arrays, losses if with_losses else None
+
     def store_blocks(self, dataset: Iterable[Any], name: str) -> Iterator[tuple[Any, Any]]:
         """``(vectors (B, k) on the host, losses (B,))`` per batch: what a store holds."""
         for batch, vectors in self.vector_stream(dataset, name):
@@ -198,29 +209,21 @@ def write_vector_store(
 
 
 def write_kept_store(
-    placement: Placement,
-    train_set: Iterable[Any],
+    model: InfluenceModel,
     arrays: list[Any],
+    losses: list[Any],
     path: str,
     key: StoreKey,
     argument: str,
 ) -> DiskStore:
-    """Write vectors already computed for ``train_set`` (one forward pass for the losses)."""
+    """Write vectors already computed, with the losses of the batches they were computed from.
+
+    The losses must come from the same pass as the vectors: they are the store's identity of
+    the training data, so losses of the data as it is *now* could vouch for stale vectors.
+    """
     guard_overwrite(path, argument, STORE_KIND, store_provenance(key))
-    model = placement.model
-    batches = iter(train_set)
-
-    def blocks() -> Iterator[tuple[Any, Any]]:
-        for index, vectors in enumerate(arrays):
-            batch = next(batches, None)
-            if batch is None or model.batch_size(batch) != int(vectors.shape[0]):
-                raise IncompatibleStoreError(
-                    f"{argument}: batch {index} of train_set no longer matches the vectors "
-                    "computed for it; the training set changed"
-                )
-            yield model.to_numpy(vectors), placement.host_losses(batch)
-
-    return write_disk_store(path, key, blocks(), argument=argument)
+    blocks = ((model.to_numpy(v), loss) for v, loss in zip(arrays, losses, strict=True))
+    return write_disk_store(path, key, blocks, argument=argument)
 
 
 def store_provenance(key: StoreKey) -> dict[str, Any]:
@@ -367,16 +370,16 @@ def prepare_training_vectors(
         return TrainingVectors(placement, train_set, loaded, load_argument)
     require_data(train_set, "train_set")
     if kept is not None or cache is CACHE.MEMORY:
-        arrays = (
-            list(kept.blocks(model.from_numpy))
-            if kept is not None
-            else [v for _, v in placement.vector_stream(train_set, "train_set")]
-        )
+        if kept is not None:
+            arrays, losses = list(kept.blocks(model.from_numpy)), kept.losses
+        else:
+            arrays, losses = placement.vectors_and_losses(train_set, save_path is not None)
         saved_key = None
         if save_path is not None:
+            assert losses is not None
             saved_key = store_key()
             target = resolve_path(save_path, "influence_vectors")
-            write_kept_store(placement, train_set, arrays, target, saved_key, save_argument)
+            write_kept_store(model, arrays, losses, target, saved_key, save_argument)
         memory = MemoryStore(saved_key, arrays)
         return TrainingVectors(placement, train_set, memory, save_argument)
     if save_path is not None or cache is CACHE.DISK:

@@ -167,10 +167,16 @@ class MemoryStore(InfluenceVectorStore):
     key : StoreKey or None
         ``None`` when the vectors were computed for this call only (never compared).
     arrays : list of arrays, each shape (B, k)
+    losses : list of numpy.ndarray, each shape (B,), optional
+        Per-example losses of the batches, from the pass that computed ``arrays``: what a
+        store written from these vectors records as the identity of its training data.
     """
 
-    def __init__(self, key: StoreKey | None, arrays: list[Any]):
+    def __init__(
+        self, key: StoreKey | None, arrays: list[Any], losses: list[np.ndarray] | None = None
+    ):
         self.key = key
+        self.losses = losses
         self._arrays = list(arrays)
         self.batch_sizes = tuple(int(a.shape[0]) for a in self._arrays)
 

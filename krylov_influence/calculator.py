@@ -595,8 +595,10 @@ class ArnoldiInfluenceCalculator:
         placement = self._placed(device)
         self._scoring_data(train_set, "train_set")
         self._kept = None  # a failure below leaves nothing half-kept
-        arrays = [vectors for _, vectors in placement.vector_stream(train_set, "train_set")]
-        self._kept = KeptTrainingVectors(train_set, _device_key(device), MemoryStore(None, arrays))
+        # The losses of the same pass: a store later written from these vectors records them.
+        arrays, losses = placement.vectors_and_losses(train_set, True)
+        store = MemoryStore(None, arrays, losses)
+        self._kept = KeptTrainingVectors(train_set, _device_key(device), store)
         return self._kept.store.num_examples
 
     def _kept_norms(self, placement: Placement, train_set: Iterable[Any]) -> list[Any]:
@@ -673,7 +675,8 @@ class ArnoldiInfluenceCalculator:
             store = open_checked_store(placement, train_set, path, key, argument)
         elif kept is not None:
             arrays = list(kept.blocks(placement.model.from_numpy))
-            store = write_kept_store(placement, train_set, arrays, path, key, argument)
+            assert kept.losses is not None  # cache_training_vectors records them
+            store = write_kept_store(placement.model, arrays, kept.losses, path, key, argument)
         else:
             store = write_vector_store(placement, train_set, path, key, argument)
         vectors = TrainingVectors(placement, train_set, store, argument)

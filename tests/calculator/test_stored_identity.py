@@ -302,3 +302,29 @@ def test_a_reshuffling_tf_data_pipeline_is_refused_for_scoring() -> None:
         calc.self_influence(data.shuffle(23).batch(5))
     fixed = data.shuffle(23, seed=0, reshuffle_each_iteration=False).batch(5)
     assert len(calc.self_influence(fixed)) == 23  # the same order on every pass: accepted
+
+
+def test_a_store_written_from_kept_vectors_carries_the_data_they_came_from(
+    numpy_problem: Problem, tmp_path
+) -> None:
+    """Kept vectors belong to the data as it was when kept: a store written from them after
+    the list changed in place records the old data's losses, so the new data is refused."""
+    problem, calc = numpy_problem, numpy_problem.calc
+    train = list(problem.train)
+    calc.cache_training_vectors(train)
+    other = _same_layout_other_data(problem)
+    train[2] = other[2]  # changed in place, same batch size: the kept vectors are now stale
+    path = tmp_path / "vectors.npz"
+    list(calc.compute_influence_vector(train, path))
+    with pytest.raises(IncompatibleStoreError, match="batch 2 of train_set"):
+        calc.estimate_influence_values_in_batches(
+            problem.queries, list(train), load_influence_vector_path=path
+        )
+    # The data the vectors were computed on is accepted, with exact scores.
+    got = scores_of(
+        problem,
+        calc.estimate_influence_values_in_batches(
+            problem.queries, list(problem.train), load_influence_vector_path=path
+        ),
+    )
+    np.testing.assert_allclose(got, problem.scores, rtol=problem.rtol, atol=1e-12)
