@@ -402,13 +402,14 @@ class ArnoldiInfluenceCalculator:
         self._digest = None
         self._kept = None  # vectors of another fit
 
-    def arnoldi(self, dim: int) -> tuple[Any, Any]:
+    def arnoldi(self, dim: int | None = None) -> tuple[Any, Any]:
         """Refit with a Krylov subspace of dimension ``dim``; return ``(eig_vals, G)``.
 
         Parameters
         ----------
-        dim : int
-            New ``subspace_dim`` (``k_largest_eig_vals ≤ dim ≤ p``).
+        dim : int, optional
+            New ``subspace_dim`` (``k_largest_eig_vals ≤ dim ≤ p``). ``None`` refits with the
+            current ``subspace_dim`` (a fresh start only if ``seed`` changed).
 
         Returns
         -------
@@ -417,8 +418,26 @@ class ArnoldiInfluenceCalculator:
             formula inverts), in the model's namespace.
         G : array, shape (k, p)
             The projector; its rows are orthonormal Ritz vectors.
+
+        Raises
+        ------
+        ValueError
+            For ``dim = p`` while ``subspace_dim < p``: influenciae's ``arnoldi(dim)`` takes the
+            start vector's length, always ``p``, so a call ported from it would silently run
+            a full-rank fit here (p HVPs instead of ``subspace_dim``).
         """
+        if dim is None:
+            dim = self.subspace_dim
         dim = _positive_int(dim, "dim")
+        p = self.model.num_parameters
+        if dim == p and self.subspace_dim < p:
+            raise ValueError(
+                f"dim={dim}: that is p, the number of parameters. Here dim is the new Krylov "
+                f"subspace dimension, not influenciae's start vector length (always p), so this "
+                f"would run a full-rank fit of {p} HVPs instead of subspace_dim="
+                f"{self.subspace_dim}. Call arnoldi() to refit with subspace_dim="
+                f"{self.subspace_dim}; for a full-rank fit, set calc.subspace_dim = {p} first"
+            )
         eigenbasis = self._fit(dim)
         self.subspace_dim = dim
         self._set_eigenbasis(eigenbasis)

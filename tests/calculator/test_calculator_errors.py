@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from calculator_support import Problem, build, engine_class, training_spec
+from calculator_support import Problem, build, engine_class, softmax_hessian, training_spec
 
 from krylov_influence import (
     CACHE,
@@ -57,6 +57,29 @@ def test_method_arguments(numpy_problem: Problem) -> None:
         calc.top_k(queries, train, nearest_neighbors=LinearNearestNeighbors)
     with pytest.raises(ValueError, match="dim=0"):
         calc.arnoldi(0)
+
+
+def test_a_call_ported_from_influenciae_is_not_a_silent_full_rank_fit(
+    numpy_problem: Problem,
+) -> None:
+    # influenciae's arnoldi(dim) takes the start vector's length, always p, and keeps
+    # subspace_dim; here dim is the subspace dimension, so arnoldi(p) would mean p HVPs.
+    train = numpy_problem.train
+    calc = ArnoldiInfluenceCalculator(numpy_problem.model, train, 6, True, 4, "float64")
+    p = numpy_problem.model.num_parameters
+    assert calc.subspace_dim < p
+    before = np.asarray(calc.eig_vals)
+    with pytest.raises(ValueError, match=rf"dim={p}: that is p.*Call arnoldi\(\)"):
+        calc.arnoldi(p)
+    assert calc.subspace_dim == 6
+    eig_vals, _ = calc.arnoldi()  # what the ported call meant: refit with subspace_dim
+    assert calc.subspace_dim == 6
+    np.testing.assert_array_equal(np.asarray(eig_vals), before)  # same seed, same basis
+    calc.subspace_dim = p  # a full-rank refit, asked for explicitly, is exact
+    eig_vals, _ = calc.arnoldi(p)
+    exact = np.linalg.eigvalsh(softmax_hessian(numpy_problem.spec)) + calc.damping
+    top = np.sort(exact)[::-1][:4]  # convex: the largest magnitudes are the largest values
+    np.testing.assert_allclose(np.sort(np.asarray(eig_vals))[::-1], top, rtol=1e-9)
 
 
 def test_empty_datasets(numpy_problem: Problem) -> None:
