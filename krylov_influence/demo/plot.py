@@ -12,9 +12,12 @@ from krylov_influence.demo.metrics import INSPECTED_FRACTIONS, Detection, Neighb
 
 __all__ = ["draw_demo"]
 
+# Red means one thing only: a flipped training label (frame and histogram). Proponents are
+# blue, opponents purple; a misclassified test digit says so in words.
 FLIPPED = "#c0392b"
 CLEAN = "#2c3e50"
 ACCENT = "#2471a3"
+OPPONENT = "#7d3c98"
 MUTED = "#95a5a6"
 NUM_TOP = 12
 
@@ -96,14 +99,26 @@ def _top_self_influence(figure: Any, data: DigitsData, self_influence: np.ndarra
     flipped_shown = int(np.count_nonzero(data.flipped[order]))
     figure.suptitle(
         f"The {NUM_TOP} training digits of highest self-influence "
-        f"({flipped_shown} of them have a flipped label, in red)",
+        f"({flipped_shown} of them have a flipped label)",
         fontsize=10,
     )
+    _frame_legend(figure)
     grid = {"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 0.62, "wspace": 0.35}
     for axis, index in zip(figure.subplots(1, NUM_TOP, gridspec_kw=grid), order):
         flipped = bool(data.flipped[index])
         label = f"given {data.y_train[index]}\ntrue {data.y_train_true[index]}"
         _digit(axis, data.images_train[index], label, FLIPPED if flipped else CLEAN)
+
+
+def _frame_legend(figure: Any) -> None:
+    """The key to the digits' frames, top right of a row of digits."""
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(facecolor="none", edgecolor=FLIPPED, lw=1.5, label="red frame: flipped label"),
+        Patch(facecolor="none", edgecolor=CLEAN, lw=0.5, label="thin frame: label as given"),
+    ]
+    figure.legend(handles=handles, loc="upper right", fontsize=7, ncols=2, frameon=False)
 
 
 def _detection_curve(
@@ -172,7 +187,7 @@ def _spectrum(axis: Any, eigenbasis: Any) -> None:
     axis.semilogy(rank[is_kept], shown[is_kept], ".", color=ACCENT, ms=4, label="kept")
     if np.any(negative):
         axis.semilogy(
-            rank[negative], shown[negative], "x", color=FLIPPED, ms=4, label="negative (|λ|)"
+            rank[negative], shown[negative], "x", color=CLEAN, ms=4, label="negative (|λ|)"
         )
     if eigenbasis.damping > 0:
         axis.axhline(
@@ -210,18 +225,18 @@ def _neighbours(
     num_cols: int,
 ) -> None:
     figure.suptitle(
-        "Test digits (left), their strongest proponents (blue scores: up-weighting them lowers "
-        "the test loss) and opponents (red scores)",
+        "Test digits (left, by index as in the console), their strongest proponents (blue "
+        "scores: up-weighting them lowers the test loss) and opponents (purple scores)",
         fontsize=10,
     )
     grid = {"left": 0.05, "right": 0.95, "bottom": 0.02, "top": 0.9, "hspace": 0.55}
     axes = figure.subplots(len(queries), num_cols, squeeze=False, gridspec_kw=grid)
     for row, (query, near) in zip(axes, zip(queries, neighbours)):
         truth, predicted = int(data.y_test[query]), int(test_predictions[query])
-        color = CLEAN if truth == predicted else FLIPPED
-        _digit(row[0], data.images_test[query], f"test {truth}\npredicted {predicted}", color)
+        verdict = f"predicted {predicted}" if truth == predicted else f"WRONG: {predicted}"
+        _digit(row[0], data.images_test[query], f"test #{query}: {truth}\n{verdict}", CLEAN)
         cells = [(i, s, ACCENT) for i, s in zip(near.proponents, near.proponent_scores)]
-        cells += [(i, s, FLIPPED) for i, s in zip(near.opponents, near.opponent_scores)]
+        cells += [(i, s, OPPONENT) for i, s in zip(near.opponents, near.opponent_scores)]
         for axis, (index, score, tone) in zip(row[1:], cells):
             given, true = int(data.y_train[index]), int(data.y_train_true[index])
             label = f"{score:+.2g}\ngiven {given}" + (f" (true {true})" if given != true else "")
