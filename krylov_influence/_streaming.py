@@ -72,14 +72,26 @@ class Placement:
     complement_weight: float | None = None
 
     def self_influence(self, batch: Any, index: int, stage: str) -> Any:
-        """``S(x)`` of every example of ``batch``, shape (B,), with the complement if any."""
+        """``S(x)`` of every example of ``batch``, shape (B,), with the complement if any.
+
+        With the complement, one per-example gradient pass gives both ``G g`` and ``‖g‖²``.
+        """
         xp = self.xp
-        projected = self.projections(batch, index, stage)
+        if self.complement_weight is None:
+            projected = self.projections(batch, index, stage)
+            return require_finite(
+                xp,
+                xp.sum(projected * projected * self.inverse, axis=1),
+                "self-influence",
+                stage,
+                index,
+            )
+        grads = self.gradients(batch, index, stage)
+        projected = self.project_gradients(grads)
         squared = projected * projected
         values = xp.sum(squared * self.inverse, axis=1)
-        if self.complement_weight is not None:
-            norms = self.gradient_norms(batch, index, stage)
-            values = values + self.complement_weight * (norms - xp.sum(squared, axis=1))
+        norms = xp.sum(grads * grads, axis=1)
+        values = values + self.complement_weight * (norms - xp.sum(squared, axis=1))
         return require_finite(xp, values, "self-influence", stage, index)
 
     def gradient_norms(self, batch: Any, index: int, stage: str) -> Any:
@@ -88,23 +100,67 @@ class Placement:
         norms = self.model.squared_gradient_norms(batch)
         return require_finite(xp, norms, "gradient norms", stage, index)
 
+    def gradients(self, batch: Any, index: int, stage: str) -> Any:
+        """Per-example gradients of ``batch``, shape (B, p); non-finite is an error."""
+        xp = self.xp
+        if self.model.batch_size(batch) == 0:
+            raise ValueError(f"{stage}: batch {index} is empty")
+        try:
+            grads = self.model.per_example_grads(batch)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
+            raise type(error)(
+                f"{stage}: batch {index} has no per-example gradients "
+                f"({type(error).__name__}: {error})"
+            ) from error
+        if not bool(xp.all(xp.isfinite(grads))):
+            raise NonFiniteError(
+                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
+            )
+        return grads
+
+    def project_gradients(self, grads: Any) -> Any:
+        """``G g`` from gradients already formed: (B, p) → (B, k)."""
+        return self.xp.matmul(grads, self.xp.permute_dims(self.projector, (1, 0)))
+
+    def query_side(self, query: Any, index: int) -> tuple[Any, Any]:
+        """``(G g_x (B_query, k), g_x (B_query, p) or None)`` of a query batch.
+
+        The gradients only with the complement, which needs ``g_zᵀ g_x``; one pass gives both.
+        """
+        if self.complement_weight is None:
+            return self.projections(query, index, "dataset_to_evaluate"), None
+        grads = self.gradients(query, index, "dataset_to_evaluate")
+        return self.project_gradients(grads), grads
+
     def complement_scores(
-        self, projected: Any, query_grads: Any, batch: Any, vectors: Any, index: int
+        self, projected: Any, query_grads: Any, train_grads: Any, vectors: Any, index: int
     ) -> Any:
         """Scores of a query block against a training batch, complement included.
 
-        ``P_z v_xᵀ + w (G_z g_xᵀ − P_z P_xᵀ)`` with ``P_x = v_x (λ + δ)`` and the inner
-        products of gradients ``g_zᵀ g_x`` from projecting the training batch onto the
-        query gradients (shape (B_query, p)).
+        ``P_x v_zᵀ + w (g_x g_zᵀ − P_x P_zᵀ)`` with ``P_z = v_z (λ + δ)``: the truncated
+        scores plus ``w`` times the gradients' inner product outside the kept directions.
+
+        Parameters
+        ----------
+        projected : array, shape (B_query, k)
+        query_grads : array, shape (B_query, p)
+        train_grads : array, shape (B_train, p)
+        vectors : array, shape (B_train, k)
+            The training batch's influence vectors.
+        index : int
+            The training batch's number, for error messages.
+
+        Returns
+        -------
+        array, shape (B_query, B_train)
         """
         xp = self.xp
         assert self.complement_weight is not None
-        cross = self.model.project(query_grads, batch)  # (B_train, B_query)
+        cross = xp.matmul(query_grads, xp.permute_dims(train_grads, (1, 0)))
         train_projected = vectors / self.inverse
-        transposed = xp.permute_dims(vectors, (1, 0))
-        truncated = xp.matmul(projected, transposed)
+        truncated = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
         overlap = xp.matmul(projected, xp.permute_dims(train_projected, (1, 0)))
-        scores = truncated + self.complement_weight * (xp.permute_dims(cross, (1, 0)) - overlap)
+        scores = truncated + self.complement_weight * (cross - overlap)
         return require_finite(xp, scores, "scores", "train_set", index)
 
     @property
@@ -282,6 +338,25 @@ class TrainingVectors:
             return len(self.store.batch_sizes)
         return dataset_length(self.train_set)
 
+    def paired_with_gradients(self) -> Iterator[tuple[Any, Any, Any]]:
+        """``(train batch, influence vectors (B, k), gradients (B, p))`` in order.
+
+        The spectral complement's training pass: it needs every training gradient once per
+        query batch, and without a store the same gradients give the vectors too.
+        """
+        placement = self.placement
+        if self.store is None:
+
+            def produce(index: int, batch: Any) -> tuple[Any, Any, Any]:
+                grads = placement.gradients(batch, index, "train_set")
+                vectors = placement.project_gradients(grads) * placement.inverse
+                return batch, vectors, grads
+
+            yield from batch_stream(self.train_set, "train_set", produce, placement.show_progress)
+            return
+        for index, (batch, vectors) in enumerate(self.paired()):
+            yield batch, vectors, placement.gradients(batch, index, "train_set")
+
     def paired(self) -> Iterator[tuple[Any, Any]]:
         """``(train batch, influence vectors (B, k))`` in order.
 
@@ -369,7 +444,12 @@ def prepare_training_vectors(
             return TrainingVectors(placement, train_set, memory, load_argument)
         return TrainingVectors(placement, train_set, loaded, load_argument)
     require_data(train_set, "train_set")
-    if kept is not None or cache is CACHE.MEMORY:
+    # With the spectral complement every query batch needs the training gradients again, and
+    # they give the vectors for free: vectors held in memory would save nothing.
+    in_memory = cache is CACHE.MEMORY and (
+        placement.complement_weight is None or save_path is not None
+    )
+    if kept is not None or in_memory:
         if kept is not None:
             arrays, losses = list(kept.blocks(model.from_numpy)), kept.losses
         else:

@@ -791,13 +791,6 @@ class ArnoldiInfluenceCalculator:
         values, indices = running.result()
         return TrainingTopK(xp.reshape(indices, (k,)), xp.reshape(values, (k,)))
 
-    @staticmethod
-    def _query_grads(placement: Placement, query: Any) -> Any:
-        """The queries' gradients (B_query, p) when the spectral complement needs them."""
-        if placement.complement_weight is None:
-            return None
-        return placement.model.per_example_grads(query)
-
     # ----------------------------------------------------------------- training stores
     def _scoring_data(self, dataset: Iterable[Any], name: str) -> None:
         """Re-iterable, non-empty, and the same order on every pass (see ``random_order``)."""
@@ -932,23 +925,26 @@ class ArnoldiInfluenceCalculator:
 
         def scores_against_training(projected: Any, query_grads: Any) -> BatchStream:
             def run() -> Iterator[tuple[Any, Any]]:
-                for index, (batch, vectors) in enumerate(training.paired()):
-                    if query_grads is not None:
+                if query_grads is not None:
+                    for index, (batch, vectors, grads) in enumerate(
+                        training.paired_with_gradients()
+                    ):
                         yield (
                             batch,
                             placement.complement_scores(
-                                projected, query_grads, batch, vectors, index
+                                projected, query_grads, grads, vectors, index
                             ),
                         )
-                        continue
+                    return
+                for index, (batch, vectors) in enumerate(training.paired()):
                     scores = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
                     yield batch, require_finite(xp, scores, "scores", "train_set", index)
 
             return BatchStream(run, training.num_batches)
 
         def produce(index: int, query: Any) -> tuple[Any, BatchStream]:
-            projected = placement.projections(query, index, "dataset_to_evaluate")
-            return query, scores_against_training(projected, self._query_grads(placement, query))
+            projected, query_grads = placement.query_side(query, index)
+            return query, scores_against_training(projected, query_grads)
 
         stream = batch_stream(
             dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress
@@ -1085,13 +1081,12 @@ class ArnoldiInfluenceCalculator:
             )
         search = nearest_neighbors
 
-        def scan(projected: Any, query: Any) -> tuple[Any, Any]:
+        def scan(projected: Any, query_grads: Any) -> tuple[Any, Any]:
             """Exact top-k over the complement's score blocks (one training pass)."""
-            query_grads = placement.model.per_example_grads(query)
             running = RunningTopK(k, order, xp=xp, device=placement.model.device)
             start = 0
-            for t, (batch, vectors) in enumerate(training.paired()):
-                scores = placement.complement_scores(projected, query_grads, batch, vectors, t)
+            for t, (_, vectors, grads) in enumerate(training.paired_with_gradients()):
+                scores = placement.complement_scores(projected, query_grads, grads, vectors, t)
                 running.update(convert(scores), start)
                 start += int(scores.shape[1])
             if k > start:
@@ -1101,9 +1096,9 @@ class ArnoldiInfluenceCalculator:
             return running.result()
 
         def produce(index: int, query: Any) -> TopKBatch:
-            projected = placement.projections(query, index, "dataset_to_evaluate")
-            if placement.complement_weight is not None:
-                values, indices = scan(projected, query)
+            projected, query_grads = placement.query_side(query, index)
+            if query_grads is not None:
+                values, indices = scan(projected, query_grads)
             else:
                 values, indices = search.query(convert(projected), k, order)
             require_finite(xp, values, "top-k scores", "dataset_to_evaluate", index)
