@@ -21,7 +21,7 @@ from krylov_influence._gram_schmidt import (
     orthogonality_loss,
     padded_rows,
 )
-from krylov_influence.arnoldi import ArnoldiResult, LinearOperator
+from krylov_influence.arnoldi import ArnoldiResult, ArnoldiState, LinearOperator
 from krylov_influence.errors import NonFiniteError
 
 __all__ = ["block_arnoldi"]
@@ -42,6 +42,10 @@ def block_arnoldi(
     to_device: Callable[[np.ndarray], Any],
     progress: Callable[[int], None] | None,
     check_orthogonality: bool,
+    resume: ArnoldiState | None = None,
+    restored_basis: Callable[[], Any] | None = None,
+    due: Callable[[int], bool] = lambda products: False,
+    save_state: Callable[..., None] | None = None,
 ) -> ArnoldiResult:
     """Block Arnoldi with b products per step (see :func:`arnoldi_iteration`).
 
@@ -51,6 +55,9 @@ def block_arnoldi(
     loses orthogonality when a product lies nearly inside the basis). A residual at round-off
     level is a breakdown of that row: a fresh random direction orthogonal to everything takes
     its place and its coupling is dropped, as in the single-vector iteration.
+
+    Checkpoints (``due``/``save_state``, from :func:`arnoldi_iteration`) are taken between
+    blocks while no residual row has been set aside, i.e. before the basis is full.
     """
     p = int(operator.shape[0])
     multiply = getattr(operator, "mm", None)
@@ -63,15 +70,23 @@ def block_arnoldi(
             out = xp.stack([operator.mv(rows[i, ...]) for i in range(int(rows.shape[0]))])
         return out if out.dtype == work_dtype else xp.astype(out, work_dtype)
 
-    start, _ = np.linalg.qr(rng.standard_normal((p, b)))  # b orthonormal columns
-    basis = xp.zeros((n, p), dtype=work_dtype, device=device)
-    for i in range(b):
-        basis = _xp.set_row(xp, basis, i, to_device(np.ascontiguousarray(start[:, i])))
-    hessenberg = np.zeros((n, n), dtype=np.float64)
-    restarts: list[int] = []
-    norm_estimate = 0.0
+    if resume is None:
+        start, _ = np.linalg.qr(rng.standard_normal((p, b)))  # b orthonormal columns
+        basis = xp.zeros((n, p), dtype=work_dtype, device=device)
+        for i in range(b):
+            basis = _xp.set_row(xp, basis, i, to_device(np.ascontiguousarray(start[:, i])))
+        hessenberg = np.zeros((n, n), dtype=np.float64)
+        restarts: list[int] = []
+        norm_estimate = 0.0
+        j = 0  # first row of the current block
+    else:
+        assert restored_basis is not None
+        basis = restored_basis()
+        hessenberg = resume.hessenberg.copy()
+        restarts = list(resume.restarts)
+        norm_estimate = resume.norm_estimate
+        j = resume.products
     dropped: list[tuple[int, Any]] = []  # (column, residual row) outside the basis
-    j = 0  # first row of the current block
     while j < n:
         m = min(b, n - j)
         w = products(basis[j : j + m, ...])
@@ -87,6 +102,9 @@ def block_arnoldi(
             if progress is not None:
                 progress(m)
             j = filled
+            _maybe_checkpoint(
+                j, n, b, dropped, due, save_state, basis, hessenberg, restarts, norm_estimate
+            )
             continue
         for i in range(m):  # a breakdown or non-finite values: row by row, as in Arnoldi
             # CGS2 of A q_{j+i} against the whole basis so far, including the rows of the
@@ -117,6 +135,9 @@ def block_arnoldi(
         if progress is not None:
             progress(m)
         j = filled
+        _maybe_checkpoint(
+            j, n, b, dropped, due, save_state, basis, hessenberg, restarts, norm_estimate
+        )
     residual = xp.stack([row for _, row in dropped])
     gram = host(xp.matmul(residual, xp.permute_dims(residual, (1, 0)))).astype(np.float64)
     return ArnoldiResult(
@@ -129,6 +150,26 @@ def block_arnoldi(
         residual_gram=gram,
         residual_columns=tuple(column for column, _ in dropped),
     )
+
+
+def _maybe_checkpoint(
+    products: int,
+    n: int,
+    b: int,
+    dropped: list[tuple[int, Any]],
+    due: Callable[[int], bool],
+    save_state: Callable[..., None] | None,
+    basis: Any,
+    hessenberg: np.ndarray,
+    restarts: list[int],
+    norm_estimate: float,
+) -> None:
+    """Checkpoint after a block when one is due and no residual row is set aside yet."""
+    if dropped or products >= n or not due(products):
+        return
+    assert save_state is not None
+    rows = products + min(b, n - products)  # the next block's rows are already set
+    save_state(products, basis, rows, hessenberg, restarts, norm_estimate)
 
 
 def _block_fast_path(

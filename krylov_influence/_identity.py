@@ -24,7 +24,7 @@ Order
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
 
 __all__ = [
     "check_hessian_agreement",
+    "check_losses",
     "check_training_data",
     "guard_overwrite",
     "loss_tolerance",
@@ -65,37 +66,65 @@ def check_training_data(
     IncompatibleStoreError
         Naming the argument, the store's path and the first batch that differs.
     """
-    tol = loss_tolerance(store.key.dtype)
-    where = f"{argument}={store.path!r}"
+    check_losses(
+        model,
+        train_set,
+        store.batch_sizes,
+        store.stored_losses,
+        loss_tolerance(store.key.dtype),
+        where=f"{argument}={store.path!r}",
+        names=("train_set", "store", "training set"),
+    )
+
+
+def check_losses(
+    model: InfluenceModel,
+    dataset: Iterable[Any],
+    batch_sizes: Sequence[int],
+    stored_losses: Callable[[int], np.ndarray],
+    tol: float,
+    *,
+    where: str,
+    names: tuple[str, str, str],
+) -> None:
+    """Refuse unless ``dataset`` has these batch sizes and per-example losses (within ``tol``).
+
+    Parameters
+    ----------
+    names : (dataset argument, what recorded them, what the data is called)
+        For the messages, e.g. ``("train_set", "store", "training set")``.
+    """
+    dataset_name, owner, kind = names
     count = 0
-    for index, batch in enumerate(train_set):
-        if index >= len(store.batch_sizes):
+    for index, batch in enumerate(dataset):
+        if index >= len(batch_sizes):
             raise IncompatibleStoreError(
-                f"{where}: train_set has more batches than the store ({len(store.batch_sizes)});"
-                " the store was computed on another training set"
+                f"{where}: {dataset_name} has more batches than the {owner} "
+                f"({len(batch_sizes)}); the {owner} was computed on another {kind}"
             )
         size = model.batch_size(batch)
-        if size != store.batch_sizes[index]:
+        if size != batch_sizes[index]:
             raise IncompatibleStoreError(
-                f"{where}: batch {index} of train_set has {size} examples but the store has "
-                f"{store.batch_sizes[index]}; the store was computed on another training set"
+                f"{where}: batch {index} of {dataset_name} has {size} examples but the {owner} "
+                f"has {batch_sizes[index]}; the {owner} was computed on another {kind}"
             )
         losses = np.asarray(model.to_numpy(model.losses(batch)), dtype=np.float64)
-        stored = store.stored_losses(index)
+        stored = stored_losses(index)
         scale = tol * (np.abs(stored) + np.abs(losses) + np.mean(np.abs(stored)) + 1e-300)
         worst = np.abs(losses - stored) - scale
         if not np.isfinite(losses).all() or (worst > 0).any():
             row = int(np.argmax(worst)) if np.isfinite(losses).all() else 0
             raise IncompatibleStoreError(
-                f"{where}: example {row} of batch {index} of train_set has loss {losses[row]!r}"
-                f" but the store was computed on an example with loss {stored[row]!r}; the "
-                "store belongs to another training set (or another order, or changed labels)"
+                f"{where}: example {row} of batch {index} of {dataset_name} has loss "
+                f"{losses[row]!r} but the {owner} was computed on an example with loss "
+                f"{stored[row]!r}; the {owner} belongs to another {kind} (or another order, "
+                "or changed labels)"
             )
         count += 1
-    if count != len(store.batch_sizes):
+    if count != len(batch_sizes):
         raise IncompatibleStoreError(
-            f"{where}: train_set has {count} batches but the store has "
-            f"{len(store.batch_sizes)}; the store was computed on another training set"
+            f"{where}: {dataset_name} has {count} batches but the {owner} has "
+            f"{len(batch_sizes)}; the {owner} was computed on another {kind}"
         )
 
 

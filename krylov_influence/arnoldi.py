@@ -48,7 +48,13 @@ from krylov_influence._gram_schmidt import (
 )
 from krylov_influence.errors import NonFiniteError
 
-__all__ = ["ArnoldiResult", "LinearOperator", "MatrixOperator", "arnoldi_iteration"]
+__all__ = [
+    "ArnoldiResult",
+    "ArnoldiState",
+    "LinearOperator",
+    "MatrixOperator",
+    "arnoldi_iteration",
+]
 
 
 class LinearOperator(Protocol):
@@ -136,6 +142,37 @@ class ArnoldiResult:
         return int(self.hessenberg.shape[0])
 
 
+@dataclass(frozen=True)
+class ArnoldiState:
+    """Where an Arnoldi iteration stands between two steps: enough to continue it exactly.
+
+    Written by :func:`arnoldi_iteration` through its ``checkpoint`` callback and accepted back
+    as ``resume``; the continued iteration takes the same steps, with the same restart
+    vectors, as one that never stopped.
+
+    Attributes
+    ----------
+    products : int
+        Operator products done: the first ``products`` columns of ``hessenberg`` are final.
+    basis_rows : numpy.ndarray, shape (r, p)
+        The basis rows set so far (``r ≥ products``), in the working dtype, on the host.
+    hessenberg : numpy.ndarray, shape (n, n), float64
+    restarts : tuple of int
+    norm_estimate : float
+    rng_state : dict
+        ``numpy.random.Generator.bit_generator.state`` of the generator of restart vectors.
+    block_size : int
+    """
+
+    products: int
+    basis_rows: np.ndarray
+    hessenberg: np.ndarray
+    restarts: tuple[int, ...]
+    norm_estimate: float
+    rng_state: dict[str, Any]
+    block_size: int
+
+
 def arnoldi_iteration(
     operator: LinearOperator,
     subspace_dim: int,
@@ -149,6 +186,9 @@ def arnoldi_iteration(
     to_numpy: Callable[[Any], np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
     block_size: int = 1,
+    resume: ArnoldiState | None = None,
+    checkpoint: Callable[[ArnoldiState], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> ArnoldiResult:
     """Build an orthonormal Krylov basis of ``operator`` with ``subspace_dim`` products.
 
@@ -178,6 +218,14 @@ def arnoldi_iteration(
     block_size : int, default 1
         ``b``: operator products per step (``1 ≤ b ≤ n``); b > 1 is block Arnoldi (see the
         module notes), starting from b orthonormal vectors of the same generator.
+    resume : ArnoldiState, optional
+        Continue from this state (written by ``checkpoint`` of an earlier call with the same
+        operator and arguments) instead of starting; the result equals the uninterrupted one.
+    checkpoint : callable, optional
+        Called with an :class:`ArnoldiState` every ``checkpoint_every`` products (at the end
+        of the step that reaches them; never after the last step). It receives host copies.
+    checkpoint_every : int, default 0
+        Products between checkpoints (0: none).
 
     Returns
     -------
@@ -214,9 +262,44 @@ def arnoldi_iteration(
     if not 1 <= block_size <= n:
         raise ValueError(f"block_size={block_size}: expected 1 <= block_size <= subspace_dim = {n}")
     rng = np.random.default_rng(seed)
+    if resume is not None:
+        _check_resume(resume, n, p, int(block_size))
+        rng.bit_generator.state = resume.rng_state
+        if progress is not None:
+            progress(resume.products)
 
     def to_device(host_vector: np.ndarray) -> Any:
         return xp.asarray(host_vector, dtype=work_dtype, device=device)
+
+    due = _checkpoint_schedule(checkpoint, checkpoint_every, n, resume)
+
+    def save_state(
+        products: int,
+        basis: Any,
+        rows: int,
+        hessenberg: np.ndarray,
+        restarts: list[int],
+        norm_estimate: float,
+    ) -> None:
+        assert checkpoint is not None
+        checkpoint(
+            ArnoldiState(
+                products=products,
+                basis_rows=np.array(host(basis[:rows, ...]), copy=True),
+                hessenberg=hessenberg.copy(),
+                restarts=tuple(restarts),
+                norm_estimate=float(norm_estimate),
+                rng_state=dict(rng.bit_generator.state),
+                block_size=int(block_size),
+            )
+        )
+
+    def restored_basis() -> Any:
+        assert resume is not None
+        basis = xp.zeros((n, p), dtype=work_dtype, device=device)
+        for i in range(resume.basis_rows.shape[0]):
+            basis = _xp.set_row(xp, basis, i, to_device(resume.basis_rows[i]))
+        return basis
 
     if block_size > 1:
         from krylov_influence._block_arnoldi import block_arnoldi  # imports this module
@@ -235,17 +318,29 @@ def arnoldi_iteration(
             to_device=to_device,
             progress=progress,
             check_orthogonality=check_orthogonality,
+            resume=resume,
+            restored_basis=restored_basis,
+            due=due,
+            save_state=save_state,
         )
 
-    start = rng.standard_normal(p)
-    basis = xp.zeros((n, p), dtype=work_dtype, device=device)
-    basis = _xp.set_row(xp, basis, 0, to_device(start / np.linalg.norm(start)))
-    hessenberg = np.zeros((n, n), dtype=np.float64)
-    restarts: list[int] = []
-    norm_estimate = 0.0
+    if resume is None:
+        start = rng.standard_normal(p)
+        basis = xp.zeros((n, p), dtype=work_dtype, device=device)
+        basis = _xp.set_row(xp, basis, 0, to_device(start / np.linalg.norm(start)))
+        hessenberg = np.zeros((n, n), dtype=np.float64)
+        restarts: list[int] = []
+        norm_estimate = 0.0
+        first = 0
+    else:
+        basis = restored_basis()
+        hessenberg = resume.hessenberg.copy()
+        restarts = list(resume.restarts)
+        norm_estimate = resume.norm_estimate
+        first = resume.products
     residual_norm = 0.0
 
-    for j in range(n):
+    for j in range(first, n):
         q = basis[j, ...]
         w = operator.mv(q if op_dtype == work_dtype else xp.astype(q, op_dtype))
         if w.dtype != work_dtype:
@@ -274,6 +369,8 @@ def arnoldi_iteration(
             hessenberg[j + 1, j] = beta
             nxt = w * (1.0 / beta)
         basis = _xp.set_row(xp, basis, j + 1, nxt)
+        if due(j + 1):
+            save_state(j + 1, basis, j + 2, hessenberg, restarts, norm_estimate)
 
     return ArnoldiResult(
         basis=basis,
@@ -283,3 +380,43 @@ def arnoldi_iteration(
         orthogonality_loss=orthogonality_loss(xp, basis, host) if check_orthogonality else None,
         operator_norm_estimate=float(norm_estimate),
     )
+
+
+def _check_resume(state: ArnoldiState, n: int, p: int, block_size: int) -> None:
+    """Refuse a state that cannot belong to this iteration (shapes and settings)."""
+    rows = state.basis_rows.shape[0] if state.basis_rows.ndim == 2 else -1
+    problems = []
+    if state.hessenberg.shape != (n, n):
+        problems.append(f"a Hessenberg matrix of shape {state.hessenberg.shape}, not ({n}, {n})")
+    if state.basis_rows.ndim != 2 or state.basis_rows.shape[1] != p:
+        problems.append(f"basis rows of shape {state.basis_rows.shape}, not (r, {p})")
+    if state.block_size != block_size:
+        problems.append(f"block_size {state.block_size}, not {block_size}")
+    if not 1 <= state.products < n or not state.products <= rows <= n:
+        problems.append(f"{state.products} products with {rows} basis rows (n = {n})")
+    if problems:
+        raise ValueError("resume: the state does not fit this iteration: " + "; ".join(problems))
+
+
+def _checkpoint_schedule(
+    checkpoint: Callable[[ArnoldiState], None] | None,
+    every: int,
+    n: int,
+    resume: ArnoldiState | None,
+) -> Callable[[int], bool]:
+    """``due(products)``: whether the step that reached ``products`` products checkpoints.
+
+    Every time the count crosses a multiple of ``every`` (blocks may jump past one), never
+    at ``n`` (the fit is done).
+    """
+    if checkpoint is None or every <= 0:
+        return lambda products: False
+    last = [resume.products if resume is not None else 0]
+
+    def due(products: int) -> bool:
+        if products >= n or products // every == last[0] // every:
+            return False
+        last[0] = products
+        return True
+
+    return due

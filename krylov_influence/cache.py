@@ -46,6 +46,7 @@ DEFAULT_FILENAMES = {
     "influence_values": "influence_values.npz",
     "top_k": "top_k.npz",
     "calculator": "calculator.npz",
+    "checkpoint": "arnoldi_checkpoint.npz",
 }
 
 

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,13 @@ from krylov_influence._archive import (
     register_for_cleanup,
     remove_stale_temporaries,
     unregister_cleanup,
+)
+from krylov_influence._checkpoint import (
+    CheckpointKey,
+    HessianLosses,
+    read_checkpoint,
+    remove_checkpoint,
+    write_checkpoint,
 )
 from krylov_influence._data import (
     BatchStream,
@@ -61,7 +68,7 @@ from krylov_influence._streaming import (
     write_kept_store,
     write_vector_store,
 )
-from krylov_influence.arnoldi import arnoldi_iteration
+from krylov_influence.arnoldi import ArnoldiState, arnoldi_iteration
 from krylov_influence.cache import CACHE, MemoryStore, StoreKey, as_cache, resolve_path
 from krylov_influence.complement import (
     SpectralComplement,
@@ -145,12 +152,27 @@ class ArnoldiInfluenceCalculator:
         above the budget is streamed on every product. The results are the same either
         way; the Arnoldi progress bar (and the ``krylov_influence`` logger, at INFO) says
         which happened.
+    checkpoint_path : str or os.PathLike, optional, keyword-only
+        Make the fit resumable: every ``checkpoint_every`` Hessian-vector products the basis
+        so far, the Hessenberg matrix and the restart generator's state are written to this
+        file (atomically; an existing directory holds ``arnoldi_checkpoint.npz``). When the
+        file exists, the fit **continues from it** and gives the same result as an
+        uninterrupted fit, after checking that it belongs to this fit (the same model
+        parameters, ``subspace_dim``, ``block_size``, ``seed``, dtype and Hessian data, by
+        every per-example loss); a checkpoint of another fit is refused
+        (``IncompatibleStoreError``), never overwritten. Removed when the fit completes.
+        Each write copies the basis so far (up to ``subspace_dim × p`` numbers) to disk.
+    checkpoint_every : int, keyword-only, default 10
+        Hessian-vector products between checkpoints.
 
     Attributes
     ----------
     model : InfluenceModel
     eigenbasis : EigenBasis
         The fitted state, with diagnostics (Ritz residuals, orthogonality, restarts).
+    resumed_from : int or None
+        Hessian-vector products read from ``checkpoint_path`` by the last fit (``None``: it
+        started afresh).
 
     Raises
     ------
@@ -164,6 +186,12 @@ class ArnoldiInfluenceCalculator:
     Every method taking ``device=`` runs on ``model.on_device(device)`` (``None``: the model's
     own device); the fitted state is copied there once and reused.
     """
+
+    # Class defaults: a loaded calculator (built by ``load``, not ``__init__``) refits without
+    # checkpoints unless these are set on it.
+    checkpoint_path: str | None = None
+    checkpoint_every: int = 10
+    resumed_from: int | None = None
 
     def __init__(
         self,
@@ -183,8 +211,12 @@ class ArnoldiInfluenceCalculator:
         stage_hessian_data: bool | int | str = True,
         complement: str | float = "none",
         complement_probes: int = 10,
+        checkpoint_path: Any = None,
+        checkpoint_every: int = 10,
     ):
         require_reiterable(train_dataset, "train_dataset")
+        self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
+        self.checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
         self._configure(
             model,
             train_dataset,
@@ -291,6 +323,30 @@ class ArnoldiInfluenceCalculator:
             raise ValueError(f"{name}: the dataset is empty")
         return count
 
+    def _checkpointing(
+        self, data: Iterable[Any], subspace_dim: int
+    ) -> tuple[ArnoldiState | None, Callable[[ArnoldiState], None] | None, str | None]:
+        """``(state to resume from, checkpoint writer, file)`` for ``checkpoint_path``."""
+        if self.checkpoint_path is None:
+            return None, None, None
+        model = self.model
+        target = resolve_path(self.checkpoint_path, "checkpoint")
+        key = CheckpointKey(
+            fingerprint=model.fingerprint(),
+            num_parameters=int(model.num_parameters),
+            subspace_dim=int(subspace_dim),
+            block_size=int(self.block_size),
+            seed=int(self.seed),
+            dtype=self.dtype,
+        )
+        resume = read_checkpoint(target, key, model, data) if os.path.exists(target) else None
+        losses = HessianLosses(model, data)
+
+        def checkpoint(state: ArnoldiState) -> None:
+            write_checkpoint(target, key, state, losses)
+
+        return resume, checkpoint, target
+
     def _fit(self, subspace_dim: int) -> EigenBasis:
         model = self.model
         p = model.num_parameters
@@ -314,6 +370,8 @@ class ArnoldiInfluenceCalculator:
             )
         data, staging = stage_hessian_data(model, self.hessian_dataset, self.stage_hessian_data)
         operator = model.hessian_operator(data)
+        resume, checkpoint, target = self._checkpointing(data, subspace_dim)
+        self.resumed_from = None if resume is None else resume.products
         with progress_bar(self.show_progress, subspace_dim, f"Arnoldi ({staging})") as bar:
             try:
                 result = arnoldi_iteration(
@@ -326,12 +384,17 @@ class ArnoldiInfluenceCalculator:
                     to_numpy=model.to_numpy,
                     progress=bar.update,
                     block_size=self.block_size,
+                    resume=resume,
+                    checkpoint=checkpoint,
+                    checkpoint_every=self.checkpoint_every,
                 )
             except NonFiniteError as error:
                 culprit = self._non_finite_hessian_batch()
                 if culprit is None:
                     raise
                 raise NonFiniteError(f"{error}; {culprit}") from None
+        if target is not None:
+            remove_checkpoint(target)
         basis = build_eigenbasis(
             result,
             self.k_largest_eig_vals,

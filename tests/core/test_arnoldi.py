@@ -162,3 +162,50 @@ def test_subspace_dim_out_of_range_is_rejected(dim):
 def test_subspace_dim_must_be_an_integer():
     with pytest.raises(TypeError, match="subspace_dim"):
         arnoldi_iteration(MatrixOperator(np.eye(4)), 2.5)
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+@pytest.mark.parametrize("rank", [40, 5])
+def test_resuming_from_any_checkpoint_takes_the_same_steps(block_size, rank):
+    # rank 5 < n: the iteration restarts from fresh random vectors after the Krylov space is
+    # exhausted, so a resumed iteration must also restore the generator of those vectors.
+    rng = np.random.default_rng(0)
+    factor = rng.standard_normal((40, rank))
+    matrix = factor @ factor.T
+
+    def run(**options):
+        states = []
+        result = arnoldi_iteration(
+            MatrixOperator(matrix),
+            30,
+            seed=3,
+            block_size=block_size,
+            checkpoint=states.append,
+            checkpoint_every=4,
+            **options,
+        )
+        return result, states
+
+    whole, states = run()
+    assert [s.products for s in states] == sorted({s.products for s in states})
+    assert all(0 < s.products < 30 for s in states) and len(states) >= 5
+    assert (len(whole.restarts) > 0) == (rank < 30)
+    for state in states:
+        resumed, later = run(resume=state)
+        np.testing.assert_array_equal(resumed.basis, whole.basis)
+        np.testing.assert_array_equal(resumed.hessenberg, whole.hessenberg)
+        assert resumed.restarts == whole.restarts
+        # The resumed iteration checkpoints where the whole one did, after the resume point.
+        assert [s.products for s in later] == [
+            s.products for s in states if s.products > state.products
+        ]
+
+
+def test_a_state_of_another_iteration_is_refused():
+    matrix = np.diag(np.arange(1.0, 21.0))
+    states = []
+    arnoldi_iteration(MatrixOperator(matrix), 10, checkpoint=states.append, checkpoint_every=3)
+    with pytest.raises(ValueError, match=r"resume: .*Hessenberg matrix of shape \(10, 10\)"):
+        arnoldi_iteration(MatrixOperator(matrix), 12, resume=states[0])
+    with pytest.raises(ValueError, match=r"resume: .*block_size 1, not 2"):
+        arnoldi_iteration(MatrixOperator(matrix), 10, resume=states[0], block_size=2)
