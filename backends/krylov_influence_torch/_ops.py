@@ -20,6 +20,11 @@ during a computation.
   differentiated per chosen parameter tensor (flattened only when a (B, p) block is asked
   for; projections contract each parameter's block with its columns of G).
 
+Where a model's kernels cannot take one of these (no ``vmap`` batching rule, no forward-mode
+or second derivative), the caller falls back (``_routes``): the same function under composite
+kernels, per-example gradients by one backward pass per example
+(:meth:`Functional.per_parameter_grads_backward`), or HVPs by a loop over the vectors.
+
 The L2 term ``½ l2 ‖θ‖²`` is added analytically by the caller (``+l2·v``, ``+l2·θ``,
 ``+l2·Gθ``): exact, and no derivative work for it.
 """
@@ -33,6 +38,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from krylov_influence_torch._data import Batch, map_leaves
+from krylov_influence_torch._routes import EngineTypeError, EngineValueError
 
 __all__ = ["Functional"]
 
@@ -97,7 +103,7 @@ class Functional:
     def _checked_losses(self, outputs: Any, y: Any, size: int) -> torch.Tensor:
         values = self.loss_fn(outputs, y)
         if not isinstance(values, torch.Tensor):
-            raise TypeError(
+            raise EngineTypeError(
                 f"loss_fn: expected a tensor of per-example losses, got {type(values).__name__}"
             )
         if tuple(values.shape) != (size,):
@@ -106,7 +112,7 @@ class Functional:
                 if values.ndim == 0
                 else " Sum or average the other axes inside loss_fn."
             )
-            raise ValueError(
+            raise EngineValueError(
                 f"loss_fn: expected per-example losses of shape ({size},) for a batch of "
                 f"{size}, got shape {tuple(values.shape)}.{hint}"
             )
@@ -146,11 +152,17 @@ class Functional:
         return vmap(one, chunk_size=chunk)(vectors)
 
     def hvps_sum_reverse(
-        self, theta: torch.Tensor, vectors: torch.Tensor, batch: Batch, chunk: int | None
+        self,
+        theta: torch.Tensor,
+        vectors: torch.Tensor,
+        batch: Batch,
+        chunk: int | None,
+        loop: bool = False,
     ) -> torch.Tensor:
         """Like :meth:`hvps_sum` (or :meth:`hvp_sum` for ``vectors`` of shape (p,)), by
         reverse-over-reverse: one backward pass that keeps its graph, then one backward pass
-        of that graph per chunk of vectors (``is_grads_batched``)."""
+        of that graph per chunk of vectors (``is_grads_batched``), or per vector with
+        ``loop`` (no ``vmap`` at all)."""
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             loss = self._loss_sum(leaf, batch)
@@ -161,6 +173,8 @@ class Functional:
                 return torch.zeros_like(vectors)
             if vectors.ndim == 1:
                 pieces = [vectors]
+            elif loop:
+                pieces = list(vectors)
             else:
                 step = vectors.shape[0] if chunk is None else chunk
                 pieces = list(torch.split(vectors, step))
@@ -175,6 +189,10 @@ class Functional:
                     materialize_grads=True,
                 )
                 products.append(product.detach())
+        if vectors.ndim == 1:
+            return products[0]
+        if loop:
+            return torch.stack(products)
         return products[0] if len(products) == 1 else torch.cat(products)
 
     def directional(
@@ -190,8 +208,8 @@ class Functional:
 
         return vmap(one, chunk_size=chunk)(projector).T.contiguous()
 
-    def gradient_projections(
-        self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch
+    def project_gradients(
+        self, grads: tuple[torch.Tensor, ...], projector: torch.Tensor, size: int
     ) -> torch.Tensor:
         """``(G ∇ℓ_b)`` for every example, shape (B, k), from per-example gradients kept per
         parameter: ``Σ_l grads_l (B, p_l) @ G[:, block l]ᵀ``.
@@ -199,23 +217,70 @@ class Functional:
         The same products as ``per_example_grads(...) @ Gᵀ`` without the flat (B, p) copy
         (it was a third of the time on the digits MLP).
         """
-        grads = self._per_parameter_grads(theta, batch)
         blocks = torch.split(projector, self.numels, dim=1)
-        projected = grads[0].reshape(batch.size, -1) @ blocks[0].T
+        projected = grads[0].reshape(size, -1) @ blocks[0].T
         for gradient, block in zip(grads[1:], blocks[1:]):
-            projected.addmm_(gradient.reshape(batch.size, -1), block.T)
+            projected.addmm_(gradient.reshape(size, -1), block.T)
         return projected
 
-    def per_example_grads(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """``∇ℓ_b`` for every example, shape (B, p)."""
-        grads = self._per_parameter_grads(theta, batch)
-        return torch.cat([g.reshape(batch.size, -1) for g in grads], dim=1)
+    @staticmethod
+    def flat_gradients(grads: tuple[torch.Tensor, ...], size: int) -> torch.Tensor:
+        """The per-parameter gradients as one (B, p) block, in flat order."""
+        return torch.cat([g.reshape(size, -1) for g in grads], dim=1)
 
-    def _per_parameter_grads(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
+    def per_parameter_grads(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
         """``vmap(grad)`` over the examples, one (B, *shape) tensor per chosen parameter."""
         chosen = tuple(self.unflatten(theta).values())
         in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
         return vmap(grad(self._example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
+
+    def per_parameter_grads_backward(
+        self, theta: torch.Tensor, batch: Batch, chunk: int | None, loop: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """Like :meth:`per_parameter_grads`, without ``vmap`` over the module: one forward
+        pass of the whole batch, then backward passes of its per-example losses (B,) along
+        the unit cotangents, ``chunk`` examples at a time (``is_grads_batched``), or one at
+        a time with ``loop``.
+
+        Exact for any per-example loss (the loss sees the whole batch, as in ``losses``);
+        each backward pass costs one backward pass of the batch, so B of them cost B times a
+        ``vmap(grad)`` pass: a fallback for modules ``vmap`` cannot run.
+        """
+        size = batch.size
+        with torch.enable_grad():
+            leaves = [
+                piece.detach().requires_grad_(True) for piece in self.unflatten(theta).values()
+            ]
+            outputs = self.forward_at(dict(zip(self.names, leaves)), batch.x)
+            losses = self._checked_losses(outputs, batch.y, size)
+            if not losses.requires_grad:  # the losses do not depend on θ
+                return tuple(
+                    torch.zeros((size, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
+                    for leaf in leaves
+                )
+            eye = torch.eye(size, dtype=losses.dtype, device=losses.device)
+            step = 1 if loop else (size if chunk is None else chunk)
+            parts: list[list[torch.Tensor]] = [[] for _ in leaves]
+            starts = range(0, size, step)
+            for index, start in enumerate(starts):
+                keep = index < len(starts) - 1
+                if loop:
+                    grads = torch.autograd.grad(
+                        losses[start], leaves, retain_graph=keep, materialize_grads=True
+                    )
+                    grads = tuple(g[None] for g in grads)
+                else:
+                    grads = torch.autograd.grad(
+                        losses,
+                        leaves,
+                        eye[start : start + step],
+                        retain_graph=keep,
+                        is_grads_batched=True,
+                        materialize_grads=True,
+                    )
+                for part, gradient in zip(parts, grads):
+                    part.append(gradient.detach())
+        return tuple(torch.cat(part) for part in parts)
 
 
 def _unsqueeze(leaf: torch.Tensor | None) -> torch.Tensor | None:
