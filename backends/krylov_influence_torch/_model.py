@@ -26,15 +26,14 @@ __all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
 # Route names, as ``model.routes`` reports them (and docs/layers.md lists them).
 VECTORISED = "vectorised"
 COMPOSITE = "composite kernels"
-BACKWARD_OVER_EXAMPLES = "one backward pass per example, batched"
-LOOP_OVER_EXAMPLES = "one backward pass per example, in a loop"
+LOOP_OVER_EXAMPLES = "loop over examples"
 JVP_VECTORISED = "jvp, vectorised over the rows"
 GRADIENTS_IN_CHUNKS = "per-example gradients x G^T, in chunks of examples"
 FORWARD_OVER_REVERSE = "forward-over-reverse"
 REVERSE_OVER_REVERSE = "reverse-over-reverse"
 LOOP_OVER_VECTORS = "loop over the vectors"
-# Per-example gradient routes that cost a backward pass per example: "auto" projects by JVPs.
-_PER_EXAMPLE_BACKWARD = (BACKWARD_OVER_EXAMPLES, LOOP_OVER_EXAMPLES)
+# The per-example gradient route that is not vectorised: "auto" then projects by JVPs.
+PER_EXAMPLE_LOOP = f"{LOOP_OVER_EXAMPLES}, {COMPOSITE}"
 
 # Rows of a projector (or vectors of an ``hvps``) per vectorised pass default to this many
 # example-directions: memory grows as rows × B × (activations per example).
@@ -382,8 +381,8 @@ class TorchInfluenceModel(InfluenceModel):
             if self._projection == "gradients" or (
                 self._projection == "auto"
                 and block <= self.GRADIENT_PROJECTION_BYTES
-                # Once per-example gradients take a backward pass per example, JVPs are faster.
-                and per_example.route not in _PER_EXAMPLE_BACKWARD
+                # Once per-example gradients loop over the examples, JVPs are faster.
+                and per_example.route != PER_EXAMPLE_LOOP
             ):
                 grads = per_example(self._theta, prepared)
                 projected = self._functional.project_gradients(grads, projector, prepared.size)
@@ -423,18 +422,15 @@ class TorchInfluenceModel(InfluenceModel):
         """The operators of this bound model, each with its routes, fastest first."""
         f = self._functional
 
-        def backward(theta: torch.Tensor, batch: Batch, loop: bool = False) -> Any:
-            return f.per_parameter_grads_backward(
-                theta, batch, self._chunk(batch.size, batch.size), loop=loop
-            )
-
         per_example = Operator(
             "per_example_grads",
             [
                 (VECTORISED, f.per_parameter_grads),
                 (f"{VECTORISED}, {COMPOSITE}", _composite(f.per_parameter_grads)),
-                (BACKWARD_OVER_EXAMPLES, _composite(backward)),
-                (LOOP_OVER_EXAMPLES, _composite(functools.partial(backward, loop=True))),
+                (
+                    f"{LOOP_OVER_EXAMPLES}, {COMPOSITE}",
+                    _composite(f.per_parameter_grads_by_example),
+                ),
             ],
         )
 

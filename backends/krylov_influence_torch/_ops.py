@@ -22,8 +22,8 @@ during a computation.
 
 Where a model's kernels cannot take one of these (no ``vmap`` batching rule, no forward-mode
 or second derivative), the caller falls back (``_routes``): the same function under composite
-kernels, per-example gradients by one backward pass per example
-(:meth:`Functional.per_parameter_grads_backward`), or HVPs by a loop over the vectors.
+kernels, per-example gradients one example at a time
+(:meth:`Functional.per_parameter_grads_by_example`), or HVPs by a loop over the vectors.
 
 The L2 term ``½ l2 ‖θ‖²`` is added analytically by the caller (``+l2·v``, ``+l2·θ``,
 ``+l2·Gθ``): exact, and no derivative work for it.
@@ -31,11 +31,13 @@ The L2 term ``½ l2 ‖θ‖²`` is added analytically by the caller (``+l2·v``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from krylov_influence_torch._data import Batch, map_leaves
 from krylov_influence_torch._routes import EngineTypeError, EngineValueError
@@ -234,53 +236,65 @@ class Functional:
         in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
         return vmap(grad(self._example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
 
-    def per_parameter_grads_backward(
-        self, theta: torch.Tensor, batch: Batch, chunk: int | None, loop: bool = False
+    def per_parameter_grads_by_example(
+        self, theta: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, ...]:
-        """Like :meth:`per_parameter_grads`, without ``vmap`` over the module: one forward
-        pass of the whole batch, then backward passes of its per-example losses (B,) along
-        the unit cotangents, ``chunk`` examples at a time (``is_grads_batched``), or one at
-        a time with ``loop``.
+        """Like :meth:`per_parameter_grads`, without ``vmap``: one example at a time.
 
-        Exact for any per-example loss (the loss sees the whole batch, as in ``losses``);
-        each backward pass costs one backward pass of the batch, so B of them cost B times a
-        ``vmap(grad)`` pass: a fallback for modules ``vmap`` cannot run.
+        The loss is evaluated once, on the outputs of the whole batch (so it sees the batch as
+        in :meth:`losses`, e.g. ``F.one_hot(y)`` without ``num_classes``), and differentiated
+        with respect to those outputs: as each per-example loss reads only its own example's
+        outputs, row b of ``∂(Σ ℓ)/∂outputs`` is ``∂ℓ_b/∂outputs_b``. Then each example runs
+        through the module alone, and one backward pass carries its row to the parameters.
+        Cost: B forward and backward passes of one example (no graph of the whole batch).
         """
         size = batch.size
+        chosen = self.unflatten(theta)
+        outputs, spec = tree_flatten(self.forward_at(chosen, batch.x))
         with torch.enable_grad():
-            leaves = [
-                piece.detach().requires_grad_(True) for piece in self.unflatten(theta).values()
+            inputs = [
+                leaf.detach().requires_grad_(True) if _differentiable(leaf) else leaf
+                for leaf in outputs
             ]
-            outputs = self.forward_at(dict(zip(self.names, leaves)), batch.x)
-            losses = self._checked_losses(outputs, batch.y, size)
-            if not losses.requires_grad:  # the losses do not depend on θ
-                return tuple(
-                    torch.zeros((size, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
-                    for leaf in leaves
-                )
-            eye = torch.eye(size, dtype=losses.dtype, device=losses.device)
-            step = 1 if loop else (size if chunk is None else chunk)
+            losses = self._checked_losses(tree_unflatten(inputs, spec), batch.y, size)
+            wanted = [i for i, leaf in enumerate(inputs) if _differentiable(leaf)]
+            leaves = [piece.detach().requires_grad_(True) for piece in chosen.values()]
             parts: list[list[torch.Tensor]] = [[] for _ in leaves]
-            starts = range(0, size, step)
-            for index, start in enumerate(starts):
-                keep = index < len(starts) - 1
-                if loop:
-                    grads = torch.autograd.grad(
-                        losses[start], leaves, retain_graph=keep, materialize_grads=True
-                    )
-                    grads = tuple(g[None] for g in grads)
-                else:
-                    grads = torch.autograd.grad(
-                        losses,
-                        leaves,
-                        eye[start : start + step],
-                        retain_graph=keep,
-                        is_grads_batched=True,
-                        materialize_grads=True,
-                    )
-                for part, gradient in zip(parts, grads):
-                    part.append(gradient.detach())
-        return tuple(torch.cat(part) for part in parts)
+            if losses.requires_grad:
+                cotangents = torch.autograd.grad(
+                    losses.sum(), [inputs[i] for i in wanted], materialize_grads=True
+                )
+                named = dict(zip(self.names, leaves))
+                for b in range(size):
+                    example = map_leaves(functools.partial(_take, b), batch.x)
+                    found = tree_flatten(self.forward_at(named, example))[0]
+                    pairs = [
+                        (found[i], cotangent[b : b + 1])
+                        for i, cotangent in zip(wanted, cotangents)
+                        if found[i].requires_grad
+                    ]
+                    if pairs:
+                        grads = torch.autograd.grad(
+                            [out for out, _ in pairs],
+                            leaves,
+                            [cotangent for _, cotangent in pairs],
+                            materialize_grads=True,
+                        )
+                    else:  # this example's outputs do not depend on θ
+                        grads = tuple(torch.zeros_like(leaf) for leaf in leaves)
+                    for part, gradient in zip(parts, grads):
+                        part.append(gradient.detach())
+        if not parts[0]:  # the losses do not depend on the outputs
+            return tuple(leaf.new_zeros((size, *leaf.shape)) for leaf in leaves)
+        return tuple(torch.stack(part) for part in parts)
+
+
+def _differentiable(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+
+
+def _take(index: int, leaf: torch.Tensor | None) -> torch.Tensor | None:
+    return None if leaf is None else leaf[index : index + 1]
 
 
 def _unsqueeze(leaf: torch.Tensor | None) -> torch.Tensor | None:

@@ -864,7 +864,7 @@ def test_a_loss_that_vmap_cannot_run_takes_an_exact_fallback_once(loss_fn, proje
     expected = torch.stack(grads) @ rows.T
     with pytest.warns(RouteFallbackWarning, match="per_example_grads cannot take the route"):
         first = model.project(rows, (x, y))
-    assert model.routes["per_example_grads"] == "one backward pass per example, batched"
+    assert model.routes["per_example_grads"] == "loop over examples, composite kernels"
     with warnings.catch_warnings():  # "auto" now projects by JVPs, which may note a fallback
         warnings.simplefilter("ignore", RouteFallbackWarning)
         again = model.project(rows, (x, y))

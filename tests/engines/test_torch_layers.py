@@ -43,10 +43,10 @@ from krylov_influence import exact  # noqa: E402
 from krylov_influence.calculator import ArnoldiInfluenceCalculator  # noqa: E402
 from krylov_influence_torch import RouteFallbackWarning  # noqa: E402
 from krylov_influence_torch._model import (  # noqa: E402
-    BACKWARD_OVER_EXAMPLES,
     COMPOSITE,
     FORWARD_OVER_REVERSE,
     JVP_VECTORISED,
+    PER_EXAMPLE_LOOP,
     REVERSE_OVER_REVERSE,
     VECTORISED,
 )
@@ -163,9 +163,9 @@ FAST = (
     FORWARD_OVER_REVERSE,
     f"{FORWARD_OVER_REVERSE}, {VECTORISED}",
 )
-_RECURRENT = (BACKWARD_OVER_EXAMPLES, *FAST[1:])
+_RECURRENT = (PER_EXAMPLE_LOOP, *FAST[1:])
 _LSTM_ONEDNN = (
-    BACKWARD_OVER_EXAMPLES,
+    PER_EXAMPLE_LOOP,
     f"{JVP_VECTORISED}, {COMPOSITE}",
     *FAST[2:4],
     f"{FORWARD_OVER_REVERSE}, {COMPOSITE}",
@@ -337,7 +337,7 @@ def test_a_fallback_is_noted_once_and_a_fast_route_not_at_all():
     with pytest.warns(RouteFallbackWarning, match="cannot take the route 'vectorised'") as noted:
         model.project(projector, (c.x, c.y))
     assert len(noted) == 1 and "per_example_grads" in str(noted[0].message)
-    assert BACKWARD_OVER_EXAMPLES in str(noted[0].message)
+    assert PER_EXAMPLE_LOOP in str(noted[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RouteFallbackWarning)
         model.project(projector, (c.x[:3], c.y[:3]))  # the route is kept: no second note
@@ -354,7 +354,7 @@ def test_auto_projects_by_jvps_once_per_example_gradients_need_a_backward_each()
     model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
     projector = np.random.default_rng(4).standard_normal((2, model.num_parameters))
     first = _quietly(model.project, torch.from_numpy(projector), (c.x, c.y)).numpy()
-    assert model.routes["per_example_grads"] == BACKWARD_OVER_EXAMPLES
+    assert model.routes["per_example_grads"] == PER_EXAMPLE_LOOP
     with warnings.catch_warnings():
         warnings.simplefilter("error", RouteFallbackWarning)  # the JVP route is fast: no note
         again = model.project(torch.from_numpy(projector), (c.x, c.y)).numpy()
@@ -363,21 +363,40 @@ def test_auto_projects_by_jvps_once_per_example_gradients_need_a_backward_each()
     assert_products_close(again, c.grads, projector.T, "float64")
 
 
-def test_per_example_gradients_in_chunks_and_in_a_loop_match(monkeypatch):
-    """The backward fallbacks: several chunks of unit cotangents, and one backward each."""
-    c = case("RNN", "float64")
-    model = krylov_influence.InfluenceModel(c.model, cross_entropy, chunk_size=2)
-    batched = _quietly(model.per_example_grads, (c.x, c.y)).numpy()
-    assert model.routes["per_example_grads"] == BACKWARD_OVER_EXAMPLES
-    functional = model._functional
-    prepared = model.prepare((c.x, c.y))
-    looped = functional.flat_gradients(
-        functional.per_parameter_grads_backward(model._theta, prepared, None, loop=True),
-        NUM_EXAMPLES,
-    ).numpy()
-    eye = np.eye(model.num_parameters)
-    assert_products_close(batched, c.grads, eye, "float64")
-    assert_products_close(looped, c.grads, eye, "float64")
+class TwoInputs(nn.Module):
+    """Two inputs (a tuple x); outputs a tuple of logits, an unused aux tensor and the argmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(2, 2)
+        self.aux = nn.Linear(3, 1)
+
+    def forward(self, left, right):
+        logits = torch.tanh(self.a(left)) + self.b(right)
+        return logits, self.aux(left), logits.argmax(dim=1)
+
+
+def test_the_loop_over_examples_handles_nested_inputs_and_outputs(monkeypatch):
+    """The last per-example route on a tuple input and a tuple output with integer leaves."""
+    torch.manual_seed(0)
+    net = TwoInputs().double().eval()
+    x = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def loss(outputs, targets):
+        return cross_entropy(outputs[0], targets) + 0.5 * outputs[1][:, 0] ** 2
+
+    model = krylov_influence.InfluenceModel(net, loss)
+    operator = model._operators["per_example_grads"]
+    monkeypatch.setattr(operator, "_index", len(operator._routes) - 1)
+    assert model.routes["per_example_grads"] == PER_EXAMPLE_LOOP
+    grads = model.per_example_grads((x, y)).numpy()
+    params = list(net.parameters())
+    expected = []
+    for i in range(6):  # the oracle: autograd through the module, one example at a time
+        one = loss(net(x[0][i : i + 1], x[1][i : i + 1]), y[i : i + 1]).sum()
+        expected.append(_flat(torch.autograd.grad(one, params)).numpy())
+    assert_products_close(grads, np.stack(expected), np.eye(grads.shape[1]), "float64")
 
 
 def test_projection_in_chunks_of_examples_matches(monkeypatch):
@@ -394,6 +413,30 @@ def test_projection_in_chunks_of_examples_matches(monkeypatch):
     projected = _quietly(model.project, torch.from_numpy(projector), (c.x, c.y)).numpy()
     assert projected.shape == (NUM_EXAMPLES, 2)
     assert_products_close(projected, c.grads, projector.T, "float32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("mode", ["reverse-over-reverse", "forward-over-reverse"])
+@pytest.mark.parametrize("name", ["LSTM", "MultiheadAttention"])
+def test_cudnn_and_fused_attention_on_cuda(name, mode):
+    """On a GPU, cuDNN's recurrent kernels have no second derivative and attention takes
+    fused kernels: every operator still matches the CPU oracle (routes not asserted)."""
+    c = case(name, "float32")
+    model = krylov_influence.InfluenceModel(
+        c.model, cross_entropy, device="cuda", projection="jvp", hvp_mode=mode
+    )
+    p = model.num_parameters
+    rows = np.random.default_rng(5).standard_normal((4, p)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        grads = model.per_example_grads((c.x, c.y)).cpu().numpy()
+        projected = model.project(torch.from_numpy(rows), (c.x, c.y)).cpu().numpy()
+        one = model.hvps(torch.from_numpy(rows[:1]), [(c.x, c.y)]).cpu().numpy()
+        block = model.hvps(torch.from_numpy(rows), [(c.x, c.y)]).cpu().numpy()
+    assert_products_close(grads, c.grads, np.eye(p), "float32")
+    assert_products_close(projected, c.grads, rows.T, "float32")
+    assert_products_close(one, rows[:1], c.hessian, "float32")
+    assert_products_close(block, rows, c.hessian, "float32")
 
 
 FAMILIES = ["Conv2d", "LSTM", "Embedding", "MultiheadAttention", "BatchNorm2d"]
