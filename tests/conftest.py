@@ -101,6 +101,7 @@ def pytest_runtest_makereport(item, call):
 _SLOW = (
     "tests/conformance/",
     "tests/engines/test_tensorflow_layers.py",
+    "tests/engines/test_torch_layers.py",
     "tests/test_readme.py",
     "tests/test_no_silent_skips.py",
     "tests/calculator/test_store_faults.py",  # subprocess writers, killed and racing

@@ -10,7 +10,11 @@ Binds any ``torch.nn.Module`` and per-example loss::
 
 Operators are built on ``torch.func`` (``functional_call``, ``grad``, ``jvp``, ``vmap``):
 forward-over-reverse Hessian-vector products, projections by JVPs vectorised over the rows of
-the projector, per-example gradients by ``vmap(grad)``. See
+the projector, per-example gradients by ``vmap(grad)``. Where a layer's kernels cannot take
+one of these routes (recurrent layers under ``vmap``, attention and oneDNN LSTMs in forward
+mode...), an operator falls back once to an exact route and says so with a
+:class:`RouteFallbackWarning`; ``model.routes`` reports the route each operator takes
+(``docs/layers.md``). See
 :class:`~krylov_influence_torch._model.TorchInfluenceModel` for the options, the flat
 parameter order and the batch formats.
 
@@ -23,7 +27,16 @@ from typing import Any
 
 from krylov_influence.engine import Engine, InfluenceModel
 
-__all__ = ["TorchEngine"]
+__all__ = ["RouteFallbackWarning", "TorchEngine"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily, so that importing this package (the registry does) never imports torch.
+    if name == "RouteFallbackWarning":
+        from krylov_influence_torch._routes import RouteFallbackWarning
+
+        return RouteFallbackWarning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TorchEngine(Engine):

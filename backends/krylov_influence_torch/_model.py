@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import warnings
@@ -14,12 +15,25 @@ import numpy as np
 import torch
 
 from krylov_influence.engine import EngineCapabilities, InfluenceModel
-from krylov_influence_torch._data import Batch, batch_size, prepare_batch
+from krylov_influence_torch._data import Batch, batch_size, map_leaves, prepare_batch
 from krylov_influence_torch._ops import Functional
 from krylov_influence_torch._order import random_sampler
 from krylov_influence_torch._params import select_parameters
+from krylov_influence_torch._routes import Operator, composite_kernels
 
 __all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
+
+# Route names, as ``model.routes`` reports them (and docs/layers.md lists them).
+VECTORISED = "vectorised"
+COMPOSITE = "composite kernels"
+LOOP_OVER_EXAMPLES = "loop over examples"
+JVP_VECTORISED = "jvp, vectorised over the rows"
+GRADIENTS_IN_CHUNKS = "per-example gradients x G^T, in chunks of examples"
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+REVERSE_OVER_REVERSE = "reverse-over-reverse"
+LOOP_OVER_VECTORS = "loop over the vectors"
+# The per-example gradient route that is not vectorised: "auto" then projects by JVPs.
+PER_EXAMPLE_LOOP = f"{LOOP_OVER_EXAMPLES}, {COMPOSITE}"
 
 # Rows of a projector (or vectors of an ``hvps``) per vectorised pass default to this many
 # example-directions: memory grows as rows × B × (activations per example).
@@ -85,6 +99,11 @@ class TorchInfluenceModel(InfluenceModel):
 
     Notes
     -----
+    Routes: each operator has exact fallback routes for layers whose kernels a fast route
+    cannot take (recurrent layers under ``vmap``, fused attention in forward mode...); the
+    first call chooses, a :class:`~krylov_influence_torch.RouteFallbackWarning` notes a
+    switch once, and :attr:`routes` reports the choice (``docs/layers.md``).
+
     Flat order: the chosen parameters in ``module.named_parameters()`` order (a shared
     parameter once, under its first name), each flattened in C order (row-major, as
     ``tensor.reshape(-1)``). :attr:`parameter_layout` lists it.
@@ -147,6 +166,7 @@ class TorchInfluenceModel(InfluenceModel):
         self._fixed = {name: self._place(tensor) for name, tensor in fixed.items()}
         self._submodules = list(module.modules())
         self._functional = Functional(module, loss_fn, names, self._shapes, self._fixed)
+        self._operators = self._build_operators()
         if module.training:
             warnings.warn(
                 "the module is in training mode; influence computations run it in eval mode "
@@ -226,6 +246,7 @@ class TorchInfluenceModel(InfluenceModel):
         moved._functional = Functional(
             self._module, self._loss_fn, self._names, self._shapes, moved._fixed
         )
+        moved._operators = moved._build_operators()  # a new device may need other routes
         return moved
 
     # ------------------------------------------------------------------------------- the data
@@ -306,15 +327,14 @@ class TorchInfluenceModel(InfluenceModel):
         count = 0
         with self._evaluating():
             for batch in self._prepared(batches):
-                if self._hvp_mode == "reverse-over-reverse":
-                    total += self._functional.hvps_sum_reverse(self._theta, vector, batch, None)
-                else:
-                    total += self._functional.hvp_sum(self._theta, vector, batch)
+                total += self._operators["hvp"](self._theta, vector, batch)
                 count += batch.size
         return self._mean(total, count).add_(vector, alpha=self._l2)
 
     def hvps(self, vectors: Any, batches: Iterable[Any]) -> torch.Tensor:
         """Hessian of the mean loss times each row of ``vectors`` (m, p), vectorised.
+
+        One row takes the route of :meth:`hvp`.
 
         Returns
         -------
@@ -325,11 +345,11 @@ class TorchInfluenceModel(InfluenceModel):
         count = 0
         with self._evaluating():
             for batch in self._prepared(batches):
-                chunk = self._chunk(vectors.shape[0], batch.size)
-                if self._hvp_mode == "reverse-over-reverse":
-                    total += self._functional.hvps_sum_reverse(self._theta, vectors, batch, chunk)
+                if vectors.shape[0] == 1:
+                    total[0] += self._operators["hvp"](self._theta, vectors[0], batch)
                 else:
-                    total += self._functional.hvps_sum(self._theta, vectors, batch, chunk)
+                    chunk = self._chunk(vectors.shape[0], batch.size)
+                    total += self._operators["hvps"](self._theta, vectors, batch, chunk)
                 count += batch.size
         return self._mean(total, count).add_(vectors, alpha=self._l2)
 
@@ -356,61 +376,119 @@ class TorchInfluenceModel(InfluenceModel):
         projector = self._as_matrix(projector, 2, "projector")
         prepared = self.prepare(batch)
         block = prepared.size * self.num_parameters * self._theta.element_size()
-        if self._projection == "gradients" or (
-            self._projection == "auto"
-            and block <= self.GRADIENT_PROJECTION_BYTES
-            and not self._per_example_vmap_fails
-        ):
-            try:
-                with self._evaluating():
-                    projected = self._functional.gradient_projections(
-                        self._theta, projector, prepared
-                    )
-            except RuntimeError as error:
-                if "vmap" not in str(error) or getattr(self, "_per_example_vmap_fails", False):
-                    raise
-                self._per_example_vmap_fails = True
-                self._explain_vmap_failure(error)  # raises for projection="gradients"
-            else:
-                if self._l2:
-                    projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
-                return projected
-        chunk = self._chunk(projector.shape[0], prepared.size)
+        per_example = self._operators["per_example_grads"]
         with self._evaluating():
-            projected = self._functional.directional(self._theta, projector, prepared, chunk)
+            if self._projection == "gradients" or (
+                self._projection == "auto"
+                and block <= self.GRADIENT_PROJECTION_BYTES
+                # Once per-example gradients loop over the examples, JVPs are faster.
+                and per_example.route != PER_EXAMPLE_LOOP
+            ):
+                grads = per_example(self._theta, prepared)
+                projected = self._functional.project_gradients(grads, projector, prepared.size)
+            else:
+                chunk = self._chunk(projector.shape[0], prepared.size)
+                projected = self._operators["project (jvp)"](
+                    self._theta, projector, prepared, chunk
+                )
             if self._l2:
                 projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
         return projected
 
-    #: Set when the loss cannot run under ``vmap`` over examples (``.item()``, data-dependent
-    #: shapes such as ``F.one_hot`` without ``num_classes``): "auto" then projects by JVPs.
-    _per_example_vmap_fails = False
-
-    def _explain_vmap_failure(self, error: RuntimeError) -> None:
-        """Take the JVP route from now on and say so once; refuse for projection='gradients'."""
-        reason = str(error).strip().splitlines()[0][:300]
-        if self._projection == "gradients":
-            raise ValueError(
-                f"loss_fn: cannot be evaluated per example under torch.func.vmap ({reason}); "
-                "pass projection='jvp' (or 'auto') to InfluenceModel, or make the loss "
-                "vmap-friendly (no .item(), F.one_hot(y, num_classes=C))"
-            ) from error
-        warnings.warn(
-            f"krylov_influence torch engine: loss_fn cannot run under vmap over examples "
-            f"({reason}); projections take the JVP route (projection='jvp') from now on, which "
-            "is exact and vectorised over the k directions",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
     def per_example_grads(self, batch: Any) -> torch.Tensor:
-        """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``."""
+        """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``
+        (or a fallback route, see :attr:`routes`)."""
         prepared = self.prepare(batch)
         with self._evaluating():
-            grads = self._functional.per_example_grads(self._theta, prepared)
+            grads = self._operators["per_example_grads"](self._theta, prepared)
+            flat = self._functional.flat_gradients(grads, prepared.size)
             if self._l2:
-                grads.add_(self._theta[None, :], alpha=self._l2)
-        return grads
+                flat.add_(self._theta[None, :], alpha=self._l2)
+        return flat
+
+    # --------------------------------------------------------------------------------- routes
+    @property
+    def routes(self) -> dict[str, str]:
+        """The route each operator takes: ``per_example_grads`` (also ``projection=
+        "gradients"``), ``project (jvp)``, ``hvp`` (one vector) and ``hvps`` (a block).
+
+        The first route of each until a call finds that it fails for this model; then the
+        fallback it keeps (noted once by a :class:`RouteFallbackWarning`). See
+        ``krylov_influence_torch._routes`` and ``docs/layers.md``.
+        """
+        return {name: operator.route for name, operator in self._operators.items()}
+
+    def _build_operators(self) -> dict[str, Operator]:
+        """The operators of this bound model, each with its routes, fastest first."""
+        f = self._functional
+
+        per_example = Operator(
+            "per_example_grads",
+            [
+                (VECTORISED, f.per_parameter_grads),
+                (f"{VECTORISED}, {COMPOSITE}", _composite(f.per_parameter_grads)),
+                (
+                    f"{LOOP_OVER_EXAMPLES}, {COMPOSITE}",
+                    _composite(f.per_parameter_grads_by_example),
+                ),
+            ],
+        )
+
+        def in_chunks_of_examples(
+            theta: torch.Tensor, projector: torch.Tensor, batch: Batch, chunk: int | None
+        ) -> torch.Tensor:
+            row = self.num_parameters * self._theta.element_size()
+            step = max(1, self.GRADIENT_PROJECTION_BYTES // row)
+            pieces = []
+            for start in range(0, batch.size, step):
+                part = _slice(batch, start, start + step)
+                grads = per_example(theta, part)
+                pieces.append(f.project_gradients(grads, projector, part.size))
+            return torch.cat(pieces)
+
+        project = Operator(
+            "project (jvp)",
+            [
+                (JVP_VECTORISED, f.directional),
+                (f"{JVP_VECTORISED}, {COMPOSITE}", _composite(f.directional)),
+                (GRADIENTS_IN_CHUNKS, in_chunks_of_examples),
+            ],
+        )
+
+        def reverse(theta: Any, vectors: Any, batch: Batch, chunk: Any = None) -> Any:
+            return f.hvps_sum_reverse(theta, vectors, batch, chunk)
+
+        def reverse_loop(theta: Any, vectors: Any, batch: Batch, chunk: Any = None) -> Any:
+            return f.hvps_sum_reverse(theta, vectors, batch, chunk, loop=True)
+
+        hvp_reverse = [
+            (REVERSE_OVER_REVERSE, reverse),
+            (f"{REVERSE_OVER_REVERSE}, {COMPOSITE}", _composite(reverse)),
+        ]
+        hvps_reverse = [
+            (f"{REVERSE_OVER_REVERSE}, batched", reverse),
+            (f"{REVERSE_OVER_REVERSE}, batched, {COMPOSITE}", _composite(reverse)),
+            (f"{REVERSE_OVER_REVERSE}, {LOOP_OVER_VECTORS}, {COMPOSITE}", _composite(reverse_loop)),
+        ]
+        if self._hvp_mode == "reverse-over-reverse":
+            hvp_routes, hvps_routes = hvp_reverse, hvps_reverse
+        else:
+            hvp_routes = [
+                (FORWARD_OVER_REVERSE, f.hvp_sum),
+                (f"{FORWARD_OVER_REVERSE}, {COMPOSITE}", _composite(f.hvp_sum)),
+                *hvp_reverse[1:],
+            ]
+            hvps_routes = [
+                (f"{FORWARD_OVER_REVERSE}, {VECTORISED}", f.hvps_sum),
+                (f"{FORWARD_OVER_REVERSE}, {VECTORISED}, {COMPOSITE}", _composite(f.hvps_sum)),
+                *hvps_reverse[1:],
+            ]
+        return {
+            "per_example_grads": per_example,
+            "project (jvp)": project,
+            "hvp": Operator("hvp", hvp_routes),
+            "hvps": Operator("hvps", hvps_routes),
+        }
 
     def stage_batch(self, batch: Any) -> tuple[Batch, int]:
         """``(prepared batch, bytes of its tensors)``: the batch on the device, in the dtype."""
@@ -435,6 +513,30 @@ class TorchInfluenceModel(InfluenceModel):
         if not tensor.is_floating_point():
             raise TypeError(f"{name}: expected a floating tensor, got {tensor.dtype}")
         return tensor.to(device=self._device, dtype=self._dtype)
+
+
+# -------------------------------------------------------------------------------- routes
+def _composite(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` run under :func:`composite_kernels`."""
+
+    @functools.wraps(function)
+    def run(*args: Any) -> Any:
+        with composite_kernels():
+            return function(*args)
+
+    return run
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples ``start:stop`` of a prepared batch."""
+
+    def cut(leaf: torch.Tensor | None) -> torch.Tensor | None:
+        return None if leaf is None else leaf[start:stop]
+
+    size = min(stop, batch.size) - start
+    return Batch(
+        map_leaves(cut, batch.x), map_leaves(cut, batch.y), size, batch.device, batch.dtype
+    )
 
 
 # ---------------------------------------------------------------------------- validation

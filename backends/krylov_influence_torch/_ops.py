@@ -20,19 +20,27 @@ during a computation.
   differentiated per chosen parameter tensor (flattened only when a (B, p) block is asked
   for; projections contract each parameter's block with its columns of G).
 
+Where a model's kernels cannot take one of these (no ``vmap`` batching rule, no forward-mode
+or second derivative), the caller falls back (``_routes``): the same function under composite
+kernels, per-example gradients one example at a time
+(:meth:`Functional.per_parameter_grads_by_example`), or HVPs by a loop over the vectors.
+
 The L2 term ``½ l2 ‖θ‖²`` is added analytically by the caller (``+l2·v``, ``+l2·θ``,
 ``+l2·Gθ``): exact, and no derivative work for it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from krylov_influence_torch._data import Batch, map_leaves
+from krylov_influence_torch._routes import EngineTypeError, EngineValueError
 
 __all__ = ["Functional"]
 
@@ -97,7 +105,7 @@ class Functional:
     def _checked_losses(self, outputs: Any, y: Any, size: int) -> torch.Tensor:
         values = self.loss_fn(outputs, y)
         if not isinstance(values, torch.Tensor):
-            raise TypeError(
+            raise EngineTypeError(
                 f"loss_fn: expected a tensor of per-example losses, got {type(values).__name__}"
             )
         if tuple(values.shape) != (size,):
@@ -106,7 +114,7 @@ class Functional:
                 if values.ndim == 0
                 else " Sum or average the other axes inside loss_fn."
             )
-            raise ValueError(
+            raise EngineValueError(
                 f"loss_fn: expected per-example losses of shape ({size},) for a batch of "
                 f"{size}, got shape {tuple(values.shape)}.{hint}"
             )
@@ -146,11 +154,17 @@ class Functional:
         return vmap(one, chunk_size=chunk)(vectors)
 
     def hvps_sum_reverse(
-        self, theta: torch.Tensor, vectors: torch.Tensor, batch: Batch, chunk: int | None
+        self,
+        theta: torch.Tensor,
+        vectors: torch.Tensor,
+        batch: Batch,
+        chunk: int | None,
+        loop: bool = False,
     ) -> torch.Tensor:
         """Like :meth:`hvps_sum` (or :meth:`hvp_sum` for ``vectors`` of shape (p,)), by
         reverse-over-reverse: one backward pass that keeps its graph, then one backward pass
-        of that graph per chunk of vectors (``is_grads_batched``)."""
+        of that graph per chunk of vectors (``is_grads_batched``), or per vector with
+        ``loop`` (no ``vmap`` at all)."""
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             loss = self._loss_sum(leaf, batch)
@@ -161,6 +175,8 @@ class Functional:
                 return torch.zeros_like(vectors)
             if vectors.ndim == 1:
                 pieces = [vectors]
+            elif loop:
+                pieces = list(vectors)
             else:
                 step = vectors.shape[0] if chunk is None else chunk
                 pieces = list(torch.split(vectors, step))
@@ -175,6 +191,10 @@ class Functional:
                     materialize_grads=True,
                 )
                 products.append(product.detach())
+        if vectors.ndim == 1:
+            return products[0]
+        if loop:
+            return torch.stack(products)
         return products[0] if len(products) == 1 else torch.cat(products)
 
     def directional(
@@ -190,8 +210,8 @@ class Functional:
 
         return vmap(one, chunk_size=chunk)(projector).T.contiguous()
 
-    def gradient_projections(
-        self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch
+    def project_gradients(
+        self, grads: tuple[torch.Tensor, ...], projector: torch.Tensor, size: int
     ) -> torch.Tensor:
         """``(G ∇ℓ_b)`` for every example, shape (B, k), from per-example gradients kept per
         parameter: ``Σ_l grads_l (B, p_l) @ G[:, block l]ᵀ``.
@@ -199,23 +219,82 @@ class Functional:
         The same products as ``per_example_grads(...) @ Gᵀ`` without the flat (B, p) copy
         (it was a third of the time on the digits MLP).
         """
-        grads = self._per_parameter_grads(theta, batch)
         blocks = torch.split(projector, self.numels, dim=1)
-        projected = grads[0].reshape(batch.size, -1) @ blocks[0].T
+        projected = grads[0].reshape(size, -1) @ blocks[0].T
         for gradient, block in zip(grads[1:], blocks[1:]):
-            projected.addmm_(gradient.reshape(batch.size, -1), block.T)
+            projected.addmm_(gradient.reshape(size, -1), block.T)
         return projected
 
-    def per_example_grads(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """``∇ℓ_b`` for every example, shape (B, p)."""
-        grads = self._per_parameter_grads(theta, batch)
-        return torch.cat([g.reshape(batch.size, -1) for g in grads], dim=1)
+    @staticmethod
+    def flat_gradients(grads: tuple[torch.Tensor, ...], size: int) -> torch.Tensor:
+        """The per-parameter gradients as one (B, p) block, in flat order."""
+        return torch.cat([g.reshape(size, -1) for g in grads], dim=1)
 
-    def _per_parameter_grads(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
+    def per_parameter_grads(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
         """``vmap(grad)`` over the examples, one (B, *shape) tensor per chosen parameter."""
         chosen = tuple(self.unflatten(theta).values())
         in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
         return vmap(grad(self._example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
+
+    def per_parameter_grads_by_example(
+        self, theta: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, ...]:
+        """Like :meth:`per_parameter_grads`, without ``vmap``: one example at a time.
+
+        The loss is evaluated once, on the outputs of the whole batch (so it sees the batch as
+        in :meth:`losses`, e.g. ``F.one_hot(y)`` without ``num_classes``), and differentiated
+        with respect to those outputs: as each per-example loss reads only its own example's
+        outputs, row b of ``∂(Σ ℓ)/∂outputs`` is ``∂ℓ_b/∂outputs_b``. Then each example runs
+        through the module alone, and one backward pass carries its row to the parameters.
+        Cost: B forward and backward passes of one example (no graph of the whole batch).
+        """
+        size = batch.size
+        chosen = self.unflatten(theta)
+        outputs, spec = tree_flatten(self.forward_at(chosen, batch.x))
+        with torch.enable_grad():
+            inputs = [
+                leaf.detach().requires_grad_(True) if _differentiable(leaf) else leaf
+                for leaf in outputs
+            ]
+            losses = self._checked_losses(tree_unflatten(inputs, spec), batch.y, size)
+            wanted = [i for i, leaf in enumerate(inputs) if _differentiable(leaf)]
+            leaves = [piece.detach().requires_grad_(True) for piece in chosen.values()]
+            parts: list[list[torch.Tensor]] = [[] for _ in leaves]
+            if losses.requires_grad:
+                cotangents = torch.autograd.grad(
+                    losses.sum(), [inputs[i] for i in wanted], materialize_grads=True
+                )
+                named = dict(zip(self.names, leaves))
+                for b in range(size):
+                    example = map_leaves(functools.partial(_take, b), batch.x)
+                    found = tree_flatten(self.forward_at(named, example))[0]
+                    pairs = [
+                        (found[i], cotangent[b : b + 1])
+                        for i, cotangent in zip(wanted, cotangents)
+                        if found[i].requires_grad
+                    ]
+                    if pairs:
+                        grads = torch.autograd.grad(
+                            [out for out, _ in pairs],
+                            leaves,
+                            [cotangent for _, cotangent in pairs],
+                            materialize_grads=True,
+                        )
+                    else:  # this example's outputs do not depend on θ
+                        grads = tuple(torch.zeros_like(leaf) for leaf in leaves)
+                    for part, gradient in zip(parts, grads):
+                        part.append(gradient.detach())
+        if not parts[0]:  # the losses do not depend on the outputs
+            return tuple(leaf.new_zeros((size, *leaf.shape)) for leaf in leaves)
+        return tuple(torch.stack(part) for part in parts)
+
+
+def _differentiable(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+
+
+def _take(index: int, leaf: torch.Tensor | None) -> torch.Tensor | None:
+    return None if leaf is None else leaf[index : index + 1]
 
 
 def _unsqueeze(leaf: torch.Tensor | None) -> torch.Tensor | None:

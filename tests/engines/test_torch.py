@@ -35,7 +35,7 @@ from krylov_influence.exact import (  # noqa: E402
 )
 from krylov_influence.reference import NumpyEngine  # noqa: E402
 from krylov_influence.testing import random_mlp_spec  # noqa: E402
-from krylov_influence_torch import TorchEngine  # noqa: E402
+from krylov_influence_torch import RouteFallbackWarning, TorchEngine  # noqa: E402
 from krylov_influence_torch._data import Batch  # noqa: E402
 from krylov_influence_torch._model import HVP_MODES, TorchInfluenceModel  # noqa: E402
 
@@ -845,13 +845,14 @@ def _one_hot_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(hot * torch.log_softmax(outputs, dim=-1)).sum(dim=-1)
 
 
+@pytest.mark.parametrize("projection", ["auto", "gradients"])
 @pytest.mark.parametrize("loss_fn", [_item_loss, _one_hot_loss])
-def test_a_loss_that_vmap_cannot_run_takes_the_jvp_route_once(loss_fn) -> None:
+def test_a_loss_that_vmap_cannot_run_takes_an_exact_fallback_once(loss_fn, projection) -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
     net = net.double().eval()
     x, y = torch.randn(12, 5, dtype=torch.float64), torch.tensor([0, 1, 2] * 4)
-    model = ki.InfluenceModel(net, loss_fn)
+    model = ki.InfluenceModel(net, loss_fn, projection=projection)
     rows = torch.randn(4, model.num_parameters, dtype=torch.float64)
     # Oracle: one autograd gradient per example, in a Python loop (no vmap, no engine code).
     params = [p for p in net.parameters()]
@@ -861,12 +862,16 @@ def test_a_loss_that_vmap_cannot_run_takes_the_jvp_route_once(loss_fn) -> None:
         parts = torch.autograd.grad(losses[i], params, retain_graph=True)
         grads.append(torch.cat([g.reshape(-1) for g in parts]))
     expected = torch.stack(grads) @ rows.T
-    with pytest.warns(RuntimeWarning, match="cannot run under vmap over examples") as caught:
+    with pytest.warns(RouteFallbackWarning, match="per_example_grads cannot take the route"):
         first = model.project(rows, (x, y))
-    again = model.project(rows, (x, y))  # no second warning: the route is remembered
-    assert sum("vmap" in str(w.message) for w in caught) == 1
-    torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(again, expected, rtol=1e-10, atol=1e-12)
-    strict = ki.InfluenceModel(net, loss_fn, projection="gradients")
-    with pytest.raises(ValueError, match=r"loss_fn: cannot be evaluated per example.*'jvp'"):
-        strict.project(rows, (x, y))
+    assert model.routes["per_example_grads"] == "loop over examples, composite kernels"
+    with warnings.catch_warnings():  # "auto" now projects by JVPs, which may note a fallback
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        again = model.project(rows, (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RouteFallbackWarning)  # every route is kept: no note
+        third = model.project(rows, (x, y))
+        grads_now = model.per_example_grads((x, y))
+    for projected in (first, again, third):
+        torch.testing.assert_close(projected, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads_now, torch.stack(grads), rtol=1e-10, atol=1e-12)
