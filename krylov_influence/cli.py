@@ -3,6 +3,8 @@
 ``krylov-influence demo``
     Train a digits classifier with 10 % flipped labels, find them by self-influence, show
     proponents and opponents of test digits; write a picture and a JSON summary.
+``krylov-influence memory -p P -n N --k K [--batch-size B ...]``
+    The memory each stage of a fit and of scoring needs, before any work is done.
 ``krylov-influence engines [--devices]``
     List the engines found and their frameworks' versions, read from package metadata
     without importing any framework (seconds saved, no framework log lines); ``--devices``
@@ -44,6 +46,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    """A positive integer, with ``_`` or ``,`` separators allowed (``20_000_000``)."""
+    return _positive_int(text.replace("_", "").replace(",", ""))
 
 
 def _fraction(text: str) -> float:
@@ -176,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Errors found after parsing (--k against --subspace-dim) are reported by this parser.
     demo.set_defaults(subparser=demo)
+    memory = commands.add_parser(
+        "memory",
+        help="the memory each stage needs, from p, n, k and the batch sizes (no model needed)",
+        description=(
+            "List the arrays that each stage of a fit and of scoring allocates, where they live "
+            "and their total, before any work is done (krylov_influence.memory.estimate_memory)."
+            " The model's own parameters and activations come on top."
+        ),
+    )
+    memory.add_argument("--parameters", "-p", type=_count, required=True, help="p")
+    memory.add_argument("--subspace-dim", "-n", type=_count, required=True, help="n")
+    memory.add_argument("--k", type=_count, required=True, help="k_largest_eig_vals")
+    memory.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    memory.add_argument("--batch-size", type=_count, default=256, help="training batch size")
+    memory.add_argument("--query-batch-size", type=_count, default=None)
+    memory.add_argument(
+        "--num-train", type=_count, default=None, help="training examples (kept vectors)"
+    )
+    memory.add_argument("--block-size", type=_count, default=1)
+    memory.add_argument("--complement", action="store_true", help='complement != "none"')
+    memory.add_argument("--checkpoint", action="store_true", help="checkpoint_path set")
+    memory.set_defaults(subparser=memory)
     engines_parser = commands.add_parser(
         "engines", help="list the engines found and their versions (no framework is imported)"
     )
@@ -199,7 +228,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "engines":
         return _engines(probe_devices=args.devices)
+    if args.command == "memory":
+        return _memory(args)
     return _demo(parser, args)
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from krylov_influence.memory import estimate_memory
+
+    try:
+        plan = estimate_memory(
+            args.parameters,
+            args.subspace_dim,
+            args.k,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            query_batch_size=args.query_batch_size,
+            num_train=args.num_train,
+            block_size=args.block_size,
+            complement=args.complement,
+            checkpoint=args.checkpoint,
+        )
+    except ValueError as error:
+        args.subparser.error(str(error))
+    print(plan.table())
+    return 0
 
 
 def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

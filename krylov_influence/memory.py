@@ -1,0 +1,226 @@
+"""How much memory each stage of a fit and of scoring needs, before any work is done.
+
+A fit of a large model can run for hours and then fail for memory; the arrays it holds are
+known in advance from p, ``subspace_dim``, ``k_largest_eig_vals``, the dtype and the batch
+sizes. :func:`estimate_memory` lists them, stage by stage, with where each one lives, and
+``krylov-influence memory`` prints the same table::
+
+    krylov-influence memory --parameters 20_000_000 --subspace-dim 64 --k 32 --batch-size 256
+
+What it counts: the arrays the library itself allocates (the Krylov basis, the projector,
+Gram–Schmidt temporaries, projections, per-example gradient blocks, kept influence vectors,
+the staged Hessian data up to its budget). What it cannot know: the model's own parameters and
+activations, which the framework allocates for each Hessian-vector product and each batch's
+gradients (a few times one batch's forward activations; measure one batch of your model).
+
+Today every array of a stage lives on the model's device except the checkpoint copy (host)
+and the eigen-reduction's small n × n matrices (host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["MemoryItem", "MemoryPlan", "estimate_memory", "format_bytes"]
+
+# The engines' budget for a (B, p) block of per-example gradients in a projection
+# (``GRADIENT_PROJECTION_BYTES``); above it, projections take the JVP route.
+GRADIENT_BLOCK_BYTES = 64 * 2**20
+# Rows of the projector in one vectorised JVP pass when the JVP route is taken (the JAX
+# engine's default: as many as keep B × chunk ≤ 2¹⁸; torch and TensorFlow are similar).
+JVP_CHUNK_ELEMENTS = 2**18
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One array of one stage.
+
+    Attributes
+    ----------
+    stage : str
+        ``"fit"``, ``"projection"`` (self-influence, influence vectors, a query batch),
+        ``"scores"`` (pairwise scores and top-k), ``"save"``.
+    name : str
+        What the array is.
+    shape : tuple of int
+    nbytes : int
+    where : str
+        ``"device"`` (the model's) or ``"host"``.
+    """
+
+    stage: str
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    where: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The arrays of every stage, and each stage's peak on the device and on the host.
+
+    Attributes
+    ----------
+    items : tuple of MemoryItem
+    """
+
+    items: tuple[MemoryItem, ...]
+
+    def peak(self, stage: str, where: str = "device") -> int:
+        """Bytes that stage ``stage`` holds at once in ``where`` (the sum of its arrays)."""
+        return sum(i.nbytes for i in self.items if i.stage == stage and i.where == where)
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages, in order of first appearance."""
+        return list(dict.fromkeys(item.stage for item in self.items))
+
+    def table(self) -> str:
+        """A plain-text table: every array, then each stage's total per place."""
+        rows = [("stage", "array", "shape", "size", "where")]
+        for item in self.items:
+            shape = " × ".join(f"{n:,}" for n in item.shape) or "()"
+            rows.append((item.stage, item.name, shape, format_bytes(item.nbytes), item.where))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append("")
+        for stage in self.stages:
+            device, host = self.peak(stage, "device"), self.peak(stage, "host")
+            lines.append(
+                f"{stage}: {format_bytes(device)} on the device, {format_bytes(host)} on the host"
+                " (plus the model's parameters and one batch's activations)"
+            )
+        return "\n".join(lines)
+
+
+def format_bytes(nbytes: int) -> str:
+    """``1.5 GiB``-style sizes (binary units)."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def estimate_memory(
+    num_parameters: int,
+    subspace_dim: int,
+    k_largest_eig_vals: int,
+    *,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    query_batch_size: int | None = None,
+    num_train: int | None = None,
+    block_size: int = 1,
+    hessian_data_bytes: int = 0,
+    complement: bool = False,
+    checkpoint: bool = False,
+) -> MemoryPlan:
+    """The arrays each stage of :class:`~krylov_influence.ArnoldiInfluenceCalculator` holds.
+
+    Parameters
+    ----------
+    num_parameters : int
+        ``p``.
+    subspace_dim : int
+        ``n``.
+    k_largest_eig_vals : int
+        ``k``.
+    dtype : {"float32", "float64"}
+    batch_size : int
+        Training (and Hessian) batch size ``B``.
+    query_batch_size : int, optional
+        Query batch size for scores and top-k; default ``batch_size``.
+    num_train : int, optional
+        Training examples: adds the kept influence vectors of ``CACHE.MEMORY`` /
+        ``cache_training_vectors`` (N × k) to the scores stage.
+    block_size : int
+        ``b`` of block Arnoldi.
+    hessian_data_bytes : int
+        Size of the Hessian data as the engine's arrays; staged on the device when it is at
+        most the default 1 GiB budget (``stage_hessian_data``).
+    complement : bool
+        ``complement != "none"``: per-example gradient blocks replace projections.
+    checkpoint : bool
+        ``checkpoint_path`` set: the host copy of the basis each checkpoint writes.
+
+    Returns
+    -------
+    MemoryPlan
+
+    Raises
+    ------
+    ValueError
+        On sizes that a calculator would refuse (``k > n``, ``n > p``, ``b > n``).
+    """
+    p, n, k = int(num_parameters), int(subspace_dim), int(k_largest_eig_vals)
+    b, batch = int(block_size), int(batch_size)
+    queries = batch if query_batch_size is None else int(query_batch_size)
+    for name, value in [
+        ("num_parameters", p),
+        ("subspace_dim", n),
+        ("k_largest_eig_vals", k),
+        ("block_size", b),
+        ("batch_size", batch),
+        ("query_batch_size", queries),
+    ]:
+        if value < 1:
+            raise ValueError(f"{name}={value}: expected a positive integer")
+    if n > p:
+        raise ValueError(f"subspace_dim={n}: expected at most num_parameters = {p}")
+    if k > n:
+        raise ValueError(f"k_largest_eig_vals={k}: expected at most subspace_dim = {n}")
+    if b > n:
+        raise ValueError(f"block_size={b}: expected at most subspace_dim = {n}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float64'")
+    size = np.dtype(dtype).itemsize
+    items: list[MemoryItem] = []
+
+    def add(
+        stage: str, name: str, shape: tuple[int, ...], where: str = "device", item: int = size
+    ) -> None:
+        count = int(np.prod(shape, dtype=np.int64))
+        items.append(MemoryItem(stage, name, shape, count * item, where))
+
+    add("fit", "Krylov basis Q", (n, p))
+    add("fit", "products A Q_j and their CGS2 remainders", (2 * b, p))
+    add("fit", "Hessenberg matrix (float64)", (n, n), "host", 8)
+    if 0 < hessian_data_bytes <= 2**30:
+        items.append(MemoryItem("fit", "staged Hessian data", (), hessian_data_bytes, "device"))
+    if checkpoint:
+        add("fit", "checkpoint copy of the basis", (n, p), "host")
+    add("eigen-reduction", "Krylov basis Q", (n, p))
+    add("eigen-reduction", "projector G = Yᵀ Q", (k, p))
+    add("projection", "projector G", (k, p))
+    add("projection", *_projection_block(batch, p, k, size, complement))
+    add("projection", "projections and influence vectors", (2, batch, k))
+    add("scores", "projector G", (k, p))
+    add("scores", *_projection_block(queries, p, k, size, complement, "query "))
+    if complement:
+        add("scores", "training batch's per-example gradients", (batch, p))
+    else:
+        add("scores", *_projection_block(batch, p, k, size, False, "training "))
+    add("scores", "score block", (queries, batch))
+    if num_train is not None and not complement:
+        add("scores", "kept training influence vectors (CACHE.MEMORY)", (int(num_train), k))
+    add("save", "projector G (host copy)", (k, p), "host")
+    return MemoryPlan(tuple(items))
+
+
+def _projection_block(
+    batch: int, p: int, k: int, size: int, complement: bool, prefix: str = ""
+) -> tuple[str, tuple[int, ...], str, int]:
+    """The largest temporary of projecting one batch: per-example gradients, or JVP chunks.
+
+    On the JVP route the temporaries are the model's activations for B examples times a
+    chunk of G's rows, which only the model knows: listed with their count, at 0 bytes.
+    """
+    if complement or batch * p * size <= GRADIENT_BLOCK_BYTES:
+        return f"{prefix}per-example gradients", (batch, p), "device", size
+    chunk = max(1, min(k, JVP_CHUNK_ELEMENTS // batch))
+    name = f"{prefix}JVPs: activations of B examples × {chunk} directions (model's, not counted)"
+    return name, (batch, chunk), "device", 0
