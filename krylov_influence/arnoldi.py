@@ -46,6 +46,7 @@ from krylov_influence._gram_schmidt import (
     orthogonality_loss,
     padded_rows,
 )
+from krylov_influence._host_basis import HostBasis, host_arnoldi
 from krylov_influence.errors import NonFiniteError
 
 __all__ = [
@@ -189,6 +190,7 @@ def arnoldi_iteration(
     resume: ArnoldiState | None = None,
     checkpoint: Callable[[ArnoldiState], None] | None = None,
     checkpoint_every: int = 0,
+    host_basis: HostBasis | None = None,
 ) -> ArnoldiResult:
     """Build an orthonormal Krylov basis of ``operator`` with ``subspace_dim`` products.
 
@@ -226,6 +228,11 @@ def arnoldi_iteration(
         of the step that reaches them; never after the last step). It receives host copies.
     checkpoint_every : int, default 0
         Products between checkpoints (0: none).
+    host_basis : HostBasis, optional
+        Keep the basis off the device, in this allocated (n, p) host array or memory-mapped
+        file (:mod:`krylov_influence._host_basis`): Gram–Schmidt then runs on the host over
+        blocks of columns and each step moves one p-vector each way. The result's ``basis`` is
+        then this ``HostBasis``. Single-vector Arnoldi only (``block_size = 1``).
 
     Returns
     -------
@@ -300,6 +307,55 @@ def arnoldi_iteration(
         for i in range(resume.basis_rows.shape[0]):
             basis = _xp.set_row(xp, basis, i, to_device(resume.basis_rows[i]))
         return basis
+
+    if host_basis is not None:
+        if block_size != 1:
+            raise ValueError(
+                f"block_size={block_size}: block Arnoldi keeps its basis on the device; with "
+                "the basis on the host or on disk, use block_size=1"
+            )
+        if host_basis.shape != (n, p):
+            raise ValueError(f"host_basis: expected shape ({n}, {p}), got {host_basis.shape}")
+
+        def save_host_state(
+            products: int, rows: int, hessenberg: np.ndarray, restarts: list[int], norm: float
+        ) -> None:
+            assert checkpoint is not None and host_basis is not None
+            checkpoint(
+                ArnoldiState(
+                    products=products,
+                    basis_rows=np.array(host_basis.array[:rows], copy=True),
+                    hessenberg=hessenberg.copy(),
+                    restarts=tuple(restarts),
+                    norm_estimate=float(norm),
+                    rng_state=dict(rng.bit_generator.state),
+                    block_size=1,
+                )
+            )
+
+        hessenberg, residual, restarts_found, estimate = host_arnoldi(
+            operator,
+            host_basis,
+            rng=rng,
+            rtol=rtol,
+            xp=xp,
+            op_dtype=op_dtype,
+            work_dtype=work_dtype,
+            host=host,
+            to_device=to_device,
+            progress=progress,
+            resume=resume,
+            due=due,
+            checkpoint=save_host_state,
+        )
+        return ArnoldiResult(
+            basis=host_basis,
+            hessenberg=hessenberg,
+            residual_norm=residual,
+            restarts=tuple(restarts_found),
+            orthogonality_loss=host_basis.orthogonality_loss() if check_orthogonality else None,
+            operator_norm_estimate=estimate,
+        )
 
     if block_size > 1:
         from krylov_influence._block_arnoldi import block_arnoldi  # imports this module

@@ -53,6 +53,7 @@ from krylov_influence._data import (
     require_reiterable,
     resolve_show_progress,
 )
+from krylov_influence._host_basis import HostBasis
 from krylov_influence._identity import require_fixed_order
 from krylov_influence._staging import resolve_stage_budget, stage_hessian_data
 from krylov_influence._streaming import (
@@ -164,6 +165,18 @@ class ArnoldiInfluenceCalculator:
         Each write copies the basis so far (up to ``subspace_dim × p`` numbers) to disk.
     checkpoint_every : int, keyword-only, default 10
         Hessian-vector products between checkpoints.
+    basis_location : {"auto", "device", "host", "disk"}, keyword-only, default "auto"
+        Where the Krylov basis (``subspace_dim × p`` numbers) lives during the fit: on the
+        model's device; in host memory; or in a memory-mapped file in ``basis_dir`` (removed
+        after the fit). Off the device, Gram–Schmidt runs on the host over blocks of parameter
+        columns and each step moves one p-vector each way; the results agree with the device
+        basis to round-off. ``"auto"``: the device when the basis fits ``basis_memory``, else
+        disk. Off the device needs ``block_size=1``.
+    basis_memory : int or str, keyword-only, default "auto"
+        The budget of ``"auto"``: bytes, or a size (``"8GiB"``); ``"auto"`` is a quarter of the
+        machine's physical memory.
+    basis_dir : str or os.PathLike, optional, keyword-only
+        Directory of the memory-mapped basis (default: the system's temporary directory).
 
     Attributes
     ----------
@@ -173,6 +186,8 @@ class ArnoldiInfluenceCalculator:
     resumed_from : int or None
         Hessian-vector products read from ``checkpoint_path`` by the last fit (``None``: it
         started afresh).
+    basis_placement : str
+        Where the last fit kept its basis: ``"device"``, ``"host"`` or ``"disk"``.
 
     Raises
     ------
@@ -192,6 +207,10 @@ class ArnoldiInfluenceCalculator:
     checkpoint_path: str | None = None
     checkpoint_every: int = 10
     resumed_from: int | None = None
+    basis_location: str = "auto"
+    basis_memory: int | None = None  # None: a quarter of physical memory
+    basis_dir: str | None = None
+    basis_placement: str = "device"
 
     def __init__(
         self,
@@ -213,8 +232,22 @@ class ArnoldiInfluenceCalculator:
         complement_probes: int = 10,
         checkpoint_path: Any = None,
         checkpoint_every: int = 10,
+        basis_location: str = "auto",
+        basis_memory: int | str = "auto",
+        basis_dir: Any = None,
     ):
         require_reiterable(train_dataset, "train_dataset")
+        if basis_location not in BASIS_LOCATIONS:
+            raise ValueError(
+                f"basis_location={basis_location!r}: expected one of {BASIS_LOCATIONS}"
+            )
+        self.basis_location = basis_location
+        self.basis_memory = (
+            None
+            if isinstance(basis_memory, str) and basis_memory == "auto"
+            else resolve_stage_budget(basis_memory, "basis_memory")
+        )
+        self.basis_dir = None if basis_dir is None else os.fspath(basis_dir)
         self.checkpoint_path = None if checkpoint_path is None else os.fspath(checkpoint_path)
         self.checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
         self._configure(
@@ -372,6 +405,54 @@ class ArnoldiInfluenceCalculator:
         operator = model.hessian_operator(data)
         resume, checkpoint, target = self._checkpointing(data, subspace_dim)
         self.resumed_from = None if resume is None else resume.products
+        host_basis = self._host_basis(subspace_dim)
+        try:
+            return self._fit_with(
+                data, operator, subspace_dim, staging, resume, checkpoint, target, host_basis
+            )
+        finally:
+            if host_basis is not None:
+                path = host_basis.path
+                host_basis.release()
+                if path is not None:
+                    unregister_cleanup(path)
+
+    def _host_basis(self, subspace_dim: int) -> HostBasis | None:
+        """The basis off the device, as ``basis_location`` (and ``basis_memory``) say."""
+        model = self.model
+        p = int(model.num_parameters)
+        nbytes = subspace_dim * p * np.dtype(self.dtype).itemsize
+        location = self.basis_location
+        if location == "auto":
+            budget = _physical_memory() // 4 if self.basis_memory is None else self.basis_memory
+            location = "device" if nbytes <= budget else "disk"
+        self.basis_placement = location
+        if location == "device":
+            return None
+        if location == "host":
+            return HostBasis.allocate(subspace_dim, p, self.dtype)
+        directory = self.basis_dir if self.basis_dir is not None else tempfile.gettempdir()
+        # The basis files of killed processes (their pid is in the name) go first.
+        remove_stale_temporaries(directory, BASIS_PATTERN)
+        handle, path = tempfile.mkstemp(
+            prefix=f"krylov_influence_{os.getpid()}_basis_", suffix=".npy", dir=directory
+        )
+        os.close(handle)
+        register_for_cleanup(path)
+        return HostBasis.allocate(subspace_dim, p, self.dtype, path=path)
+
+    def _fit_with(
+        self,
+        data: Iterable[Any],
+        operator: Any,
+        subspace_dim: int,
+        staging: str,
+        resume: ArnoldiState | None,
+        checkpoint: Callable[[ArnoldiState], None] | None,
+        target: str | None,
+        host_basis: HostBasis | None,
+    ) -> EigenBasis:
+        model = self.model
         with progress_bar(self.show_progress, subspace_dim, f"Arnoldi ({staging})") as bar:
             try:
                 result = arnoldi_iteration(
@@ -387,6 +468,7 @@ class ArnoldiInfluenceCalculator:
                     resume=resume,
                     checkpoint=checkpoint,
                     checkpoint_every=self.checkpoint_every,
+                    host_basis=host_basis,
                 )
             except NonFiniteError as error:
                 culprit = self._non_finite_hessian_batch()
@@ -1250,6 +1332,18 @@ class KeptTrainingVectors:
     norms: list[Any] | None = None  # ‖g‖² per batch, once the spectral complement asks
 
 
+BASIS_LOCATIONS = ("auto", "device", "host", "disk")
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (POSIX ``sysconf``; 16 GiB where it is unavailable)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return 16 * 2**30
+
+
+BASIS_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_basis_[A-Za-z0-9_]+\.npy")
 SCRATCH_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_[A-Za-z0-9_]+")
 
 

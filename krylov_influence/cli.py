@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--block-size", type=_count, default=1)
     memory.add_argument("--complement", action="store_true", help='complement != "none"')
     memory.add_argument("--checkpoint", action="store_true", help="checkpoint_path set")
+    memory.add_argument("--basis-location", choices=("device", "host", "disk"), default="device")
     memory.set_defaults(subparser=memory)
     engines_parser = commands.add_parser(
         "engines", help="list the engines found and their versions (no framework is imported)"
@@ -248,6 +249,7 @@ def _memory(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             complement=args.complement,
             checkpoint=args.checkpoint,
+            basis_location=args.basis_location,
         )
     except ValueError as error:
         args.subparser.error(str(error))

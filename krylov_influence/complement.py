@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from krylov_influence import _xp
+from krylov_influence._host_basis import HostBasis
+
 __all__ = ["COMPLEMENTS", "SpectralComplement", "estimate_mean_discarded", "resolve_complement"]
 
 #: Accepted strings for ``complement=``; a number ``c ≥ 0`` is accepted too.
@@ -97,8 +100,9 @@ def estimate_mean_discarded(
     ----------
     operator : HessianOperator
         ``mm(V)`` applies the Hessian to the rows of ``V``.
-    basis : array, shape (n, p)
-        The orthonormal Krylov basis of the fit, in the working dtype.
+    basis : array, shape (n, p), or HostBasis
+        The orthonormal Krylov basis of the fit, in the working dtype (on the device, or on
+        the host / on disk).
     spectrum : numpy.ndarray, shape (n,)
         Every Ritz value (their sum is ``tr(Q H Qᵀ)``).
     kept : numpy.ndarray, shape (k,)
@@ -123,9 +127,14 @@ def estimate_mean_discarded(
     if n < p:
         rng = np.random.default_rng([seed, 0x636F6D70])  # its own stream: not the start vector
         signs = rng.integers(0, 2, size=(probes, p)).astype(np.float64) * 2.0 - 1.0
-        z = xp.asarray(signs, dtype=basis.dtype, device=device)
-        coefficients = xp.matmul(z, xp.permute_dims(basis, (1, 0)))  # (m, n)
-        w = z - xp.matmul(coefficients, basis)  # deflated probes, (m, p)
+        if isinstance(basis, HostBasis):  # deflate on the host, over column blocks
+            z_host = signs.astype(basis.dtype)
+            deflated = z_host - basis.left_multiply(basis.right_multiply(z_host))
+            w = xp.asarray(deflated, dtype=getattr(xp, _xp.dtype_name(basis.dtype)), device=device)
+        else:
+            z = xp.asarray(signs, dtype=basis.dtype, device=device)
+            coefficients = xp.matmul(z, xp.permute_dims(basis, (1, 0)))  # (m, n)
+            w = z - xp.matmul(coefficients, basis)  # deflated probes, (m, p)
         hw = operator.mm(w)
         samples = np.asarray(to_numpy(xp.sum(w * hw, axis=1)), dtype=np.float64)
         if not np.isfinite(samples).all():

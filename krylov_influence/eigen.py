@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from krylov_influence import _xp
+from krylov_influence._host_basis import HostBasis
 from krylov_influence.arnoldi import ArnoldiResult
 
 __all__ = [
@@ -300,8 +302,13 @@ def build_eigenbasis(
             "eigenvalues"
         )
     basis = result.basis
-    coords = xp.asarray(pairs.vectors.T.copy(), dtype=basis.dtype, device=device)
-    projector = xp.matmul(coords, basis)
+    if isinstance(basis, HostBasis):  # off the device: G = Yᵀ Q over column blocks on the host
+        host_projector = basis.left_multiply(pairs.vectors.T)
+        dtype = getattr(xp, _xp.dtype_name(basis.dtype))
+        projector = xp.asarray(host_projector, dtype=dtype, device=device)
+    else:
+        coords = xp.asarray(pairs.vectors.T.copy(), dtype=basis.dtype, device=device)
+        projector = xp.matmul(coords, basis)
     return EigenBasis(
         eigenvalues=pairs.eigenvalues,
         damping=float(damping),

@@ -13,8 +13,10 @@ the staged Hessian data up to its budget). What it cannot know: the model's own 
 activations, which the framework allocates for each Hessian-vector product and each batch's
 gradients (a few times one batch's forward activations; measure one batch of your model).
 
-Today every array of a stage lives on the model's device except the checkpoint copy (host)
-and the eigen-reduction's small n × n matrices (host).
+With ``basis_location="device"`` (the default when the basis fits) every array lives on the
+model's device except the checkpoint copy and the n × n matrices (host); off the device the
+basis is in host memory or a memory-mapped file and only p-vectors and ``G`` are on the
+device.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from krylov_influence._staging import format_bytes
+
 __all__ = ["MemoryItem", "MemoryPlan", "estimate_memory", "format_bytes"]
 
 # The engines' budget for a (B, p) block of per-example gradients in a projection
 # (``GRADIENT_PROJECTION_BYTES``); above it, projections take the JVP route.
 GRADIENT_BLOCK_BYTES = 64 * 2**20
+# Columns of an off-device basis read at once (krylov_influence._host_basis).
+_HOST_BLOCK_BYTES = 64 * 2**20
 # Rows of the projector in one vectorised JVP pass when the JVP route is taken (the JAX
 # engine's default: as many as keep B × chunk ≤ 2¹⁸; torch and TensorFlow are similar).
 JVP_CHUNK_ELEMENTS = 2**18
@@ -47,7 +53,7 @@ class MemoryItem:
     shape : tuple of int
     nbytes : int
     where : str
-        ``"device"`` (the model's) or ``"host"``.
+        ``"device"`` (the model's), ``"host"`` or ``"disk"``.
     """
 
     stage: str
@@ -88,21 +94,13 @@ class MemoryPlan:
         lines.append("")
         for stage in self.stages:
             device, host = self.peak(stage, "device"), self.peak(stage, "host")
+            disk = self.peak(stage, "disk")
+            on_disk = f", {format_bytes(disk)} on disk" if disk else ""
             lines.append(
                 f"{stage}: {format_bytes(device)} on the device, {format_bytes(host)} on the host"
-                " (plus the model's parameters and one batch's activations)"
+                f"{on_disk} (plus the model's parameters and one batch's activations)"
             )
         return "\n".join(lines)
-
-
-def format_bytes(nbytes: int) -> str:
-    """``1.5 GiB``-style sizes (binary units)."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def estimate_memory(
@@ -118,6 +116,7 @@ def estimate_memory(
     hessian_data_bytes: int = 0,
     complement: bool = False,
     checkpoint: bool = False,
+    basis_location: str = "device",
 ) -> MemoryPlan:
     """The arrays each stage of :class:`~krylov_influence.ArnoldiInfluenceCalculator` holds.
 
@@ -146,6 +145,9 @@ def estimate_memory(
         ``complement != "none"``: per-example gradient blocks replace projections.
     checkpoint : bool
         ``checkpoint_path`` set: the host copy of the basis each checkpoint writes.
+    basis_location : {"device", "host", "disk"}
+        Where the calculator keeps the basis (``basis_location=``; ``"auto"`` resolves to one
+        of these). Off the device, Gram–Schmidt reads the basis in 64 MiB blocks of columns.
 
     Returns
     -------
@@ -175,6 +177,8 @@ def estimate_memory(
         raise ValueError(f"k_largest_eig_vals={k}: expected at most subspace_dim = {n}")
     if b > n:
         raise ValueError(f"block_size={b}: expected at most subspace_dim = {n}")
+    if basis_location not in ("device", "host", "disk"):
+        raise ValueError(f"basis_location={basis_location!r}: expected 'device', 'host' or 'disk'")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float64'")
     size = np.dtype(dtype).itemsize
@@ -186,15 +190,29 @@ def estimate_memory(
         count = int(np.prod(shape, dtype=np.int64))
         items.append(MemoryItem(stage, name, shape, count * item, where))
 
-    add("fit", "Krylov basis Q", (n, p))
-    add("fit", "products A Q_j and their CGS2 remainders", (2 * b, p))
+    if basis_location == "device":
+        add("fit", "Krylov basis Q", (n, p))
+        add("fit", "products A Q_j and their CGS2 remainders", (2 * b, p))
+    else:
+        columns = max(1, min(p, _HOST_BLOCK_BYTES // (n * size)))
+        if basis_location == "host":
+            add("fit", "Krylov basis Q", (n, p), "host")
+        else:
+            add("fit", "Krylov basis Q (memory-mapped file)", (n, p), "disk")
+            add("fit", "a block of basis columns being read", (n, columns), "host")
+        add("fit", "the product A q_j", (1, p))
+        add("fit", "the product and its CGS2 remainder", (2, p), "host")
     add("fit", "Hessenberg matrix (float64)", (n, n), "host", 8)
     if 0 < hessian_data_bytes <= 2**30:
         items.append(MemoryItem("fit", "staged Hessian data", (), hessian_data_bytes, "device"))
     if checkpoint:
         add("fit", "checkpoint copy of the basis", (n, p), "host")
-    add("eigen-reduction", "Krylov basis Q", (n, p))
-    add("eigen-reduction", "projector G = Yᵀ Q", (k, p))
+    if basis_location == "device":
+        add("eigen-reduction", "Krylov basis Q", (n, p))
+        add("eigen-reduction", "projector G = Yᵀ Q", (k, p))
+    else:
+        add("eigen-reduction", "projector G = Yᵀ Q, built over column blocks", (k, p), "host")
+        add("eigen-reduction", "projector G", (k, p))
     add("projection", "projector G", (k, p))
     add("projection", *_projection_block(batch, p, k, size, complement))
     add("projection", "projections and influence vectors", (2, batch, k))

@@ -79,3 +79,14 @@ def test_the_cli_prints_the_table(capsys):
     with pytest.raises(SystemExit):
         main(["memory", "-p", "10", "-n", "20", "--k", "5"])
     assert "subspace_dim=20: expected at most num_parameters = 10" in capsys.readouterr().err
+
+
+def test_off_the_device_the_basis_is_counted_where_it_lives():
+    plan = estimate_memory(20_000_000, 64, 32, basis_location="disk")
+    assert _item(plan, "fit", "Krylov basis Q").where == "disk"
+    assert plan.peak("fit", "disk") == 64 * 20_000_000 * 4
+    assert plan.peak("fit") == 20_000_000 * 4  # one p-vector: the product
+    # A block of columns, the product and its remainder, the Hessenberg matrix.
+    assert plan.peak("fit", "host") == 64 * 2**20 + 2 * 20_000_000 * 4 + 64 * 64 * 8
+    with pytest.raises(ValueError, match="basis_location='gpu'"):
+        estimate_memory(100, 20, 5, basis_location="gpu")

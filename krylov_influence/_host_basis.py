@@ -1,0 +1,223 @@
+"""A Krylov basis kept off the device: in host memory or in a memory-mapped file.
+
+The basis has ``n × p`` numbers (80 GB for p = 10⁸ at n = 200 in float32), more than a device
+holds for a large model. :class:`HostBasis` keeps it in a NumPy array, or an ``.npy`` file
+mapped into memory, and every operation on it (classical Gram–Schmidt twice, restarts, the
+orthogonality check, the projector ``G = Yᵀ Q``, deflating probes) runs on the host over
+blocks of parameter columns, so at most one block of ``n × block_columns`` numbers is read at
+a time besides the p-vectors. The operator products stay on the device: each Arnoldi step
+moves one p-vector to the host and one back.
+
+The arithmetic is the device path's (the same CGS2 sequence, the same generator draws for
+restarts) with sums split over column blocks, so results agree to round-off.
+
+Private to :mod:`krylov_influence.arnoldi` and the calculator (``basis_location=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from krylov_influence.errors import NonFiniteError
+
+__all__ = ["HostBasis", "host_arnoldi"]
+
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass
+class HostBasis:
+    """An (n, p) basis on the host, processed in blocks of ``block_columns`` columns.
+
+    Attributes
+    ----------
+    array : numpy.ndarray or numpy.memmap, shape (n, p)
+        Rows ``q_1 .. q_n`` in the working dtype; rows not yet set are zero.
+    block_columns : int
+    path : str or None
+        The memory-mapped file, or ``None`` in memory.
+    """
+
+    array: np.ndarray
+    block_columns: int
+    path: str | None = None
+
+    @classmethod
+    def allocate(
+        cls,
+        n: int,
+        p: int,
+        dtype: Any,
+        *,
+        path: str | None = None,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ) -> HostBasis:
+        """A zero basis in memory, or in a new ``.npy`` file at ``path`` (memory-mapped)."""
+        dtype = np.dtype(dtype)
+        if path is None:
+            array = np.zeros((n, p), dtype=dtype)
+        else:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, p))
+        columns = max(1, int(block_bytes) // max(1, n * dtype.itemsize))
+        return cls(array, min(p, columns), path)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.array.shape[0]), int(self.array.shape[1]))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def blocks(self) -> Iterator[slice]:
+        p = self.shape[1]
+        for start in range(0, p, self.block_columns):
+            yield slice(start, min(p, start + self.block_columns))
+
+    def coefficients(self, rows: int, w: np.ndarray) -> np.ndarray:
+        """``Q[:rows] w``, shape (rows,), summed over column blocks."""
+        out = np.zeros(rows, dtype=w.dtype)
+        for block in self.blocks():
+            out += self.array[:rows, block] @ w[block]
+        return out
+
+    def subtract(self, rows: int, coefficients: np.ndarray, w: np.ndarray) -> None:
+        """``w −= Q[:rows]ᵀ coefficients``, in place, block by block."""
+        for block in self.blocks():
+            w[block] -= coefficients @ self.array[:rows, block]
+
+    def cgs2(self, rows: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Classical Gram–Schmidt twice against the first ``rows`` rows (in place on ``w``).
+
+        Returns ``w``, the summed coefficients (float64), ``‖w‖`` before and after.
+        """
+        product_norm = float(np.linalg.norm(w))
+        first = self.coefficients(rows, w)
+        self.subtract(rows, first, w)
+        second = self.coefficients(rows, w)
+        self.subtract(rows, second, w)
+        coefficients = first.astype(np.float64) + second.astype(np.float64)
+        return w, coefficients, product_norm, float(np.linalg.norm(w))
+
+    def fresh_direction(self, rows: int, rng: np.random.Generator) -> np.ndarray:
+        """A unit vector orthogonal to the first ``rows`` rows, from ``rng`` (for restarts).
+
+        The same draws and the same test as the device path's ``fresh_direction``.
+        """
+        threshold = math.sqrt(float(np.finfo(np.float32).eps))
+        for _ in range(8):
+            draw = rng.standard_normal(self.shape[1])
+            r = (draw / np.linalg.norm(draw)).astype(self.dtype)
+            for _pass in range(2):
+                self.subtract(rows, self.coefficients(rows, r), r)
+            norm = float(np.linalg.norm(r))
+            if norm > threshold:
+                return r * self.dtype.type(1.0 / norm)
+        raise RuntimeError(  # pragma: no cover - needs 8 draws inside the span of the basis
+            "could not draw a restart vector orthogonal to the Krylov basis"
+        )
+
+    def orthogonality_loss(self) -> float:
+        """``max |Q Qᵀ − I|``, the Gram matrix summed over column blocks in float64."""
+        n = self.shape[0]
+        gram = np.zeros((n, n))
+        for block in self.blocks():
+            part = np.asarray(self.array[:, block], dtype=np.float64)
+            gram += part @ part.T
+        return float(np.max(np.abs(gram - np.eye(n))))
+
+    def left_multiply(self, coefficients: np.ndarray) -> np.ndarray:
+        """``C Q`` for ``C`` of shape (m, n): shape (m, p) on the host, in the basis dtype."""
+        c = np.asarray(coefficients, dtype=self.dtype)
+        out = np.empty((c.shape[0], self.shape[1]), dtype=self.dtype)
+        for block in self.blocks():
+            out[:, block] = c @ self.array[:, block]
+        return out
+
+    def right_multiply(self, vectors: np.ndarray) -> np.ndarray:
+        """``Z Qᵀ`` for ``Z`` of shape (m, p): shape (m, n), summed over column blocks."""
+        z = np.asarray(vectors, dtype=self.dtype)
+        out = np.zeros((z.shape[0], self.shape[0]), dtype=self.dtype)
+        for block in self.blocks():
+            out += z[:, block] @ self.array[:, block].T
+        return out
+
+    def release(self) -> None:
+        """Drop the array; remove the file of a memory-mapped basis."""
+        path, self.path = self.path, None
+        self.array = np.zeros((0, 0), dtype=self.dtype)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def host_arnoldi(
+    operator: Any,
+    basis: HostBasis,
+    *,
+    rng: np.random.Generator,
+    rtol: float,
+    xp: Any,
+    op_dtype: Any,
+    work_dtype: Any,
+    host: Callable[[Any], np.ndarray],
+    to_device: Callable[[np.ndarray], Any],
+    progress: Callable[[int], None] | None,
+    resume: Any,
+    due: Callable[[int], bool],
+    checkpoint: Callable[..., None] | None,
+) -> tuple[np.ndarray, float, list[int], float]:
+    """The single-vector Arnoldi loop of :func:`~krylov_influence.arnoldi.arnoldi_iteration`
+    with ``basis`` on the host; fills ``basis`` and returns ``(hessenberg, residual norm,
+    restarts, norm estimate)``."""
+    n, p = basis.shape
+    if resume is None:
+        start = rng.standard_normal(p)
+        basis.array[0] = (start / np.linalg.norm(start)).astype(basis.dtype)
+        hessenberg = np.zeros((n, n), dtype=np.float64)
+        restarts: list[int] = []
+        norm_estimate, first = 0.0, 0
+    else:
+        basis.array[: resume.basis_rows.shape[0]] = resume.basis_rows
+        hessenberg = resume.hessenberg.copy()
+        restarts = list(resume.restarts)
+        norm_estimate, first = resume.norm_estimate, resume.products
+    residual_norm = 0.0
+    for j in range(first, n):
+        q = to_device(np.asarray(basis.array[j]))
+        w = operator.mv(q if op_dtype == work_dtype else xp.astype(q, op_dtype))
+        w_host = np.array(host(w), dtype=basis.dtype, copy=True)
+        w_host, coefficients, product_norm, beta = basis.cgs2(j + 1, w_host)
+        if not (np.all(np.isfinite(coefficients)) and math.isfinite(beta + product_norm)):
+            raise NonFiniteError(
+                f"the operator product at Arnoldi iteration {j + 1} of {n} returned non-finite "
+                "values (NaN or Inf): check the loss and the Hessian data"
+            )
+        hessenberg[: j + 1, j] = coefficients
+        norm_estimate = max(norm_estimate, product_norm)
+        if progress is not None:
+            progress(1)
+        if j + 1 == n:
+            residual_norm = beta
+            break
+        if beta <= rtol * norm_estimate:
+            restarts.append(j + 1)
+            basis.array[j + 1] = basis.fresh_direction(j + 1, rng)
+        else:
+            hessenberg[j + 1, j] = beta
+            basis.array[j + 1] = w_host * basis.dtype.type(1.0 / beta)
+        if due(j + 1):
+            assert checkpoint is not None
+            checkpoint(j + 1, j + 2, hessenberg, restarts, norm_estimate)
+    return hessenberg, float(residual_norm), restarts, float(norm_estimate)

@@ -1,0 +1,150 @@
+"""The Krylov basis off the device (``basis_location="host"`` / ``"disk"``) gives the same fit.
+
+Oracle: the same calculator with the basis on the device (round-off apart: the host path sums
+the Gram–Schmidt products over column blocks), and through it the exact Hessian; blocks are
+made tiny so that every operation crosses many of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from calculator_support import build, engine_class, softmax_hessian, training_spec
+
+import krylov_influence._host_basis as host_basis_module
+from krylov_influence import ArnoldiInfluenceCalculator, MatrixOperator, arnoldi_iteration
+from krylov_influence._host_basis import HostBasis
+from krylov_influence.testing import random_mlp_spec
+
+
+@pytest.fixture(autouse=True)
+def tiny_blocks(monkeypatch):
+    # 3-column blocks: every product, restart, check and projection spans many blocks.
+    original = HostBasis.allocate.__func__
+
+    def allocate(cls, n, p, dtype, *, path=None, block_bytes=0):
+        return original(cls, n, p, dtype, path=path, block_bytes=3 * n * np.dtype(dtype).itemsize)
+
+    monkeypatch.setattr(HostBasis, "allocate", classmethod(allocate))
+    assert host_basis_module.DEFAULT_BLOCK_BYTES > 0
+
+
+def _fit(model, train, location, tmp_path, dtype="float64", **options):
+    return ArnoldiInfluenceCalculator(
+        model,
+        train,
+        options.pop("n", 30),
+        True,
+        6,
+        dtype,
+        basis_location=location,
+        basis_dir=tmp_path,
+        damping=1e-3,
+        show_progress=False,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("location", ["host", "disk"])
+def test_the_fit_off_the_device_equals_the_fit_on_it(engine, location, tmp_path):
+    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
+    if engine == "numpy":
+        spec = training_spec()
+    model, train = build(engine_class(engine), spec)
+    # Softmax regression's Hessian has a 5-fold eigenvalue (l2), so a Krylov space of one
+    # vector stops at 11 of p = 15; near that, the next row is round-off amplified and differs
+    # between any two summation orders. Below it, both paths are well determined.
+    n = 9 if engine == "numpy" else 30
+    device = _fit(model, train, "device", tmp_path, n=n, complement="mean")
+    off = _fit(model, train, location, tmp_path, n=n, complement="mean")
+    assert device.basis_placement == "device" and off.basis_placement == location
+    np.testing.assert_allclose(
+        off.eigenbasis.ritz.spectrum, device.eigenbasis.ritz.spectrum, rtol=1e-12, atol=1e-14
+    )
+    np.testing.assert_allclose(off.self_influence(train), device.self_influence(train), rtol=1e-10)
+    assert off.eigenbasis.complement.value == pytest.approx(
+        device.eigenbasis.complement.value, rel=1e-10
+    )
+    assert off.eigenbasis.orthogonality_loss < 1e-13
+    assert os.listdir(tmp_path) == [], "the memory-mapped basis is removed after the fit"
+
+
+def test_float32_off_the_device_agrees_to_the_dtype(tmp_path):
+    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
+    model, train = build(engine_class("torch"), spec, dtype="float32")
+    device = _fit(model, train, "device", tmp_path, dtype="float32")
+    disk = _fit(model, train, "disk", tmp_path, dtype="float32")
+    top = device.eigenbasis.ritz.spectrum[:6]
+    np.testing.assert_allclose(disk.eigenbasis.ritz.spectrum[:6], top, rtol=2e-4)
+    assert disk.eigenbasis.orthogonality_loss < 1e-5
+
+
+def test_a_full_rank_fit_on_disk_restarts_and_is_exact(tmp_path):
+    # n = p on softmax regression: the Krylov space of one vector is smaller than p, so the
+    # fit restarts from fresh directions drawn and orthogonalised block by block on disk.
+    spec = training_spec()
+    model, train = build(engine_class("numpy"), spec)
+    disk = _fit(model, train, "disk", tmp_path, n=15)
+    device = _fit(model, train, "device", tmp_path, n=15)
+    assert disk.eigenbasis.arnoldi_restarts == device.eigenbasis.arnoldi_restarts != ()
+    exact = np.sort(np.linalg.eigvalsh(softmax_hessian(spec)))[::-1][:6] + 1e-3
+    np.testing.assert_allclose(np.sort(np.asarray(disk.eig_vals))[::-1], exact, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [40, 6])
+def test_the_core_iteration_off_the_device_takes_the_same_steps(rank):
+    rng = np.random.default_rng(1)
+    factor = rng.standard_normal((40, rank))
+    matrix = factor @ factor.T  # rank 6 < n: the Krylov space runs out and the fit restarts
+    device = arnoldi_iteration(MatrixOperator(matrix), 25, seed=2)
+    basis = HostBasis.allocate(25, 40, np.float64, block_bytes=3 * 25 * 8)
+    host = arnoldi_iteration(MatrixOperator(matrix), 25, seed=2, host_basis=basis)
+    assert host.restarts == device.restarts and bool(host.restarts) == (rank < 25)
+    # Round-off apart (sums over column blocks): relative to ‖A‖ for the Hessenberg matrix.
+    scale = float(np.max(np.abs(device.hessenberg)))
+    np.testing.assert_allclose(host.hessenberg, device.hessenberg, rtol=0, atol=1e-11 * scale)
+    assert host.orthogonality_loss < 1e-13
+    if rank == 40:  # no near-breakdown row, whose direction is round-off amplified in both
+        np.testing.assert_allclose(basis.array, device.basis, rtol=0, atol=1e-10)
+
+
+def test_auto_takes_the_disk_above_the_budget_and_resumes_there(tmp_path):
+    spec = training_spec()
+    model, train = build(engine_class("numpy"), spec)
+    small = ArnoldiInfluenceCalculator(
+        model, train, 12, True, 6, "float64", basis_memory=12 * 15 * 8, basis_dir=tmp_path
+    )
+    assert small.basis_placement == "device"
+    over = ArnoldiInfluenceCalculator(
+        model, train, 12, True, 6, "float64", basis_memory="1KiB", basis_dir=tmp_path
+    )
+    assert over.basis_placement == "disk"
+    np.testing.assert_allclose(over.self_influence(train), small.self_influence(train), rtol=1e-10)
+    # A checkpointed fit on disk resumes like one on the device.
+    checkpoint = tmp_path / "fit.npz"
+    resumed = ArnoldiInfluenceCalculator(
+        model,
+        train,
+        12,
+        True,
+        6,
+        "float64",
+        basis_location="disk",
+        basis_dir=tmp_path,
+        checkpoint_path=checkpoint,
+        checkpoint_every=4,
+    )
+    assert resumed.resumed_from is None and not checkpoint.exists()
+
+
+def test_bad_basis_settings(tmp_path):
+    model, train = build(engine_class("numpy"), training_spec())
+    with pytest.raises(ValueError, match="basis_location='gpu'"):
+        ArnoldiInfluenceCalculator(model, train, 12, True, 6, basis_location="gpu")
+    with pytest.raises(ValueError, match="basis_memory='lots'"):
+        ArnoldiInfluenceCalculator(model, train, 12, True, 6, basis_memory="lots")
+    with pytest.raises(ValueError, match="block_size=2: block Arnoldi keeps its basis"):
+        ArnoldiInfluenceCalculator(model, train, 12, True, 6, basis_location="host", block_size=2)
