@@ -1,12 +1,13 @@
-"""A Krylov basis kept off the device: in host memory or in a memory-mapped file.
+"""A Krylov basis kept off the device: in host memory or in a file on disk.
 
 The basis has ``n × p`` numbers (80 GB for p = 10⁸ at n = 200 in float32), more than a device
-holds for a large model. :class:`HostBasis` keeps it in a NumPy array, or an ``.npy`` file
-mapped into memory, and every operation on it (classical Gram–Schmidt twice, restarts, the
-orthogonality check, the projector ``G = Yᵀ Q``, deflating probes) runs on the host over
-blocks of parameter columns, so at most one block of ``n × block_columns`` numbers is read at
-a time besides the p-vectors. The operator products stay on the device: each Arnoldi step
-moves one p-vector to the host and one back.
+holds for a large model. :class:`HostBasis` keeps it in a NumPy array, or in an ``.npy`` file
+read and written block by block with ``pread``/``pwrite`` (:class:`RowFile`: no memory map,
+so the process holds only the block in hand, never the file's pages). Every operation on it
+(classical Gram–Schmidt twice, restarts, the orthogonality check, the projector ``G = Yᵀ Q``,
+deflating probes) runs on the host over blocks of parameter columns, so at most one block of
+``n × block_columns`` numbers is read at a time besides the p-vectors. The operator products
+stay on the device: each Arnoldi step moves one p-vector to the host and one back.
 
 The arithmetic is the device path's (the same CGS2 sequence, the same generator draws for
 restarts) with sums split over column blocks, so results agree to round-off.
@@ -27,9 +28,102 @@ import numpy as np
 
 from krylov_influence.errors import NonFiniteError
 
-__all__ = ["HostBasis", "host_arnoldi"]
+__all__ = ["HostBasis", "RowFile", "host_arnoldi"]
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+class RowFile:
+    """An (m, p) C-order array in an ``.npy`` file, read and written with ``pread``/``pwrite``.
+
+    Supports the indexing the host basis and projector use: ``f[i]`` and ``f[i] = row``,
+    ``f[:r]`` and ``f[:r] = rows``, ``f[:r, a:b]`` and ``f[:, a:b]`` (a column block, one read
+    per row). Every read returns a new NumPy array of exactly the requested numbers, so memory
+    stays bounded by what the caller asks for. ``numpy.load(path, mmap_mode="r")`` reads the
+    file as well.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, int], dtype: Any, *, create: bool):
+        self._fd = -1
+        self.path = path
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self._row_bytes = self.shape[1] * self.dtype.itemsize
+        if create:
+            with open(path, "wb") as handle:
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(self.dtype),
+                    "fortran_order": False,
+                    "shape": self.shape,
+                }
+                np.lib.format.write_array_header_1_0(handle, header)
+                self.offset = handle.tell()
+                handle.truncate(self.offset + self.nbytes)  # a sparse file of zeros
+            self._fd = os.open(path, os.O_RDWR)
+        else:
+            with open(path, "rb") as handle:
+                np.lib.format.read_magic(handle)
+                found, fortran, dtype_found = np.lib.format.read_array_header_1_0(handle)
+                self.offset = handle.tell()
+            if tuple(found) != self.shape or fortran or dtype_found != self.dtype:
+                raise ValueError(f"{path}: not a C-order {self.dtype} array of {self.shape}")
+            self._fd = os.open(path, os.O_RDONLY)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self._row_bytes
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _read(self, offset: int, count: int) -> np.ndarray:
+        buffer = bytearray(count * self.dtype.itemsize)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            got = os.preadv(self._fd, [view[done:]], self.offset + offset + done)
+            if got <= 0:
+                raise OSError(f"{self.path}: short read")
+            done += got
+        return np.frombuffer(buffer, dtype=self.dtype)
+
+    def _write(self, offset: int, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values, dtype=self.dtype)).cast("B")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], self.offset + offset + done)
+
+    def _rows(self, key: Any) -> range:
+        if isinstance(key, (int, np.integer)):
+            return range(int(key), int(key) + 1)
+        if isinstance(key, slice) and key.step in (None, 1):
+            return range(*key.indices(self.shape[0]))
+        raise TypeError(f"RowFile: unsupported row index {key!r}")
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        columns = slice(None)
+        if isinstance(key, tuple):
+            key, columns = key
+        rows = self._rows(key)
+        start, stop, _ = columns.indices(self.shape[1])
+        width = stop - start
+        if width == self.shape[1]:  # whole rows: one read
+            out = self._read(rows.start * self._row_bytes, len(rows) * width)
+            out = out.reshape(len(rows), width)
+        else:
+            out = np.empty((len(rows), width), dtype=self.dtype)
+            for i, row in enumerate(rows):
+                out[i] = self._read(row * self._row_bytes + start * self.dtype.itemsize, width)
+        return out[0] if isinstance(key, (int, np.integer)) else out
+
+    def __setitem__(self, key: Any, values: Any) -> None:
+        rows = self._rows(key)
+        values = np.asarray(values, dtype=self.dtype).reshape(len(rows), self.shape[1])
+        self._write(rows.start * self._row_bytes, values)
 
 
 @dataclass
@@ -38,14 +132,14 @@ class HostBasis:
 
     Attributes
     ----------
-    array : numpy.ndarray or numpy.memmap, shape (n, p)
+    array : numpy.ndarray or RowFile, shape (n, p)
         Rows ``q_1 .. q_n`` in the working dtype; rows not yet set are zero.
     block_columns : int
     path : str or None
-        The memory-mapped file, or ``None`` in memory.
+        The file of a basis on disk, or ``None`` in memory.
     """
 
-    array: np.ndarray
+    array: Any
     block_columns: int
     path: str | None = None
 
@@ -59,12 +153,13 @@ class HostBasis:
         path: str | None = None,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
     ) -> HostBasis:
-        """A zero basis in memory, or in a new ``.npy`` file at ``path`` (memory-mapped)."""
+        """A zero basis in memory, or in a new ``.npy`` file at ``path``."""
         dtype = np.dtype(dtype)
+        array: Any
         if path is None:
             array = np.zeros((n, p), dtype=dtype)
         else:
-            array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, p))
+            array = RowFile(path, (n, p), dtype, create=True)
         columns = max(1, int(block_bytes) // max(1, n * dtype.itemsize))
         return cls(array, min(p, columns), path)
 
@@ -154,8 +249,10 @@ class HostBasis:
         return out
 
     def release(self) -> None:
-        """Drop the array; remove the file of a memory-mapped basis."""
+        """Drop the array; remove the file of a basis on disk."""
         path, self.path = self.path, None
+        if isinstance(self.array, RowFile):
+            self.array.close()
         self.array = np.zeros((0, 0), dtype=self.dtype)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
