@@ -28,7 +28,7 @@ import numpy as np
 
 from krylov_influence.errors import NonFiniteError
 
-__all__ = ["HostBasis", "RowFile", "host_arnoldi"]
+__all__ = ["HostBasis", "HostProjector", "RowFile", "host_arnoldi"]
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -92,7 +92,8 @@ class RowFile:
         return np.frombuffer(buffer, dtype=self.dtype)
 
     def _write(self, offset: int, values: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(values, dtype=self.dtype)).cast("B")
+        array: Any = np.ascontiguousarray(values, dtype=self.dtype)  # a buffer (mypy: ndarray)
+        data = memoryview(array).cast("B")
         done = 0
         while done < len(data):
             done += os.pwrite(self._fd, data[done:], self.offset + offset + done)
@@ -121,9 +122,17 @@ class RowFile:
         return out[0] if isinstance(key, (int, np.integer)) else out
 
     def __setitem__(self, key: Any, values: Any) -> None:
+        columns = slice(None)
+        if isinstance(key, tuple):
+            key, columns = key
         rows = self._rows(key)
-        values = np.asarray(values, dtype=self.dtype).reshape(len(rows), self.shape[1])
-        self._write(rows.start * self._row_bytes, values)
+        start, stop, _ = columns.indices(self.shape[1])
+        block = np.asarray(values, dtype=self.dtype).reshape(len(rows), stop - start)
+        if stop - start == self.shape[1]:
+            self._write(rows.start * self._row_bytes, block)
+            return
+        for i, row in enumerate(rows):  # a column block: one write per row
+            self._write(row * self._row_bytes + start * self.dtype.itemsize, block[i])
 
 
 @dataclass
@@ -232,10 +241,14 @@ class HostBasis:
             gram += part @ part.T
         return float(np.max(np.abs(gram - np.eye(n))))
 
-    def left_multiply(self, coefficients: np.ndarray) -> np.ndarray:
-        """``C Q`` for ``C`` of shape (m, n): shape (m, p) on the host, in the basis dtype."""
+    def left_multiply(self, coefficients: np.ndarray, out: Any = None) -> Any:
+        """``C Q`` for ``C`` of shape (m, n): shape (m, p), in the basis dtype.
+
+        Into ``out`` (an (m, p) array or :class:`RowFile`) when given, block by block.
+        """
         c = np.asarray(coefficients, dtype=self.dtype)
-        out = np.empty((c.shape[0], self.shape[1]), dtype=self.dtype)
+        if out is None:
+            out = np.empty((c.shape[0], self.shape[1]), dtype=self.dtype)
         for block in self.blocks():
             out[:, block] = c @ self.array[:, block]
         return out
@@ -257,6 +270,63 @@ class HostBasis:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+
+class HostProjector:
+    """The projector ``G`` (k × p) off the device: a NumPy array, or a :class:`RowFile`.
+
+    Projections then take its rows a chunk at a time to the device
+    (:meth:`row_chunks`), so the device holds at most ``chunk_bytes`` of it.
+
+    Attributes
+    ----------
+    rows : numpy.ndarray or RowFile, shape (k, p)
+    path : str or None
+        The file of a projector on disk (removed by :meth:`release` or at exit).
+    """
+
+    def __init__(self, rows: Any, path: str | None = None):
+        self.rows = rows
+        self.path = path
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.rows.shape[0]), int(self.rows.shape[1]))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.rows.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.shape[0] * self.shape[1] * self.dtype.itemsize)
+
+    def chunk_rows(self, chunk_bytes: int) -> int:
+        """Rows per chunk so that one chunk takes at most ``chunk_bytes`` (at least one)."""
+        return max(1, min(self.shape[0], chunk_bytes // (self.shape[1] * self.dtype.itemsize)))
+
+    def row_chunks(self, chunk_bytes: int) -> Iterator[np.ndarray]:
+        """Consecutive blocks of rows, each a new host array of at most ``chunk_bytes``."""
+        step = self.chunk_rows(chunk_bytes)
+        for start in range(0, self.shape[0], step):
+            yield np.asarray(self.rows[start : start + step])
+
+    def to_numpy(self) -> np.ndarray:
+        """All of ``G`` as one host array (k × p numbers in memory)."""
+        return np.asarray(self.rows[:])
+
+    def view(self) -> np.ndarray:
+        """``G`` for the user: the array itself, or a read-only memory map of the file."""
+        if isinstance(self.rows, RowFile):
+            return np.load(self.rows.path, mmap_mode="r")
+        return self.rows
+
+    def release(self) -> None:
+        """Close and remove the file of a projector on disk."""
+        if isinstance(self.rows, RowFile):
+            self.rows.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.rows.path)
 
 
 def host_arnoldi(

@@ -19,6 +19,7 @@ import numpy as np
 
 from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
 from krylov_influence._data import BatchStream, dataset_length, progress_bar, require_reiterable
+from krylov_influence._host_basis import HostProjector
 from krylov_influence._identity import check_training_data, guard_overwrite
 from krylov_influence._xp import index_dtype
 from krylov_influence.cache import (
@@ -46,6 +47,10 @@ __all__ = [
     "save_top_k",
     "write_vector_store",
 ]
+
+
+# Rows of an off-device projector taken to the device at once: a bounded slice of G.
+PROJECTOR_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,14 @@ class Placement:
 
     def project_gradients(self, grads: Any) -> Any:
         """``G g`` from gradients already formed: (B, p) → (B, k)."""
-        return self.xp.matmul(grads, self.xp.permute_dims(self.projector, (1, 0)))
+        xp = self.xp
+        if not isinstance(self.projector, HostProjector):
+            return xp.matmul(grads, xp.permute_dims(self.projector, (1, 0)))
+        parts = [
+            xp.matmul(grads, xp.permute_dims(self.model.from_numpy(rows), (1, 0)))
+            for rows in self.projector.row_chunks(PROJECTOR_CHUNK_BYTES)
+        ]
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
     def query_side(self, query: Any, index: int) -> tuple[Any, Any]:
         """``(G g_x (B_query, k), g_x (B_query, p) or None)`` of a query batch.
@@ -173,7 +185,7 @@ class Placement:
         if self.model.batch_size(batch) == 0:
             raise ValueError(f"{stage}: batch {index} is empty")
         try:
-            projected = self.model.project(self.projector, batch)
+            projected = self._project(batch)
         except (RuntimeError, TypeError, ValueError, AssertionError) as error:
             raise type(error)(
                 f"{stage}: batch {index} cannot be projected ({type(error).__name__}: {error})"
@@ -183,6 +195,16 @@ class Placement:
                 f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
             )
         return projected
+
+    def _project(self, batch: Any) -> Any:
+        """``model.project(G, batch)``; with ``G`` off the device, over chunks of its rows."""
+        if not isinstance(self.projector, HostProjector):
+            return self.model.project(self.projector, batch)
+        parts = [
+            self.model.project(self.model.from_numpy(rows), batch)
+            for rows in self.projector.row_chunks(PROJECTOR_CHUNK_BYTES)
+        ]
+        return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
 
     def vectors(self, batch: Any, index: int, stage: str) -> Any:
         """Influence vectors ``diag(1/(λ+δ)) G g``: shape (B, k)."""

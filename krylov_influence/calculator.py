@@ -19,6 +19,7 @@ vectors: for one call when ``CACHE.MEMORY`` asks for it, or across calls after
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -53,7 +54,7 @@ from krylov_influence._data import (
     require_reiterable,
     resolve_show_progress,
 )
-from krylov_influence._host_basis import HostBasis
+from krylov_influence._host_basis import HostBasis, HostProjector
 from krylov_influence._identity import require_fixed_order
 from krylov_influence._staging import resolve_stage_budget, stage_hessian_data
 from krylov_influence._streaming import (
@@ -477,6 +478,11 @@ class ArnoldiInfluenceCalculator:
                 raise NonFiniteError(f"{error}; {culprit}") from None
         if target is not None:
             remove_checkpoint(target)
+        basis = self._built_eigenbasis(result)
+        return self._with_complement(basis, result, operator)
+
+    def _built_eigenbasis(self, result: Any) -> EigenBasis:
+        model = self.model
         basis = build_eigenbasis(
             result,
             self.k_largest_eig_vals,
@@ -486,6 +492,15 @@ class ArnoldiInfluenceCalculator:
             xp=model.xp,
             device=model.device,
         )
+        projector = basis.projector
+        if isinstance(projector, HostProjector) and projector.path is not None:
+            # G's file lives as long as the eigenbasis (and goes at exit or on SIGTERM).
+            register_for_cleanup(projector.path)
+            weakref.finalize(projector, _remove_file, projector.path)
+        return basis
+
+    def _with_complement(self, basis: EigenBasis, result: Any, operator: Any) -> EigenBasis:
+        model = self.model
         if self.complement == "none":
             return basis
         if self.complement == "mean":
@@ -596,8 +611,13 @@ class ArnoldiInfluenceCalculator:
 
     @property
     def G(self) -> Any:
-        """The projector, shape (k, p), in the working dtype on the model's device."""
-        return self.eigenbasis.projector
+        """The projector, shape (k, p), in the working dtype on the model's device.
+
+        With the basis off the device (``basis_placement`` ``"host"`` or ``"disk"``), ``G``
+        stays there too: a NumPy array, or a read-only memory map of its file.
+        """
+        projector = self.eigenbasis.projector
+        return projector.view() if isinstance(projector, HostProjector) else projector
 
     @property
     def eigenbasis_digest(self) -> str:
@@ -609,8 +629,12 @@ class ArnoldiInfluenceCalculator:
         if self._digest is None:
             digest = hashlib.sha256()
             digest.update(np.ascontiguousarray(self.eigenbasis.damped_eigenvalues, "<f8").data)
-            projector = self.model.to_numpy(self.eigenbasis.projector)
-            digest.update(np.ascontiguousarray(projector, "<f8").data)
+            projector = self.eigenbasis.projector
+            if isinstance(projector, HostProjector):  # row chunks: the same bytes in order
+                for rows in projector.row_chunks(64 * 2**20):
+                    digest.update(np.ascontiguousarray(rows, "<f8").data)
+            else:
+                digest.update(np.ascontiguousarray(self.model.to_numpy(projector), "<f8").data)
             self._digest = digest.hexdigest()[:32]
         return self._digest
 
@@ -704,11 +728,12 @@ class ArnoldiInfluenceCalculator:
             return placement
         model = self.model.on_device(device)
         xp = model.xp
-        if model is self.model:
-            projector = self.eigenbasis.projector
-        else:
-            projector = model.from_numpy(self.model.to_numpy(self.eigenbasis.projector))
-        if projector.dtype != model.dtype:
+        projector = self.eigenbasis.projector
+        if isinstance(projector, HostProjector):
+            pass  # off the device: projections take its rows to the device a chunk at a time
+        elif model is not self.model:
+            projector = model.from_numpy(self.model.to_numpy(projector))
+        if not isinstance(projector, HostProjector) and projector.dtype != model.dtype:
             projector = xp.astype(projector, model.dtype)
         inverse = model.from_numpy(self.eigenbasis.inverse_eigenvalues)
         complement = self.eigenbasis.complement
@@ -1343,7 +1368,15 @@ def _physical_memory() -> int:
         return 16 * 2**30
 
 
-BASIS_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_basis_[A-Za-z0-9_]+\.npy")
+BASIS_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_basis_[A-Za-z0-9_]+\.npy(\.G\.npy)?")
+
+
+def _remove_file(path: str) -> None:
+    unregister_cleanup(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 SCRATCH_PATTERN = re.compile(r"krylov_influence_(?P<pid>\d+)_[A-Za-z0-9_]+")
 
 

@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from krylov_influence import _xp
-from krylov_influence._host_basis import HostBasis
+from krylov_influence._host_basis import HostBasis, HostProjector, RowFile
 from krylov_influence.arnoldi import ArnoldiResult
 
 __all__ = [
@@ -302,10 +301,19 @@ def build_eigenbasis(
             "eigenvalues"
         )
     basis = result.basis
+    projector: Any
     if isinstance(basis, HostBasis):  # off the device: G = Yᵀ Q over column blocks on the host
-        host_projector = basis.left_multiply(pairs.vectors.T)
-        dtype = getattr(xp, _xp.dtype_name(basis.dtype))
-        projector = xp.asarray(host_projector, dtype=dtype, device=device)
+        # G stays where the basis is: in host memory, or in a file beside the basis file.
+        k_rows = pairs.vectors.shape[1]
+        target: Any = None
+        if basis.path is not None:
+            target = RowFile(
+                basis.path + ".G.npy", (k_rows, basis.shape[1]), basis.dtype, create=True
+            )
+        projector = HostProjector(
+            basis.left_multiply(pairs.vectors.T, out=target),
+            None if target is None else target.path,
+        )
     else:
         coords = xp.asarray(pairs.vectors.T.copy(), dtype=basis.dtype, device=device)
         projector = xp.matmul(coords, basis)

@@ -41,6 +41,7 @@ import numpy as np
 
 from krylov_influence import _xp
 from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
+from krylov_influence._host_basis import HostProjector
 from krylov_influence._identity import check_hessian_agreement
 from krylov_influence.cache import finite_number, resolve_path
 from krylov_influence.complement import SpectralComplement, resolve_complement
@@ -100,7 +101,9 @@ def save_calculator(calculator: Any, path: Any) -> str:
     }
     with AtomicArchiveWriter(target) as writer:
         writer.write_array("eigenvalues", np.asarray(basis.eigenvalues, dtype=np.float64))
-        writer.write_array("projector", model.to_numpy(basis.projector))
+        projector = basis.projector
+        host = projector.to_numpy() if isinstance(projector, HostProjector) else projector
+        writer.write_array("projector", model.to_numpy(host))
         writer.write_array("ritz_vectors", np.asarray(basis.ritz.vectors, dtype=np.float64))
         writer.write_array("ritz_residuals", np.asarray(basis.ritz.residuals, dtype=np.float64))
         writer.write_array("ritz_spectrum", np.asarray(basis.ritz.spectrum, dtype=np.float64))

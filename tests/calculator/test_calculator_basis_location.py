@@ -7,11 +7,12 @@ made tiny so that every operation crosses many of them.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
 import pytest
-from calculator_support import build, engine_class, softmax_hessian, training_spec
+from calculator_support import build, engine_class, query_spec, softmax_hessian, training_spec
 
 import krylov_influence._host_basis as host_basis_module
 from krylov_influence import ArnoldiInfluenceCalculator, MatrixOperator, arnoldi_iteration
@@ -69,7 +70,17 @@ def test_the_fit_off_the_device_equals_the_fit_on_it(engine, location, tmp_path)
         device.eigenbasis.complement.value, rel=1e-10
     )
     assert off.eigenbasis.orthogonality_loss < 1e-13
-    assert os.listdir(tmp_path) == [], "the memory-mapped basis is removed after the fit"
+    # G stays off the device too: the same rows up to round-off (and each row's sign).
+    g_off, g_device = np.asarray(off.G), np.asarray(device.G)
+    assert isinstance(off.G, np.ndarray)
+    signs = np.sign(np.sum(g_off * g_device, axis=1, keepdims=True))
+    np.testing.assert_allclose(g_off * signs, g_device, rtol=0, atol=1e-10)
+    # The basis file goes after the fit; G's file (disk) lives as long as the calculator.
+    left = os.listdir(tmp_path)
+    assert len(left) == (1 if location == "disk" else 0) and all(n.endswith(".G.npy") for n in left)
+    del off, g_off
+    gc.collect()
+    assert os.listdir(tmp_path) == []
 
 
 def test_float32_off_the_device_agrees_to_the_dtype(tmp_path):
@@ -148,3 +159,40 @@ def test_bad_basis_settings(tmp_path):
         ArnoldiInfluenceCalculator(model, train, 12, True, 6, basis_memory="lots")
     with pytest.raises(ValueError, match="block_size=2: block Arnoldi keeps its basis"):
         ArnoldiInfluenceCalculator(model, train, 12, True, 6, basis_location="host", block_size=2)
+
+
+@pytest.mark.parametrize("complement", ["none", "mean"])
+def test_every_method_with_g_on_disk_equals_the_device(complement, tmp_path, monkeypatch):
+    import krylov_influence._streaming as streaming
+
+    monkeypatch.setattr(streaming, "PROJECTOR_CHUNK_BYTES", 1)  # one row of G at a time
+    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
+    model, train = build(engine_class("torch"), spec)
+    _, queries = build(engine_class("torch"), query_spec(spec))
+    device = _fit(model, train, "device", tmp_path, complement=complement)
+    disk = _fit(model, train, "disk", tmp_path, complement=complement)
+    scale = np.max(np.abs(device.influence_matrix(queries, train)))
+    np.testing.assert_allclose(
+        disk.influence_matrix(queries, train),
+        device.influence_matrix(queries, train),
+        rtol=0,
+        atol=1e-9 * scale,
+    )
+    np.testing.assert_allclose(disk.self_influence(train), device.self_influence(train), rtol=1e-9)
+    (top_disk,) = list(disk.top_k(queries[:1], train, k=3))
+    (top_device,) = list(device.top_k(queries[:1], train, k=3))
+    np.testing.assert_array_equal(np.asarray(top_disk.indices), np.asarray(top_device.indices))
+    # A store written from G on disk is read back by the same calculator; saving and loading
+    # the calculator brings G onto the device with the same scores.
+    store = tmp_path / "vectors.npz"
+    list(disk.compute_influence_vector(train, store))
+    reread = disk.estimate_influence_values_in_batches(
+        queries, train, load_influence_vector_path=store
+    )
+    first = np.asarray(next(iter(next(iter(reread))[1]))[1])
+    np.testing.assert_allclose(
+        first, disk.influence_matrix(queries, train)[:3, :5], rtol=0, atol=1e-12 * scale
+    )
+    disk.save(tmp_path / "calc.npz")
+    loaded = ArnoldiInfluenceCalculator.load(tmp_path / "calc.npz", model, train_dataset=train)
+    np.testing.assert_allclose(loaded.self_influence(train), disk.self_influence(train), rtol=1e-12)
