@@ -6,7 +6,12 @@ and attribute names as they are, sequence indices as numbers. A Flax variable di
 
 The flat vector is :func:`jax.flatten_util.ravel_pytree` of the list of selected leaves, in the
 order of :func:`jax.tree_util.tree_leaves` (dict keys *sorted*, so a Flax ``Dense`` layer gives
-``bias`` before ``kernel``), each leaf in C (row-major) order.
+``bias`` before ``kernel``; Equinox fields in declaration order), each leaf in C (row-major)
+order.
+
+A model library may restrict which leaves can be chosen at all (``trainable``): an nnx
+module's ``nnx.Param`` leaves, a linen variable dict's ``"params"`` collection (see
+:mod:`krylov_influence_jax._libraries`); the others are always held fixed.
 """
 
 from __future__ import annotations

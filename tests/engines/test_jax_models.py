@@ -434,19 +434,26 @@ def _quickstart_examples() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
+# Each example in a fresh namespace, one interpreter for the three (imports once).
+_RUN_EXAMPLES = """
+import sys
+for example in sys.argv[1:]:
+    exec(compile(example, "quickstart-jax.md", "exec"), {"__name__": "__main__"})
+    print("-- end of example --", flush=True)
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(3), ids=["nnx", "linen", "equinox"])
-def test_the_quickstart_examples_run(index, tmp_path):
-    """docs/quickstart-jax.md's nnx, linen and Equinox examples, run as printed in a fresh
-    interpreter (without x64, as a reader runs them)."""
+def test_the_quickstart_examples_run(tmp_path):
+    """docs/quickstart-jax.md's nnx, linen and Equinox examples run as printed, without x64
+    (as a reader runs them), and print the parameter layout the page shows."""
     examples = _quickstart_examples()
     assert len(examples) == 3
-    example = examples[index]
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "backends")])
     done = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", example],
+        [sys.executable, "-W", "ignore", "-c", _RUN_EXAMPLES, *examples],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -454,9 +461,12 @@ def test_the_quickstart_examples_run(index, tmp_path):
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
-    assert len(lines) == 2, lines
-    comment = example.split("parameter_layout")[1].split("# ")[1].splitlines()[0]
-    assert lines[0] == comment  # the layout printed is the one the page shows
-    scores = np.array(lines[1].strip("[]").split(), dtype=float)
-    assert scores.shape == (5,) and np.all(np.isfinite(scores))
+    outputs = done.stdout.split("-- end of example --\n")
+    assert outputs[-1] == "" and len(outputs) == 4, done.stdout
+    for example, output in zip(examples, outputs):
+        lines = output.splitlines()
+        assert len(lines) == 2, lines
+        comment = example.split("parameter_layout")[1].split("# ")[1].splitlines()[0]
+        assert lines[0] == comment  # the layout printed is the one the page shows
+        scores = np.array(lines[1].strip("[]").split(), dtype=float)
+        assert scores.shape == (5,) and np.all(np.isfinite(scores))
