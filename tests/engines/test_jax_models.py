@@ -217,6 +217,7 @@ class Case:
     y: np.ndarray
     oracle: Oracle
     module: Any
+    variables: Any = None  # linen: the whole variable dict
 
 
 @functools.cache
@@ -226,6 +227,7 @@ def case(library: str, arch: str) -> Case:
     shape = (4, 4, 1) if arch == "cnn" else (4,)
     x = rng.standard_normal((NUM_EXAMPLES, *shape))
     y = rng.integers(0, 2, NUM_EXAMPLES).astype(np.int32)
+    variables = None
     if library == "nnx":
         module, (loss, params) = _nnx(arch, rng)
         bind = functools.partial(ki.InfluenceModel, module, cross_entropy)
@@ -235,7 +237,7 @@ def case(library: str, arch: str) -> Case:
     else:
         module, (loss, params) = _equinox(arch, rng)
         bind = functools.partial(ki.InfluenceModel, module, cross_entropy)
-    return Case(bind, x, y, oracle(loss, params, x, y, l2=L2), module)
+    return Case(bind, x, y, oracle(loss, params, x, y, l2=L2), module, variables)
 
 
 @functools.cache
@@ -309,6 +311,11 @@ def test_the_same_weights_give_the_same_scores_in_every_library():
     assert layouts["nnx"][0] == ("head/bias", (2,))
     assert layouts["linen"][0] == ("params/Dense_0/bias", (5,))
     assert layouts["equinox"][0] == ("hidden/weight", (5, 4))
+    # A linen module itself binds as its apply (the cases bind partial(apply, train=False)).
+    c = case("linen", "mlp")
+    itself = ki.InfluenceModel(LinenMLP(), cross_entropy, params=c.variables, l2=L2)
+    assert itself.parameter_layout == layouts["linen"]
+    assert_rows_close(itself.per_example_grads((c.x, c.y)), c.oracle.grads)
     reference = scores("nnx")
     for library in ("linen", "equinox"):
         for ours, theirs in zip(scores(library), reference):
