@@ -62,7 +62,16 @@ def xp(request):
 _MISSING = ("could not import", "not available", "not installed", "no module named")
 
 
-REQUIRED_MODULES = ("torch", "jax", "tensorflow", "keras", "array_api_strict", "sklearn")
+REQUIRED_MODULES = (
+    "torch",
+    "jax",
+    "flax",
+    "equinox",
+    "tensorflow",
+    "keras",
+    "array_api_strict",
+    "sklearn",
+)
 
 
 def pytest_configure(config):
@@ -102,6 +111,7 @@ _SLOW = (
     "tests/conformance/",
     "tests/engines/test_tensorflow_layers.py",
     "tests/engines/test_torch_layers.py",
+    "tests/engines/test_jax_layers.py",
     "tests/test_readme.py",
     "tests/test_no_silent_skips.py",
     "tests/calculator/test_store_faults.py",  # subprocess writers, killed and racing

@@ -1,14 +1,15 @@
 """The JAX engine of krylov_influence (``engine="jax"``).
 
-Binds a pure ``apply_fn(params, x)`` (Flax ``model.apply``, an Equinox-style function, plain
-JAX) and a per-example ``loss_fn(outputs, targets) -> (B,)`` to the Arnoldi core::
+Binds a pure ``apply_fn(params, x)`` (Flax linen ``model.apply``, plain JAX) and a
+per-example ``loss_fn(outputs, targets) -> (B,)`` to the Arnoldi core::
 
     model = krylov_influence.InfluenceModel(apply_fn, loss_fn, params=params)
 
-The engine is inferred from ``params=`` holding JAX arrays. Operators are ``jax.jit``-compiled
-once per bound model and input shape: HVPs forward-over-reverse (``jvp`` of ``grad``),
-projections by ``vmap`` of the linearised per-example losses over the k directions,
-per-example gradients by ``vmap(grad)``. See ``docs/quickstart-jax.md`` and
+or a Flax nnx or Equinox module directly, ``InfluenceModel(module, loss_fn)``. The engine is
+inferred from ``params=`` holding JAX arrays, or from the nnx/Equinox module. Operators are
+``jax.jit``-compiled once per bound model and input shape: HVPs forward-over-reverse (``jvp``
+of ``grad``), projections by ``vmap`` of the linearised per-example losses over the k
+directions, per-example gradients by ``vmap(grad)``. See ``docs/quickstart-jax.md`` and
 :func:`krylov_influence_jax._model.bind_jax` for the options.
 
 Importing this package does not import JAX; binding does.
@@ -25,10 +26,11 @@ __all__ = ["JaxEngine", "JaxInfluenceModel"]
 
 
 class JaxEngine(Engine):
-    """The ``jax`` engine: pure ``apply_fn(params, x)`` functions with a params pytree.
+    """The ``jax`` engine: pure ``apply_fn(params, x)`` functions with a params pytree, and
+    Flax nnx, Flax linen and Equinox modules.
 
     ``bind(apply_fn, loss_fn, *, params, parameters=None, device=None, dtype=None, l2=0.0,
-    batch_keys=None, jvp_chunk_size=None, projection="auto")``; see
+    batch_keys=None, jvp_chunk_size=None, projection="auto", batched=None)``; see
     :func:`krylov_influence_jax._model.bind_jax`.
     """
 
@@ -51,8 +53,15 @@ class JaxEngine(Engine):
 
     @classmethod
     def recognises(cls, model: Any, **options: Any) -> bool:
-        """True for a callable ``model`` with ``params=`` holding at least one JAX array."""
-        if "jax" not in sys.modules or options.get("params") is None or not callable(model):
+        """True for a callable ``model`` with ``params=`` holding at least one JAX array, and
+        for a Flax nnx or Equinox module without ``params=``."""
+        if "jax" not in sys.modules:
+            return False
+        if options.get("params") is None:
+            from krylov_influence_jax._libraries import is_equinox_module, is_nnx_module
+
+            return is_nnx_module(model) or is_equinox_module(model)
+        if not callable(model):
             return False
         import jax
 
@@ -73,7 +82,7 @@ class JaxEngine(Engine):
     ) -> InfluenceModel:
         from krylov_influence_jax._model import bind_jax
 
-        known = {"params", "l2", "batch_keys", "jvp_chunk_size", "projection"}
+        known = {"params", "l2", "batch_keys", "jvp_chunk_size", "projection", "batched"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(

@@ -13,6 +13,7 @@ import numpy as np
 from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_jax import _batches, _kernels
 from krylov_influence_jax._kernels import Program
+from krylov_influence_jax._libraries import adapt
 from krylov_influence_jax._namespace import JAX_NAMESPACE
 from krylov_influence_jax._params import ParameterLayout, split_parameters
 from krylov_influence_jax._placement import (
@@ -22,13 +23,34 @@ from krylov_influence_jax._placement import (
     x64_enabled,
 )
 
-__all__ = ["JaxInfluenceModel", "bind_jax"]
+__all__ = ["ROUTES", "JaxInfluenceModel", "bind_jax"]
 
 # Default bound on B × (directions vectorised at once) in a projection: the tangents of the
 # forward pass take that many times the activations of one example.
 _PROJECTION_BUDGET = 2**18
 
 PROJECTIONS = ("auto", "jvp", "gradients")
+
+# The route of each operator (model.routes, docs/layers.md). JAX differentiates and vectorises
+# every standard layer on the fast route, so unlike the TensorFlow engine there is no fallback.
+PER_EXAMPLE_VMAP = "vmap of grad over examples"
+JVP_VMAP = "linearize, vmap over the rows"
+FORWARD_OVER_REVERSE = "forward-over-reverse"
+FORWARD_OVER_REVERSE_VMAP = "forward-over-reverse, vmap over the vectors"
+ROUTES = {
+    "per_example_grads": PER_EXAMPLE_VMAP,
+    "project (jvp)": JVP_VMAP,
+    "hvp": FORWARD_OVER_REVERSE,
+    "hvps": FORWARD_OVER_REVERSE_VMAP,
+}
+
+# What may be differentiated, per kind of model (for error messages).
+_TRAINABLE = {
+    "nnx": "nnx.Param",
+    "linen": "'params' collection",
+    "equinox": "floating-point",
+    "function": "floating-point",
+}
 
 
 class JaxInfluenceModel(InfluenceModel):
@@ -42,6 +64,9 @@ class JaxInfluenceModel(InfluenceModel):
     ----------
     params : pytree
         The full parameter pytree (floating leaves cast to :attr:`dtype`, on :attr:`device`).
+        For an nnx module, the pure dict of its whole state (``nnx.to_pure_dict``: parameters,
+        batch statistics, RNG state); for an Equinox module, its array part
+        (``eqx.partition(module, eqx.is_inexact_array)[0]``).
     """
 
     engine_name = "jax"
@@ -113,6 +138,16 @@ class JaxInfluenceModel(InfluenceModel):
         """
         layout: ParameterLayout = self._program.layout
         return list(zip(layout.names, layout.shapes))
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """The route each operator takes (one per operator on JAX; see ``docs/layers.md``).
+
+        Keys: ``"per_example_grads"`` (also ``projection="gradients"``), ``"project (jvp)"``
+        (``projection="jvp"``; in chunks of ``jvp_chunk_size`` rows when k exceeds it),
+        ``"hvp"`` and ``"hvps"`` (blocks of vectors).
+        """
+        return dict(ROUTES)
 
     @property
     def params(self) -> Any:
@@ -258,23 +293,28 @@ def bind_jax(
     batch_keys: tuple[str, str] | None = None,
     jvp_chunk_size: int | None = None,
     projection: str = "auto",
+    batched: bool | None = None,
 ) -> JaxInfluenceModel:
     """Bind ``apply_fn``, ``loss_fn`` and ``params`` (what ``JaxEngine.bind`` calls).
 
     Parameters
     ----------
-    apply_fn : callable
-        Pure ``apply_fn(params, x) -> outputs`` (Flax ``model.apply``, an Equinox
-        ``lambda p, x: jax.vmap(equinox.combine(p, static))(x)``, ...). A Flax linen module
-        itself is accepted and its ``apply`` used.
+    apply_fn : callable, flax.nnx.Module or equinox.Module
+        Pure ``apply_fn(params, x) -> outputs`` (Flax linen ``model.apply``, plain JAX, ...);
+        a linen module itself (its ``apply`` is used); or, without ``params=``, an nnx or
+        Equinox module, split into such a pair (see :mod:`krylov_influence_jax._libraries`).
+        nnx and Equinox modules are used in eval/inference mode.
     loss_fn : callable
         ``loss_fn(outputs, y) -> (B,)`` per-example losses (no mean).
     params : pytree of arrays
-        The parameters (for Flax, the whole variable dict ``{"params": ...}``).
+        The parameters (for linen, the whole variable dict ``{"params": ..., "batch_stats":
+        ...}``, of which only ``"params"`` is differentiated). None for nnx and Equinox
+        modules.
     parameters : None, callable or iterable of str
-        Leaves to differentiate: ``None`` (every floating leaf), a predicate
-        ``(path, leaf) -> bool``, or path prefixes (``["params/Dense_1"]``); the others are
-        held fixed. Paths are key paths joined by ``/``.
+        Leaves to differentiate: ``None`` (every floating leaf; for nnx only ``nnx.Param``,
+        for linen only the ``"params"`` collection), a predicate ``(path, leaf) -> bool``, or
+        path prefixes (``["params/Dense_1"]``, nnx ``["head"]``); the others are held fixed.
+        Paths are key paths joined by ``/`` (nnx and Equinox: attribute paths).
     device : None, str or jax.Device
         ``"cpu"``, ``"cpu:0"``, ``"gpu:0"``, a ``jax.Device``; default the device of the
         params (or JAX's default device).
@@ -293,26 +333,19 @@ def bind_jax(
         (memory B × p; 1.7× faster on the digits MLP on CPU). ``"auto"`` (default) takes
         gradients when the (B, p) block fits in
         :attr:`JaxInfluenceModel.GRADIENT_PROJECTION_BYTES` (64 MiB), JVPs otherwise.
+    batched : bool, optional
+        Equinox modules only: ``True`` if the module maps a whole batch. Default: it maps one
+        example (the Equinox convention) and is ``jax.vmap``-ed over the batch.
 
     Returns
     -------
     JaxInfluenceModel
     """
-    if hasattr(apply_fn, "apply") and hasattr(apply_fn, "init"):  # a Flax linen module
-        apply_fn = apply_fn.apply
-    if not callable(apply_fn):
-        raise TypeError(
-            f"model: the jax engine takes a pure apply_fn(params, x), got {type(apply_fn).__name__}"
-        )
+    adapted = adapt(apply_fn, params, batched=batched)
     if loss_fn is None or not callable(loss_fn):
         raise TypeError(
             "loss_fn: expected a callable loss_fn(outputs, targets) -> per-example losses "
             f"(B,), got {type(loss_fn).__name__}"
-        )
-    if params is None:
-        raise TypeError(
-            "params: the jax engine needs the parameter pytree, e.g. "
-            "InfluenceModel(apply_fn, loss_fn, params=variables)"
         )
     l2 = float(l2)
     if not (math.isfinite(l2) and l2 >= 0):
@@ -331,12 +364,19 @@ def bind_jax(
         raise ValueError(f"jvp_chunk_size={jvp_chunk_size!r}: expected a positive integer")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection={projection!r}: expected one of {PROJECTIONS}")
-    leaves = jax.tree_util.tree_leaves(params)
+    leaves = jax.tree_util.tree_leaves(adapted.params)
     target_dtype = resolve_dtype(dtype, leaves)
     target_device = resolve_device(device, leaves)
-    layout, theta, fixed = split_parameters(params, parameters, target_dtype, target_device)
+    layout, theta, fixed = split_parameters(
+        adapted.params,
+        parameters,
+        target_dtype,
+        target_device,
+        trainable=adapted.trainable,
+        what=_TRAINABLE[adapted.kind],
+    )
     return JaxInfluenceModel(
-        Program(apply_fn, loss_fn, layout),
+        Program(adapted.apply_fn, loss_fn, layout),
         theta,
         fixed,
         l2=l2,

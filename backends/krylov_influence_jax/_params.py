@@ -6,7 +6,12 @@ and attribute names as they are, sequence indices as numbers. A Flax variable di
 
 The flat vector is :func:`jax.flatten_util.ravel_pytree` of the list of selected leaves, in the
 order of :func:`jax.tree_util.tree_leaves` (dict keys *sorted*, so a Flax ``Dense`` layer gives
-``bias`` before ``kernel``), each leaf in C (row-major) order.
+``bias`` before ``kernel``; Equinox fields in declaration order), each leaf in C (row-major)
+order.
+
+A model library may restrict which leaves can be chosen at all (``trainable``): an nnx
+module's ``nnx.Param`` leaves, a linen variable dict's ``"params"`` collection (see
+:mod:`krylov_influence_jax._libraries`); the others are always held fixed.
 """
 
 from __future__ import annotations
@@ -39,12 +44,19 @@ def _matches_prefix(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + "/")
 
 
-def _selector(parameters: Any, names: list[str]) -> Callable[[str, Any], bool]:
-    """Turn ``parameters=`` into a predicate ``(name, leaf) -> bool``, checking names."""
+def _selector(
+    parameters: Any, names: list[str], trainable: Callable[[str], bool] | None, what: str
+) -> Callable[[str, Any], bool]:
+    """Turn ``parameters=`` into a predicate ``(name, leaf) -> bool``, checking names.
+
+    ``trainable(name)`` (if given) restricts every selection to the leaves that may be
+    differentiated (nnx ``Param``, linen ``"params"``); ``what`` names them in errors.
+    """
+    allowed = (lambda name: True) if trainable is None else trainable
     if parameters is None:
-        return lambda name, leaf: _is_float(leaf)
+        return lambda name, leaf: allowed(name) and _is_float(leaf)
     if callable(parameters):
-        return parameters
+        return lambda name, leaf: allowed(name) and bool(parameters(name, leaf))
     prefixes = [parameters] if isinstance(parameters, str) else parameters
     try:
         prefixes = list(prefixes)
@@ -62,7 +74,14 @@ def _selector(parameters: Any, names: list[str]) -> Callable[[str, Any], bool]:
                 f"parameters: no leaf of params has the path prefix {prefix!r}; "
                 f"the leaves are {shown}"
             )
-    return lambda name, leaf: any(_matches_prefix(name, prefix) for prefix in prefixes)
+        if not any(_matches_prefix(name, prefix) and allowed(name) for name in names):
+            raise ValueError(
+                f"parameters: the leaves under {prefix!r} are held fixed; only {what} leaves "
+                "can be differentiated"
+            )
+    return lambda name, leaf: (
+        allowed(name) and any(_matches_prefix(name, prefix) for prefix in prefixes)
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,12 @@ class ParameterLayout:
 
 
 def split_parameters(
-    params: Any, parameters: Any, dtype: Any, device: Any
+    params: Any,
+    parameters: Any,
+    dtype: Any,
+    device: Any,
+    trainable: Callable[[str], bool] | None = None,
+    what: str = "floating-point",
 ) -> tuple[ParameterLayout, Any, tuple[Any, ...]]:
     """Select, cast and place the leaves of ``params``.
 
@@ -126,6 +150,11 @@ def split_parameters(
         See the module docstring.
     dtype : numpy.dtype
     device : jax.Device
+    trainable : callable, optional
+        ``trainable(name) -> bool``: the leaves that may be differentiated at all (a Flax
+        model's parameters, not its batch statistics); the others are always held fixed.
+    what : str
+        What the trainable leaves are, for error messages (``"nnx.Param"``).
 
     Returns
     -------
@@ -151,7 +180,7 @@ def split_parameters(
         if _is_float(array):
             array = array.astype(dtype)
         leaves.append(jax.device_put(array, device))
-    choose = _selector(parameters, names)
+    choose = _selector(parameters, names, trainable, what)
     selected, fixed = [], []
     for index, (name, (_, original)) in enumerate(zip(names, flat)):
         if bool(choose(name, original)):
@@ -164,9 +193,7 @@ def split_parameters(
         else:
             fixed.append(index)
     if not selected:
-        raise ValueError(
-            "parameters: the selection is empty; no floating-point leaf of params was chosen"
-        )
+        raise ValueError(f"parameters: the selection is empty; no {what} leaf of params was chosen")
     theta, _ = ravel_pytree([leaves[i] for i in selected])
     layout = ParameterLayout(
         treedef=treedef,
