@@ -81,15 +81,27 @@ class RowFile:
     def __del__(self) -> None:
         self.close()
 
-    def _read(self, offset: int, count: int) -> np.ndarray:
-        buffer = bytearray(count * self.dtype.itemsize)
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
+    def _read(self, offset: int, count: int, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            out = np.empty(count, dtype=self.dtype)
+        target: Any = out  # a contiguous buffer (mypy: ndarray)
+        view, done = memoryview(target).cast("B"), 0
+        while done < len(view):
             got = os.preadv(self._fd, [view[done:]], self.offset + offset + done)
             if got <= 0:
                 raise OSError(f"{self.path}: short read")
             done += got
-        return np.frombuffer(buffer, dtype=self.dtype)
+        return out
+
+    def read_block(self, rows: int, columns: slice, out: np.ndarray) -> np.ndarray:
+        """Rows ``[:rows]`` of the column block ``columns`` into ``out`` (reused by the caller:
+        no allocation, so no fresh pages per read); returns the filled (rows, width) view."""
+        start, stop, _ = columns.indices(self.shape[1])
+        width = stop - start
+        block = out[:rows, :width]
+        for row in range(rows):
+            self._read(row * self._row_bytes + start * self.dtype.itemsize, width, block[row])
+        return block
 
     def _write(self, offset: int, values: np.ndarray) -> None:
         array: Any = np.ascontiguousarray(values, dtype=self.dtype)  # a buffer (mypy: ndarray)
@@ -151,6 +163,15 @@ class HostBasis:
     array: Any
     block_columns: int
     path: str | None = None
+    _scratch: np.ndarray | None = None
+
+    def _block(self, rows: int, block: slice) -> np.ndarray:
+        """``array[:rows, block]``: a view in memory; read into a reused buffer from disk."""
+        if not isinstance(self.array, RowFile):
+            return self.array[:rows, block]
+        if self._scratch is None:
+            self._scratch = np.empty((self.shape[0], self.block_columns), dtype=self.dtype)
+        return self.array.read_block(rows, block, self._scratch)
 
     @classmethod
     def allocate(
@@ -193,13 +214,13 @@ class HostBasis:
         """``Q[:rows] w``, shape (rows,), summed over column blocks."""
         out = np.zeros(rows, dtype=w.dtype)
         for block in self.blocks():
-            out += self.array[:rows, block] @ w[block]
+            out += self._block(rows, block) @ w[block]
         return out
 
     def subtract(self, rows: int, coefficients: np.ndarray, w: np.ndarray) -> None:
         """``w −= Q[:rows]ᵀ coefficients``, in place, block by block."""
         for block in self.blocks():
-            w[block] -= coefficients @ self.array[:rows, block]
+            w[block] -= coefficients @ self._block(rows, block)
 
     def cgs2(self, rows: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
         """Classical Gram–Schmidt twice against the first ``rows`` rows (in place on ``w``).
@@ -208,8 +229,14 @@ class HostBasis:
         """
         product_norm = float(np.linalg.norm(w))
         first = self.coefficients(rows, w)
-        self.subtract(rows, first, w)
-        second = self.coefficients(rows, w)
+        # The first subtraction and the second pass's coefficients in one sweep over the
+        # basis: block b of the remainder needs only block b of w and the first coefficients.
+        # Three reads of the basis per step instead of four, the same arithmetic.
+        second = np.zeros(rows, dtype=w.dtype)
+        for block in self.blocks():
+            q = self._block(rows, block)
+            w[block] -= first @ q
+            second += q @ w[block]
         self.subtract(rows, second, w)
         coefficients = first.astype(np.float64) + second.astype(np.float64)
         return w, coefficients, product_norm, float(np.linalg.norm(w))
@@ -237,7 +264,7 @@ class HostBasis:
         n = self.shape[0]
         gram = np.zeros((n, n))
         for block in self.blocks():
-            part = np.asarray(self.array[:, block], dtype=np.float64)
+            part = np.asarray(self._block(n, block), dtype=np.float64)
             gram += part @ part.T
         return float(np.max(np.abs(gram - np.eye(n))))
 
@@ -250,7 +277,7 @@ class HostBasis:
         if out is None:
             out = np.empty((c.shape[0], self.shape[1]), dtype=self.dtype)
         for block in self.blocks():
-            out[:, block] = c @ self.array[:, block]
+            out[:, block] = c @ self._block(self.shape[0], block)
         return out
 
     def right_multiply(self, vectors: np.ndarray) -> np.ndarray:
@@ -258,7 +285,7 @@ class HostBasis:
         z = np.asarray(vectors, dtype=self.dtype)
         out = np.zeros((z.shape[0], self.shape[0]), dtype=self.dtype)
         for block in self.blocks():
-            out += z[:, block] @ self.array[:, block].T
+            out += z[:, block] @ self._block(self.shape[0], block).T
         return out
 
     def release(self) -> None:
