@@ -371,6 +371,75 @@ class ArchiveReader:
         shaped = array.reshape(tuple(found_shape), order="F" if fortran else "C")
         return shaped.astype(dtype.newbyteorder("="), copy=False)
 
+    def locate_array(
+        self,
+        name: str,
+        *,
+        shape: tuple[int, ...],
+        dtypes: tuple[str, ...] = ("float32", "float64"),
+        chunk_bytes: int = 64 * 2**20,
+    ) -> tuple[int, np.dtype]:
+        """Where member ``name.npy``'s data starts in the file, for reading it in place.
+
+        The member is read through once in chunks of ``chunk_bytes`` (bounded memory): its
+        header is checked as by :meth:`read_array`, its CRC by :mod:`zipfile`, and every value
+        must be finite. Members are stored uncompressed, so the data is a plain C-order array
+        at the returned offset.
+
+        Returns
+        -------
+        (offset, dtype)
+
+        Raises
+        ------
+        IncompatibleStoreError
+            As :meth:`read_array`, and for non-finite values.
+        """
+        member = name + ".npy"
+        info = self._infos.get(member)
+        if info is None:
+            raise self.error(f"member {member!r} is missing")
+        try:
+            with self._lock, self._zip.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    header = np.lib.format.read_array_header_1_0(stream)
+                elif version in ((2, 0), (3, 0)):
+                    header = np.lib.format.read_array_header_2_0(stream)
+                else:
+                    raise ValueError(f"unsupported .npy version {version}")
+                found_shape, fortran, dtype = header
+                if dtype.hasobject or dtype.name not in dtypes or fortran:
+                    raise self.error(f"member {member!r} has dtype {dtype}, expected {dtypes}")
+                if tuple(found_shape) != tuple(shape):
+                    raise self.error(
+                        f"member {member!r} has shape {tuple(found_shape)}, but the metadata "
+                        f"says {tuple(shape)}"
+                    )
+                data_start = stream.tell()
+                nbytes = int(np.prod(found_shape, dtype=np.int64)) * dtype.itemsize
+                if data_start + nbytes != info.file_size:
+                    raise self.error(f"member {member!r} has a wrong size")
+                step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
+                while True:
+                    chunk = stream.read(step)
+                    if not chunk:
+                        break
+                    if not np.isfinite(np.frombuffer(chunk, dtype=dtype)).all():
+                        raise self.error(f"member {name!r} holds non-finite values")
+            self._handle.seek(info.header_offset)
+            local = self._handle.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError("bad local file header")
+            name_length = int.from_bytes(local[26:28], "little")
+            extra_length = int.from_bytes(local[28:30], "little")
+        except IncompatibleStoreError:
+            raise
+        except _READ_ERRORS as error:
+            raise self.error(f"member {member!r} cannot be read ({error})") from None
+        offset = info.header_offset + 30 + name_length + extra_length + data_start
+        return offset, dtype.newbyteorder("=") if dtype.byteorder == "<" else dtype
+
     def iter_arrays(self, names: list[str], **checks: Any) -> Iterator[np.ndarray]:
         """Members ``names`` in order, one at a time (see :meth:`read_array` for ``checks``)."""
         for name in names:

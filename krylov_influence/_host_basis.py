@@ -43,6 +43,20 @@ class RowFile:
     file as well.
     """
 
+    @classmethod
+    def in_place(cls, path: str, offset: int, shape: tuple[int, int], dtype: Any) -> RowFile:
+        """Read-only access to a C-order array stored at ``offset`` of ``path`` (e.g. a
+        stored member of a saved calculator's archive)."""
+        rows = cls.__new__(cls)
+        rows._fd = -1
+        rows.path = path
+        rows.shape = (int(shape[0]), int(shape[1]))
+        rows.dtype = np.dtype(dtype)
+        rows._row_bytes = rows.shape[1] * rows.dtype.itemsize
+        rows.offset = int(offset)
+        rows._fd = os.open(path, os.O_RDONLY)
+        return rows
+
     def __init__(self, path: str, shape: tuple[int, int], dtype: Any, *, create: bool):
         self._fd = -1
         self.path = path
@@ -345,15 +359,18 @@ class HostProjector:
     def view(self) -> np.ndarray:
         """``G`` for the user: the array itself, or a read-only memory map of the file."""
         if isinstance(self.rows, RowFile):
-            return np.load(self.rows.path, mmap_mode="r")
+            return np.memmap(
+                self.rows.path, self.rows.dtype, "r", self.rows.offset, self.rows.shape
+            )
         return self.rows
 
     def release(self) -> None:
-        """Close and remove the file of a projector on disk."""
+        """Close the file of a projector on disk, and remove it when it is its own."""
         if isinstance(self.rows, RowFile):
             self.rows.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.rows.path)
+            if self.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
 
 
 def host_arnoldi(

@@ -162,19 +162,31 @@ def check_hessian_agreement(
         When a residual exceeds what the fit reported by more than round-off.
     """
     k = eigenvalues.shape[0]
-    host = np.asarray(model.to_numpy(projector), dtype=np.float64)
     coefficients = np.random.default_rng(seed).standard_normal(k)
     coefficients /= np.linalg.norm(coefficients)
     picks = sorted({0, int(np.argmin(np.abs(eigenvalues)))})
-    probes = np.concatenate([host[picks], coefficients[None, :] @ host], axis=0)
+    # Three combinations of G's rows; G off the device is read a chunk of rows at a time.
+    # Rows: the picked g_i, then Σ c_i g_i (the probes), then Σ c_i λ_i g_i (its expected H·).
+    combine = np.zeros((len(picks) + 2, k))
+    combine[np.arange(len(picks)), picks] = 1.0
+    combine[-2] = coefficients
+    combine[-1] = coefficients * eigenvalues
+    if hasattr(projector, "row_chunks"):  # a HostProjector
+        combined, start = np.zeros((combine.shape[0], int(projector.shape[1]))), 0
+        for rows in projector.row_chunks(64 * 2**20):
+            stop = start + rows.shape[0]
+            combined += combine[:, start:stop] @ np.asarray(rows, dtype=np.float64)
+            start = stop
+    else:
+        combined = combine @ np.asarray(model.to_numpy(projector), dtype=np.float64)
+    probes, host_rows = combined[:-1], combined[: len(picks)]
     products = np.asarray(
         model.to_numpy(model.hvps(model.from_numpy(probes), hessian_data)), dtype=np.float64
     )
     if not np.isfinite(products).all():
         raise NonFiniteError(f"{where}: the Hessian check gave non-finite products")
-    expected = np.concatenate(
-        [eigenvalues[picks, None] * host[picks], (coefficients * eigenvalues)[None, :] @ host]
-    )
+    # H g_i = λ_i g_i for the picks; H Σ c_i g_i = Σ c_i λ_i g_i.
+    expected = np.concatenate([eigenvalues[picks, None] * host_rows, combined[-1:]])
     found = np.linalg.norm(products - expected, axis=1)
     bounds = np.concatenate([residuals[picks], [np.abs(coefficients) @ residuals]])
     # Round-off of an HVP in the model's dtype, scaled by ‖H‖ ≈ max|λ|; 64 ulps of margin.

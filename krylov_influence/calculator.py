@@ -668,6 +668,7 @@ class ArnoldiInfluenceCalculator:
         hessian_dataset: Iterable[Any] | None = None,
         check_model: bool = True,
         show_progress: bool | None = None,
+        projector_location: str = "device",
     ) -> ArnoldiInfluenceCalculator:
         """Load a calculator saved by :meth:`save` onto ``model`` (any engine), checked.
 
@@ -691,6 +692,10 @@ class ArnoldiInfluenceCalculator:
         check_model : bool, default True
             ``False`` skips the Hessian check and trusts the parameter fingerprint alone.
         show_progress : bool, optional
+        projector_location : {"device", "disk"}, default "device"
+            ``"disk"`` leaves ``G`` (k × p) in the file and reads its rows in place, a chunk at
+            a time, whenever it projects (the file must stay where it is); the load reads it
+            through once to check it, in 64 MiB chunks. For models whose ``G`` does not fit.
 
         Returns
         -------
@@ -715,6 +720,7 @@ class ArnoldiInfluenceCalculator:
             hessian_dataset=hessian_dataset,
             check_model=check_model,
             show_progress=show_progress,
+            projector_location=projector_location,
         )
 
     # ------------------------------------------------------------------------ placement

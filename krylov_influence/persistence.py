@@ -41,7 +41,7 @@ import numpy as np
 
 from krylov_influence import _xp
 from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
-from krylov_influence._host_basis import HostProjector
+from krylov_influence._host_basis import HostProjector, RowFile
 from krylov_influence._identity import check_hessian_agreement
 from krylov_influence.cache import finite_number, resolve_path
 from krylov_influence.complement import SpectralComplement, resolve_complement
@@ -120,8 +120,13 @@ def load_calculator(
     hessian_dataset: Iterable[Any] | None = None,
     check_model: bool = True,
     show_progress: bool | None = None,
+    projector_location: str = "device",
 ) -> Any:
     """Rebuild a calculator of class ``cls`` from ``path`` on ``model`` without refitting.
+
+    ``projector_location="disk"`` leaves ``G`` in the file and reads its rows in place when
+    projecting (one checking pass over it at load, in 64 MiB chunks), instead of reading
+    ``k × p`` numbers into memory and onto the device.
 
     Raises
     ------
@@ -159,7 +164,14 @@ def load_calculator(
         )
     k, dtype = meta["k_largest_eig_vals"], meta["dtype"]
     eigenvalues = reader.read_array("eigenvalues", shape=(k,), dtypes=("float64",))
-    projector = reader.read_array("projector", shape=(k, p), dtypes=(dtype,))
+    if projector_location not in ("device", "disk"):
+        raise ValueError(f"projector_location={projector_location!r}: expected 'device' or 'disk'")
+    projector: Any
+    if projector_location == "disk":
+        offset, found = reader.locate_array("projector", shape=(k, p), dtypes=(dtype,))
+        projector = HostProjector(RowFile.in_place(target, offset, (k, p), found))
+    else:
+        projector = reader.read_array("projector", shape=(k, p), dtypes=(dtype,))
     residuals = reader.read_array("ritz_residuals", shape=(k,), dtypes=("float64",))
     vectors = reader.read_array("ritz_vectors", dtypes=("float64",))
     spectrum = reader.read_array("ritz_spectrum", dtypes=("float64",))
@@ -169,9 +181,10 @@ def load_calculator(
             f"malformed calculator (Ritz spectrum {spectrum.shape}, Ritz vectors "
             f"{vectors.shape}, k = {k}, subspace_dim = {meta['subspace_dim']})"
         )
+    checked = [("projector", projector)] if projector_location == "device" else []
     for name, array in (
         ("eigenvalues", eigenvalues),
-        ("projector", projector),
+        *checked,
         ("ritz_residuals", residuals),
         ("ritz_vectors", vectors),
         ("ritz_spectrum", spectrum),
@@ -202,7 +215,11 @@ def load_calculator(
         complement_probes=meta["complement_probes"],
     )
     calculator.num_hessian_examples = meta["num_hessian_examples"]
-    placed = bound.from_numpy(projector, dtype=getattr(bound.xp, _xp.dtype_name(dtype)))
+    placed = (
+        projector
+        if isinstance(projector, HostProjector)
+        else bound.from_numpy(projector, dtype=getattr(bound.xp, _xp.dtype_name(dtype)))
+    )
     if check_model:
         _check_model(calculator, meta, target, eigenvalues, placed, residuals, hessian_dataset)
     calculator.hessian_argument = meta["hessian_data"]

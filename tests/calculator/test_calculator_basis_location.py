@@ -7,8 +7,10 @@ made tiny so that every operation crosses many of them.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from calculator_support import build, engine_class, query_spec, softmax_hessian,
 import krylov_influence._host_basis as host_basis_module
 from krylov_influence import ArnoldiInfluenceCalculator, MatrixOperator, arnoldi_iteration
 from krylov_influence._host_basis import HostBasis
+from krylov_influence.errors import IncompatibleStoreError
 from krylov_influence.testing import random_mlp_spec
 
 
@@ -196,3 +199,42 @@ def test_every_method_with_g_on_disk_equals_the_device(complement, tmp_path, mon
     disk.save(tmp_path / "calc.npz")
     loaded = ArnoldiInfluenceCalculator.load(tmp_path / "calc.npz", model, train_dataset=train)
     np.testing.assert_allclose(loaded.self_influence(train), disk.self_influence(train), rtol=1e-12)
+
+
+def test_a_saved_calculator_loads_with_g_left_in_the_file(tmp_path):
+    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
+    model, train = build(engine_class("torch"), spec)
+    _, queries = build(engine_class("torch"), query_spec(spec))
+    fitted = _fit(model, train, "device", tmp_path)
+    path = tmp_path / "calc.npz"
+    fitted.save(path)
+    loaded = ArnoldiInfluenceCalculator.load(
+        path, model, train_dataset=train, projector_location="disk"
+    )
+    assert isinstance(loaded.G, np.memmap)
+    np.testing.assert_array_equal(np.asarray(loaded.G), np.asarray(fitted.G))
+    assert loaded.eigenbasis_digest == fitted.eigenbasis_digest  # stores stay compatible
+    np.testing.assert_allclose(
+        loaded.influence_matrix(queries, train), fitted.influence_matrix(queries, train), rtol=1e-12
+    )
+    # The Hessian check still runs (reading G's rows in place) and refuses another model.
+    other_spec = dataclasses.replace(spec, activation="relu")
+    other, other_train = build(engine_class("torch"), other_spec)
+    with pytest.raises(IncompatibleStoreError, match="does not fit this model's Hessian"):
+        ArnoldiInfluenceCalculator.load(
+            path, other, train_dataset=other_train, projector_location="disk"
+        )
+    # A corrupted G is found by the checking pass (the archive's CRC), not served.
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("projector.npy")
+    middle = info.header_offset + 30 + len(info.filename) + 200
+    data[middle] ^= 0x40
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(IncompatibleStoreError, match="projector"):
+        ArnoldiInfluenceCalculator.load(
+            corrupt, model, train_dataset=train, projector_location="disk"
+        )
+    with pytest.raises(ValueError, match="projector_location='gpu'"):
+        ArnoldiInfluenceCalculator.load(path, model, train_dataset=train, projector_location="gpu")
