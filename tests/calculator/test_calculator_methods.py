@@ -30,7 +30,8 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float) -> None:
 
 def test_influence_vectors_are_the_scaled_projections(problem: Problem) -> None:
     vectors = [host(problem, v) for _, v in problem.calc.compute_influence_vector(problem.train)]
-    assert [v.shape for v in vectors] == [(5, 15)] * 4 + [(3, 15)]  # partial last batch
+    p = problem.model.num_parameters
+    assert [v.shape for v in vectors] == [(5, p)] * 4 + [(3, p)]  # partial last batch
     stacked = np.concatenate(vectors)
     projector = host(problem, problem.calc.G)
     eigenvalues = host(problem, problem.calc.eig_vals)
