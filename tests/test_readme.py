@@ -115,3 +115,69 @@ def test_readme_example_runs_as_printed(block, tmp_path):
     if "top_k" in result:  # the NumPy example: 4 lines of values[:3], then the top-k line
         indices = [int(i) for i in re.findall(r"\d+", printed[4].partition("]")[0])]
         assert indices == result["top_k"].tolist(), printed[4]
+
+
+# ------------------------------------------------------------------ the README's figures
+def test_readme_demo_auc_is_what_the_demo_gives(tmp_path):
+    """The README's AUC for seed 0, and its ranges, hold for the demo's default setting on
+    the NumPy engine (the figures are read from the README, so the text and the test cannot
+    drift apart)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from krylov_influence.demo import DemoConfig, run_demo
+
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    claim = re.search(
+        r"ROC AUC (0\.\d+) with seed 0; (0\.\d+)–(0\.\d+) over seeds 0–4, beside the loss-only "
+        r"baseline it prints, which does as well or better on this data: (0\.\d+)–(0\.\d+)",
+        text,
+    )
+    assert claim, "the README's demo claim moved: update this test with it"
+    seed0, low, high, loss_low, loss_high = (float(v) for v in claim.groups())
+    result = run_demo(DemoConfig(engine="numpy", seed=0, out=tmp_path, show_progress=False))
+    auc = result.summary["results"]["detection_auc"]
+    loss_auc = result.summary["results"]["loss_ranking_auc"]
+    assert round(auc, 3) == seed0 and low <= round(auc, 3) <= high, auc
+    assert loss_low <= round(loss_auc, 3) <= loss_high, loss_auc
+    assert loss_auc >= auc  # "as well or better"
+    assert auc > 0.9  # far above chance (0.5) and a reversed ranking (~0.02)
+
+
+def test_torch_and_jax_give_the_same_eigenvalues(tmp_path):
+    """README: every engine starts from the same vector and gives the same eigenvalues. On the
+    README's model (the demo's 64-32-10 tanh MLP on the digits, float64, at its Glorot
+    initial weights, which every framework draws alike) torch and JAX agree to round-off.
+    The test fits 60 Arnoldi steps (k = 20) to stay quick; measured 4e-16 relative, as with
+    the demo's 200 / 50."""
+    pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("sklearn")
+    jax.config.update("jax_enable_x64", True)
+    from krylov_influence import ArnoldiInfluenceCalculator
+    from krylov_influence.demo.data import load_digits_data
+    from krylov_influence.demo.training import MLP_SIZES, glorot_mlp
+    from krylov_influence.registry import get_engine
+    from krylov_influence.testing import MLPSpec
+
+    data = load_digits_data(0, 0.1)
+    layers = glorot_mlp(MLP_SIZES, 0)
+    spec = MLPSpec(
+        MLP_SIZES,
+        "tanh",
+        "cross_entropy",
+        tuple(w for w, _ in layers),
+        tuple(b for _, b in layers),
+        data.x_train,
+        data.y_train,
+        512,
+        1e-2,
+    )
+    eigenvalues = {}
+    for name in ("torch", "jax"):
+        model, train = get_engine(name).from_neutral_spec(spec, dtype="float64")
+        calc = ArnoldiInfluenceCalculator(model, train, 60, True, 20, "float64", seed=0)
+        eigenvalues[name] = np.asarray(model.to_numpy(calc.eig_vals), dtype=np.float64)
+    scale = np.max(np.abs(eigenvalues["torch"]))
+    difference = np.max(np.abs(eigenvalues["torch"] - eigenvalues["jax"])) / scale
+    print(f"torch vs JAX eigenvalues: {difference:.1e} of the largest")
+    assert difference <= 1e-14  # the README's bound: round-off, ~50 units of float64
