@@ -13,6 +13,13 @@ def engine(request: Any) -> Any:
     return engine_class(request.param)
 
 
+@pytest.fixture(params=ENGINES[1:])
+def mlp_engine(request: Any) -> Any:
+    """The engines that build hidden layers (the NumPy reference engine has analytic
+    regressions only: a spec with a hidden layer is not a model it can build)."""
+    return engine_class(request.param)
+
+
 @pytest.fixture(scope="session")
 def fitted_mlp_bases() -> dict[tuple[str, str], Any]:
     """(engine, kind) -> path of that MLP problem's calculator, saved after its first fit."""
@@ -38,8 +45,8 @@ def _fitted(pair: tuple[str, str], bases: dict, tmp_path_factory: Any) -> Proble
 
 @pytest.fixture(params=ENGINE_KINDS, ids=_problem_id)
 def problem(request: Any, fitted_mlp_bases: dict, tmp_path_factory: Any) -> Problem:
-    """Every engine on the convex softmax regression; the engines that build hidden layers also
-    on the non-convex MLP, at a minimum and away from one (indefinite, damped).
+    """Every engine on the convex softmax regression; torch and JAX also on the non-convex MLP,
+    at a minimum and away from one (indefinite, damped); see ``calculator_support.KINDS``.
 
     An MLP problem is fitted once per engine and session (its fits dominate the run time);
     later tests get a fresh model and calculator loaded from the saved basis, which the load
@@ -52,6 +59,12 @@ def problem(request: Any, fitted_mlp_bases: dict, tmp_path_factory: Any) -> Prob
 def mlp_problem(request: Any, fitted_mlp_bases: dict, tmp_path_factory: Any) -> Problem:
     """The MLP problems alone (see ``problem``)."""
     return _fitted(request.param, fitted_mlp_bases, tmp_path_factory)
+
+
+@pytest.fixture(params=ENGINES)
+def softmax_problem(request: Any) -> Problem:
+    """The softmax regression alone, on every engine (for tests of mechanics, not numerics)."""
+    return make_problem(engine_class(request.param))
 
 
 @pytest.fixture
