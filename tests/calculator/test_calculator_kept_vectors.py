@@ -58,7 +58,12 @@ def test_kept_vectors_give_the_results_of_recomputing_and_match_exact(
     np.testing.assert_array_equal(kept_indices, top_indices)
     # Self-influence from the kept vectors is Σ v²(λ+δ), not Σ P²/(λ+δ): round-off only.
     np.testing.assert_allclose(calc.self_influence(train), self_influence, rtol=problem.rtol)
-    np.testing.assert_allclose(calc.self_influence(train), problem.self_influence, rtol=1e-8)
+    # Against the oracle relative to the largest value: on the indefinite MLP self-influence
+    # changes sign, so a value near zero carries the round-off of the large ones.
+    scale = np.max(np.abs(problem.self_influence))
+    np.testing.assert_allclose(
+        calc.self_influence(train), problem.self_influence, rtol=0, atol=1e-8 * scale
+    )
     kept_top = calc.compute_top_k_from_training_dataset(train, 5)
     np.testing.assert_array_equal(
         problem.model.to_numpy(kept_top.indices), problem.model.to_numpy(training_top.indices)

@@ -7,6 +7,8 @@ scores, self-influence, influence vectors and top-k results must match the dense
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from calculator_support import Problem, make_problem, query_spec, training_spec
@@ -30,7 +32,8 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float) -> None:
 
 def test_influence_vectors_are_the_scaled_projections(problem: Problem) -> None:
     vectors = [host(problem, v) for _, v in problem.calc.compute_influence_vector(problem.train)]
-    assert [v.shape for v in vectors] == [(5, 15)] * 4 + [(3, 15)]  # partial last batch
+    p = problem.model.num_parameters
+    assert [v.shape for v in vectors] == [(5, p)] * 4 + [(3, p)]  # partial last batch
     stacked = np.concatenate(vectors)
     projector = host(problem, problem.calc.G)
     eigenvalues = host(problem, problem.calc.eig_vals)
@@ -182,10 +185,26 @@ def test_device_is_honoured_and_checked(numpy_problem: Problem) -> None:
 
 
 def test_progress_bars_run(capsys) -> None:
+    """Bars change nothing of the numbers, and count what is iterated: the Arnoldi steps and
+    the 5 batches of the evaluated dataset."""
     model, train = get_engine("numpy").from_neutral_spec(training_spec())
-    calc = ArnoldiInfluenceCalculator(model, train, 15, True, 15, "float64", show_progress=True)
-    list(calc.top_k(train, train, k=2, influence_vector_in_cache=CACHE.NO_CACHE))
-    assert "dataset_to_evaluate" in capsys.readouterr().err
+    results = {}
+    for show in (True, False):
+        calc = ArnoldiInfluenceCalculator(model, train, 15, True, 15, "float64", show_progress=show)
+        stream = calc.top_k(train, train, k=2, influence_vector_in_cache=CACHE.NO_CACHE)
+        results[show] = [(r.values, r.indices) for r in stream]
+        err = capsys.readouterr().err
+        if show:
+            assert re.search(r"Arnoldi.*\|\s*\d+/15 ", err), err
+            assert re.search(r"dataset_to_evaluate.*\|\s*\d+/5 ", err), err
+        else:
+            assert err == ""
+    for (values, indices), (plain_values, plain_indices) in zip(*results.values(), strict=True):
+        np.testing.assert_array_equal(values, plain_values)
+        np.testing.assert_array_equal(indices, plain_indices)
+    scores = exact.exact_influence(model, train, train)
+    expected = -np.sort(-scores, axis=1)[:, :2]
+    assert_close(np.concatenate([v for v, _ in results[True]]), expected, 1e-9)
 
 
 def test_explicit_device_gives_the_same_results(problem: Problem) -> None:

@@ -7,7 +7,15 @@ import zipfile
 
 import numpy as np
 import pytest
-from calculator_support import Problem, build, engine_class, make_problem, training_spec
+from calculator_support import (
+    MLP_ENGINES,
+    Problem,
+    build,
+    engine_class,
+    make_problem,
+    query_spec,
+    training_spec,
+)
 
 from krylov_influence import ArnoldiInfluenceCalculator, IncompatibleStoreError
 from krylov_influence.testing import random_mlp_spec
@@ -82,4 +90,26 @@ def test_basis_fitted_with_numpy_loads_into_every_engine(engine: object, tmp_pat
     )
     np.testing.assert_allclose(
         back.self_influence(fitted.train), native.calc.self_influence(native.train), rtol=1e-10
+    )
+
+
+def test_mlp_basis_moves_to_another_engine(mlp_problem: Problem, tmp_path) -> None:
+    """The non-convex MLP's basis (indefinite and damped, or at a minimum), fitted in one
+    engine, saved, loaded into the other: checked against its
+    Hessian by the load, and its scores are the exact oracle's."""
+    problem = mlp_problem
+    path = problem.calc.save(tmp_path / "calc.npz")
+    others = [name for name in MLP_ENGINES if name != problem.engine.name]
+    other = engine_class(others[0])
+    model, train = build(other, problem.spec)
+    _, queries = build(other, query_spec(problem.spec))
+    loaded = ArnoldiInfluenceCalculator.load(path, model, train_dataset=train)
+    assert loaded.damping == problem.calc.damping
+    scale = np.max(np.abs(problem.scores))
+    np.testing.assert_allclose(
+        loaded.influence_matrix(queries, train), problem.scores, rtol=0, atol=1e-9 * scale
+    )
+    scale = np.max(np.abs(problem.self_influence))
+    np.testing.assert_allclose(
+        loaded.self_influence(train), problem.self_influence, rtol=0, atol=1e-9 * scale
     )

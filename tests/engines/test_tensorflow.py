@@ -546,12 +546,21 @@ _ORDER_SCRIPT = textwrap.dedent(
     a = float(torch.ones(3) @ torch.ones(3))
     b = float(jnp.ones(3) @ jnp.ones(3))
     c = float(tf.reduce_sum(tf.ones(3) * tf.ones(3)))
-    import numpy as np, krylov_influence
+    import jax, numpy as np, krylov_influence
     from krylov_influence.testing import random_mlp_spec
-    spec = random_mlp_spec(np.random.default_rng(0), (2, 2), num_examples=4, batch_size=4)
-    model, batches = krylov_influence.registry.get_engine("tensorflow").from_neutral_spec(spec)
-    d = float(model.hvp(model.from_numpy(np.ones(model.num_parameters)), batches)[0])
-    assert (a, b, c) == (3.0, 3.0, 3.0) and d == d, (a, b, c, d)
+    jax.config.update("jax_enable_x64", True)
+    spec = random_mlp_spec(np.random.default_rng(0), (2, 3, 2), num_examples=4, batch_size=4)
+    # The same HVP in each engine, imported in this order, against the engine-independent
+    # oracle: central differences of the spec's analytic gradients (~1e-10 relative).
+    v = np.random.default_rng(1).standard_normal(spec.num_parameters)
+    expected = spec.hessian() @ v
+    for name in ("tensorflow", "torch", "jax"):
+        engine = krylov_influence.registry.get_engine(name)
+        model, batches = engine.from_neutral_spec(spec, dtype="float64")
+        d = np.asarray(model.to_numpy(model.hvp(model.from_numpy(v), batches)))
+        scale = np.abs(expected).max()
+        assert np.abs(d - expected).max() <= 1e-8 * scale, (name, d, expected)
+    assert (a, b, c) == (3.0, 3.0, 3.0), (a, b, c)
     print("ok")
     """
 )
