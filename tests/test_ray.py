@@ -20,7 +20,12 @@ zarr = pytest.importorskip("zarr")
 
 import krylov_influence as ki  # noqa: E402
 from krylov_influence.errors import IncompatibleStoreError  # noqa: E402
-from krylov_influence.ray import RayHessianData, score_training_set, split_batches  # noqa: E402
+from krylov_influence.ray import (  # noqa: E402
+    RayHessianData,
+    score_dataset,
+    score_training_set,
+    split_batches,
+)
 from krylov_influence.reference import NumpyInfluenceModel  # noqa: E402
 from krylov_influence.testing.spec import random_mlp_spec  # noqa: E402
 
@@ -253,3 +258,23 @@ def test_a_sharded_fit_resumes_from_its_checkpoint(tmp_path):
         resumed = ki.ArnoldiInfluenceCalculator(model, batches, 12, True, 6, **settings)
     assert resumed.resumed_from == 6
     np.testing.assert_array_equal(resumed.eigenbasis.ritz.spectrum, whole.eigenbasis.ritz.spectrum)
+
+
+def test_a_ray_dataset_is_scored_by_id_like_the_calculator():
+    _, factory, model, batches = problem("numpy")
+    calc = ki.ArnoldiInfluenceCalculator(model, batches, 8, True, 4, complement="mean")
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    rows = [{"id": i, "x": x[i], "y": y[i]} for i in range(NUM_EXAMPLES)]
+    dataset = ray.data.from_items(rows[::-1], override_num_blocks=3)  # ids out of order
+    scored = score_dataset(
+        calc, factory, dataset, lambda r: (r["x"], r["y"]), batch_size=10, concurrency=2
+    ).take_all()
+    ids = np.array([row["id"] for row in scored])
+    assert sorted(ids.tolist()) == list(range(NUM_EXAMPLES))  # unique and complete
+    order = np.argsort(ids)
+    found = np.array([row["self_influence"] for row in scored])[order]
+    assert_close(found, calc.self_influence(batches), 1e-12)
+    vectors = np.stack([row["influence_vector"] for row in scored])[order]
+    expected = np.concatenate([host(model, v) for _, v in calc.compute_influence_vector(batches)])
+    assert_close(vectors, expected, 1e-12)
