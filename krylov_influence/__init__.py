@@ -22,7 +22,13 @@ from krylov_influence.arnoldi import ArnoldiResult, MatrixOperator, arnoldi_iter
 from krylov_influence.cache import CACHE
 from krylov_influence.calculator import ArnoldiInfluenceCalculator
 from krylov_influence.eigen import EigenBasis, RitzPairs, build_eigenbasis, ritz_pairs
-from krylov_influence.engine import Engine, EngineCapabilities, HessianOperator, InfluenceModel
+from krylov_influence.engine import (
+    Engine,
+    EngineCapabilities,
+    HessianOperator,
+    InfluenceModel,
+    ShardedHessianData,
+)
 from krylov_influence.errors import (
     EngineNotFoundError,
     IncompatibleStoreError,
@@ -58,6 +64,7 @@ __all__ = [
     "NegativeEigenvalueWarning",
     "NonFiniteError",
     "RitzPairs",
+    "ShardedHessianData",
     "TopKBatch",
     "TrainingTopK",
     "__version__",

@@ -29,7 +29,7 @@ import numpy as np
 from krylov_influence._archive import ArchiveReader, AtomicArchiveWriter
 from krylov_influence._identity import check_losses, loss_tolerance
 from krylov_influence.arnoldi import ArnoldiState
-from krylov_influence.engine import InfluenceModel
+from krylov_influence.engine import InfluenceModel, ShardedHessianData
 from krylov_influence.errors import IncompatibleStoreError
 
 __all__ = [
@@ -75,6 +75,9 @@ class HessianLosses:
 
     def get(self) -> tuple[list[int], np.ndarray]:
         """``(batch sizes, all losses (N,) float64)``."""
+        if self._value is None and isinstance(self._data, ShardedHessianData):
+            sizes, flat = self._data.hessian_losses()
+            self._value = ([int(size) for size in sizes], np.asarray(flat, dtype=np.float64))
         if self._value is None:
             sizes, losses = [], []
             for batch in self._data:

@@ -31,7 +31,7 @@ import numpy as np
 
 from krylov_influence._archive import ArchiveReader
 from krylov_influence.cache import DiskStore
-from krylov_influence.engine import InfluenceModel
+from krylov_influence.engine import InfluenceModel, ShardedHessianData
 from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
 
 __all__ = [
@@ -96,19 +96,17 @@ def check_losses(
     """
     dataset_name, owner, kind = names
     count = 0
-    for index, batch in enumerate(dataset):
+    for index, (size, losses) in enumerate(_sizes_and_losses(model, dataset)):
         if index >= len(batch_sizes):
             raise IncompatibleStoreError(
                 f"{where}: {dataset_name} has more batches than the {owner} "
                 f"({len(batch_sizes)}); the {owner} was computed on another {kind}"
             )
-        size = model.batch_size(batch)
         if size != batch_sizes[index]:
             raise IncompatibleStoreError(
                 f"{where}: batch {index} of {dataset_name} has {size} examples but the {owner} "
                 f"has {batch_sizes[index]}; the {owner} was computed on another {kind}"
             )
-        losses = np.asarray(model.to_numpy(model.losses(batch)), dtype=np.float64)
         stored = stored_losses(index)
         scale = tol * (np.abs(stored) + np.abs(losses) + np.mean(np.abs(stored)) + 1e-300)
         worst = np.abs(losses - stored) - scale
@@ -126,6 +124,20 @@ def check_losses(
             f"{where}: {dataset_name} has {count} batches but the {owner} has "
             f"{len(batch_sizes)}; the {owner} was computed on another {kind}"
         )
+
+
+def _sizes_and_losses(model: InfluenceModel, dataset: Any) -> Iterable[tuple[int, np.ndarray]]:
+    """``(batch size, per-example losses float64)`` per batch, lazily; sharded Hessian data
+    (:class:`~krylov_influence.engine.ShardedHessianData`) computes them where it lives."""
+    if isinstance(dataset, ShardedHessianData):
+        sizes, flat = dataset.hessian_losses()
+        ends = np.cumsum([0, *sizes])
+        for index, size in enumerate(sizes):
+            yield int(size), flat[ends[index] : ends[index + 1]]
+        return
+    for batch in dataset:
+        losses = np.asarray(model.to_numpy(model.losses(batch)), dtype=np.float64)
+        yield int(model.batch_size(batch)), losses
 
 
 def check_hessian_agreement(
@@ -180,9 +192,11 @@ def check_hessian_agreement(
     else:
         combined = combine @ np.asarray(model.to_numpy(projector), dtype=np.float64)
     probes, host_rows = combined[:-1], combined[: len(picks)]
-    products = np.asarray(
-        model.to_numpy(model.hvps(model.from_numpy(probes), hessian_data)), dtype=np.float64
-    )
+    if isinstance(hessian_data, ShardedHessianData):
+        products = hessian_data.hessian_operator(model).mm(model.from_numpy(probes))
+    else:
+        products = model.hvps(model.from_numpy(probes), hessian_data)
+    products = np.asarray(model.to_numpy(products), dtype=np.float64)
     if not np.isfinite(products).all():
         raise NonFiniteError(f"{where}: the Hessian check gave non-finite products")
     # H g_i = λ_i g_i for the picks; H Σ c_i g_i = Σ c_i λ_i g_i.

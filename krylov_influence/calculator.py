@@ -78,7 +78,7 @@ from krylov_influence.complement import (
     resolve_complement,
 )
 from krylov_influence.eigen import EIGENVALUE_SELECTIONS, EigenBasis, build_eigenbasis
-from krylov_influence.engine import InfluenceModel
+from krylov_influence.engine import InfluenceModel, ShardedHessianData
 from krylov_influence.errors import NegativeEigenvalueWarning, NonFiniteError
 from krylov_influence.registry import bind_model
 from krylov_influence.topk import (
@@ -129,8 +129,12 @@ class ArnoldiInfluenceCalculator:
         0.81 instead of 2.3 ms per product at b = 8 on the digits MLP), but reach a Krylov
         polynomial degree of about ``subspace_dim / b``: check
         ``eigenbasis.ritz.residuals`` (or compare with b = 1) before trusting a large b.
-    hessian_dataset : re-iterable of batches, optional, keyword-only
-        Data the Hessian averages over; default ``train_dataset``.
+    hessian_dataset : re-iterable of batches or ShardedHessianData, optional, keyword-only
+        Data the Hessian averages over; default ``train_dataset``. A
+        :class:`~krylov_influence.engine.ShardedHessianData` (such as
+        :class:`krylov_influence.ray.RayHessianData`, data held by Ray actors) applies the
+        Hessian where the data lives: the calculator takes its operator, example count and
+        losses instead of iterating batches, and does not stage it (``docs/cluster.md``).
     eigenvalue_selection : {"magnitude", "positive", "algebraic"}, keyword-only
         Which Ritz pairs to keep: largest |λ| (default, the paper), largest positive λ, or
         largest λ.
@@ -303,8 +307,12 @@ class ArnoldiInfluenceCalculator:
         # Which argument the Hessian data came from (saved: the check at load needs it).
         self.hessian_argument = "train_dataset" if hessian_dataset is None else "hessian_dataset"
         self.hessian_dataset = (
-            None if hessian is None else require_reiterable(hessian, "hessian_dataset")
+            None
+            if hessian is None or isinstance(hessian, ShardedHessianData)
+            else require_reiterable(hessian, "hessian_dataset")
         )
+        if isinstance(hessian, ShardedHessianData):
+            self.hessian_dataset = hessian
         self.dtype = self.model.dtype_name if dtype is None else _xp.dtype_name(dtype)
         self.force_hermitian = bool(force_hermitian)
         self.k_largest_eig_vals = _positive_int(k_largest_eig_vals, "k_largest_eig_vals")
@@ -340,6 +348,8 @@ class ArnoldiInfluenceCalculator:
     # --------------------------------------------------------------------------- fitting
     def _validate_data(self, dataset: Iterable[Any], name: str) -> int:
         """One forward pass: count examples and check every loss is finite."""
+        if isinstance(dataset, ShardedHessianData):
+            return int(dataset.count_examples())
         xp, model = self.model.xp, self.model
         count = 0
         for index, batch in enumerate(dataset):
@@ -402,8 +412,14 @@ class ArnoldiInfluenceCalculator:
                 "hessian_dataset: this calculator was loaded without Hessian data; pass "
                 "hessian_dataset= (or train_dataset=) to ArnoldiInfluenceCalculator.load to refit"
             )
-        data, staging = stage_hessian_data(model, self.hessian_dataset, self.stage_hessian_data)
-        operator = model.hessian_operator(data)
+        data: Any
+        if isinstance(self.hessian_dataset, ShardedHessianData):
+            # Staged where it lives (each shard on its actor), not here.
+            data, staging = self.hessian_dataset, "sharded"
+            operator = data.hessian_operator(model)
+        else:
+            data, staging = stage_hessian_data(model, self.hessian_dataset, self.stage_hessian_data)
+            operator = model.hessian_operator(data)
         resume, checkpoint, target = self._checkpointing(data, subspace_dim)
         self.resumed_from = None if resume is None else resume.products
         host_basis = self._host_basis(subspace_dim)
@@ -546,6 +562,8 @@ class ArnoldiInfluenceCalculator:
         """After a non-finite product: the first Hessian batch whose own HVP overflows."""
         model, data = self.model, self.hessian_dataset
         assert data is not None
+        if isinstance(data, ShardedHessianData):
+            return None  # its batches live elsewhere; the operator's error names the shard
         rng = np.random.default_rng(self.seed)
         probe = rng.standard_normal(model.num_parameters)
         vector = model.from_numpy(probe / np.linalg.norm(probe))

@@ -42,6 +42,7 @@ __all__ = [
     "EngineCapabilities",
     "HessianOperator",
     "InfluenceModel",
+    "ShardedHessianData",
 ]
 
 
@@ -100,6 +101,40 @@ class HessianOperator:
     def mm(self, vectors: Any) -> Any:
         """Return ``(H @ V.T).T`` for a stack of vectors ``V`` of shape (m, p)."""
         return self.model.hvps(vectors, self.batches)
+
+
+class ShardedHessianData(abc.ABC):
+    """Hessian data held elsewhere (on the actors of a cluster) that applies its own Hessian.
+
+    Pass one as ``hessian_dataset=`` of :class:`~krylov_influence.ArnoldiInfluenceCalculator`:
+    the calculator then asks it for the example count (with the finiteness check), for the
+    operator of the Arnoldi iteration, and for the per-example losses that identify the data
+    in checkpoints, instead of iterating batches itself. The calculator never stages it
+    (the shards are staged where they live). :class:`krylov_influence.ray.RayHessianData` is
+    the implementation for Ray.
+    """
+
+    @abc.abstractmethod
+    def hessian_operator(self, model: InfluenceModel) -> Any:
+        """The Hessian of the mean loss over all shards, with ``mv``/``mm`` in ``model``'s
+        namespace, dtype and device (the attributes of :class:`HessianOperator`)."""
+
+    @abc.abstractmethod
+    def count_examples(self) -> int:
+        """Number of examples over all shards, after checking every loss is finite.
+
+        Raises
+        ------
+        NonFiniteError
+            Naming the shard and batch with a non-finite loss.
+        ValueError
+            If there is no example at all.
+        """
+
+    @abc.abstractmethod
+    def hessian_losses(self) -> tuple[list[int], np.ndarray]:
+        """``(batch sizes, per-example losses (N,) float64)`` in shard order, then batch
+        order: the data's identity, as checkpoints record it."""
 
 
 class _DispatchingMeta(abc.ABCMeta):

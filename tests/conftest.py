@@ -71,6 +71,8 @@ REQUIRED_MODULES = (
     "keras",
     "array_api_strict",
     "sklearn",
+    "ray",
+    "zarr",
 )
 
 
@@ -115,6 +117,7 @@ _SLOW = (
     "tests/test_readme.py",
     "tests/test_no_silent_skips.py",
     "tests/calculator/test_store_faults.py",  # subprocess writers, killed and racing
+    "tests/test_ray.py",  # a local Ray cluster per module, actors started per test
     "test_tensorflow.py::test_hvp_symmetry_linearity_and_projection",
     "test_tensorflow.py::test_hvp_equals_the_finite_difference_hessian",
 )

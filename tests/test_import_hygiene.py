@@ -1,4 +1,5 @@
-"""``import krylov_influence`` and a NumPy-engine computation load no deep-learning framework."""
+"""``import krylov_influence`` (with ``krylov_influence.ray``) and a NumPy-engine computation
+load no deep-learning framework, nor Ray or zarr."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def test_core_and_numpy_engine_import_no_framework():
         import krylov_influence as ki
         import krylov_influence.testing
         import krylov_influence.evaluation as evaluation
+        import krylov_influence.ray  # the Ray integration imports Ray only when used
         from krylov_influence.reference import SoftmaxRegression
 
         engines = ki.available_engines()          # loads every engine plugin class
@@ -27,7 +29,7 @@ def test_core_and_numpy_engine_import_no_framework():
         assert values[0].shape == (8,)
         detected = evaluation.mislabel_detection(values[0], np.arange(8) < 2, losses=np.ones(8))
         assert 0.0 <= detected.influence.auc <= 1.0
-        frameworks = ("torch", "jax", "jaxlib", "tensorflow", "keras")
+        frameworks = ("torch", "jax", "jaxlib", "tensorflow", "keras", "ray", "zarr")
         loaded = sorted(m for m in frameworks if m in sys.modules)
         print(",".join(loaded))
         """

@@ -53,7 +53,7 @@ class Layer:
 
     input_shape: tuple[int, ...]
     body: Any
-    dtypes: tuple[str, ...] = ("float64",)
+    dtypes: tuple[str, ...] = ("float64", "float32")
     integer_input: int = 0  # > 0: token ids in [0, integer_input)
 
 

@@ -65,7 +65,7 @@ class Layer:
 
     input_shape: tuple[int, ...]
     body: Any
-    dtypes: tuple[str, ...] = ("float64",)
+    dtypes: tuple[str, ...] = ("float64", "float32")
     integer_input: int = 0  # > 0: token ids in [0, integer_input)
 
 
@@ -164,18 +164,23 @@ _RECURRENT = (
 )
 ROUTES: dict[tuple[str, str], tuple[str, str, str, str]] = {
     ("Conv1D", "float64"): _CONV_FILTER_TANGENT,
+    ("Conv1D", "float32"): _CONV_FILTER_TANGENT,
     ("Conv2D", "float64"): _CONV_FILTER_TANGENT,
     ("Conv2D", "float32"): _CONV_FILTER_TANGENT,
     ("Conv3D", "float64"): _NO_PFOR_RULE,
     ("Conv3D", "float32"): _NO_PFOR_RULE,
     ("Conv2DTranspose", "float64"): _CONV_FILTER_TANGENT,
+    ("Conv2DTranspose", "float32"): _CONV_FILTER_TANGENT,
     ("DepthwiseConv2D", "float64"): _NO_PFOR_RULE,
     ("DepthwiseConv2D", "float32"): _NO_PFOR_RULE,
     ("SeparableConv2D", "float64"): _NO_PFOR_RULE,
+    ("SeparableConv2D", "float32"): _NO_PFOR_RULE,
     ("SimpleRNN", "float64"): _RECURRENT,
+    ("SimpleRNN", "float32"): _RECURRENT,
     ("LSTM", "float64"): _RECURRENT,
     ("LSTM", "float32"): _RECURRENT,
     ("GRU", "float64"): _RECURRENT,
+    ("GRU", "float32"): _RECURRENT,
 }
 KERNELS = ("per_example_grads", "project (jvp)", "hvp", "hvps")
 

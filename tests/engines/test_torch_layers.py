@@ -101,7 +101,7 @@ class Layer:
     input_shape: tuple[int, ...]
     body: Any
     features: int
-    dtypes: tuple[str, ...] = ("float64",)
+    dtypes: tuple[str, ...] = ("float64", "float32")
     integer_input: int = 0  # > 0: token ids in [0, integer_input)
 
 
@@ -174,9 +174,11 @@ _LSTM_ONEDNN = (
 _ATTENTION = tuple(f"{route}, {COMPOSITE}" for route in FAST)
 ROUTES: dict[tuple[str, str], tuple[str, ...]] = {
     ("RNN", "float64"): _RECURRENT,
+    ("RNN", "float32"): _RECURRENT,
     ("LSTM", "float64"): _RECURRENT,
     ("LSTM", "float32"): _LSTM_ONEDNN,
     ("GRU, mean over time", "float64"): _RECURRENT,
+    ("GRU, mean over time", "float32"): _RECURRENT,
     ("MultiheadAttention", "float64"): _ATTENTION,
     ("MultiheadAttention", "float32"): _ATTENTION,
 }

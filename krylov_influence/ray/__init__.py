@@ -1,0 +1,28 @@
+"""krylov_influence on a Ray cluster (the extra ``krylov-influence[ray]``).
+
+Importing this module does not import Ray; its classes and functions do, when used. See
+``docs/cluster.md``.
+
+- :class:`RayHessianData`: Hessian data spread over Ray actors, one shard each; pass it to
+  the calculator as ``hessian_dataset=`` and the fit's Hessian-vector products run on the
+  actors (:class:`RayHessianOperator`, the weighted mean of their shards' products).
+- :func:`split_batches`: a list of batches as consecutive shards.
+- :func:`score_training_set`: self-influence and influence vectors of a training set from a
+  fitted calculator, computed by actors holding a model, in order with global example ids,
+  optionally written to a zarr store block by block (a rerun skips completed blocks).
+- :func:`score_dataset`: the same for the rows of a ``ray.data.Dataset`` (Ray Data batch
+  inference with ``map_batches`` on an actor pool), keyed by an id column, lazily.
+"""
+
+from krylov_influence.ray._dataset import score_dataset
+from krylov_influence.ray._hessian import RayHessianData, RayHessianOperator, split_batches
+from krylov_influence.ray._scoring import RayScores, score_training_set
+
+__all__ = [
+    "RayHessianData",
+    "RayHessianOperator",
+    "RayScores",
+    "score_dataset",
+    "score_training_set",
+    "split_batches",
+]
