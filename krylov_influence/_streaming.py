@@ -91,13 +91,32 @@ class Placement:
                 stage,
                 index,
             )
-        grads = self.gradients(batch, index, stage)
-        projected = self.project_gradients(grads)
+        if isinstance(self.projector, HostProjector):  # G in row chunks: gradients formed
+            grads = self.gradients(batch, index, stage)
+            projected, norms = self.project_gradients(grads), xp.sum(grads * grads, axis=1)
+        else:
+            projected, norms = self._projected_with_norms(batch, index, stage)
         squared = projected * projected
         values = xp.sum(squared * self.inverse, axis=1)
-        norms = xp.sum(grads * grads, axis=1)
         values = values + self.complement_weight * (norms - xp.sum(squared, axis=1))
         return require_finite(xp, values, "self-influence", stage, index)
+
+    def _projected_with_norms(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
+        """``model.project_with_norms`` with the checks of :meth:`projections`."""
+        xp = self.xp
+        if self.model.batch_size(batch) == 0:
+            raise ValueError(f"{stage}: batch {index} is empty")
+        try:
+            projected, norms = self.model.project_with_norms(self.projector, batch)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
+            raise type(error)(
+                f"{stage}: batch {index} cannot be projected ({type(error).__name__}: {error})"
+            ) from error
+        if not (bool(xp.all(xp.isfinite(projected))) and bool(xp.all(xp.isfinite(norms)))):
+            raise NonFiniteError(
+                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
+            )
+        return projected, norms
 
     def gradient_norms(self, batch: Any, index: int, stage: str) -> Any:
         """``‖g‖²`` of every example of ``batch``, shape (B,) (the complement's share)."""
@@ -145,18 +164,21 @@ class Placement:
         return self.project_gradients(grads), grads
 
     def complement_scores(
-        self, projected: Any, query_grads: Any, train_grads: Any, vectors: Any, index: int
+        self, projected: Any, query_grads: Any, batch: Any, vectors: Any, index: int
     ) -> Any:
         """Scores of a query block against a training batch, complement included.
 
         ``P_x v_zᵀ + w (g_x g_zᵀ − P_x P_zᵀ)`` with ``P_z = v_z (λ + δ)``: the truncated
-        scores plus ``w`` times the gradients' inner product outside the kept directions.
+        scores plus ``w`` times the gradients' inner product outside the kept directions,
+        ``g_x g_zᵀ`` from projecting the training batch onto the query gradients (the
+        engine's own projection kernel: on JAX and torch faster than forming the training
+        gradients and multiplying them).
 
         Parameters
         ----------
         projected : array, shape (B_query, k)
         query_grads : array, shape (B_query, p)
-        train_grads : array, shape (B_train, p)
+        batch : the training batch
         vectors : array, shape (B_train, k)
             The training batch's influence vectors.
         index : int
@@ -168,11 +190,11 @@ class Placement:
         """
         xp = self.xp
         assert self.complement_weight is not None
-        cross = xp.matmul(query_grads, xp.permute_dims(train_grads, (1, 0)))
+        cross = self.model.project(query_grads, batch)  # (B_train, B_query)
         train_projected = vectors / self.inverse
         truncated = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
         overlap = xp.matmul(projected, xp.permute_dims(train_projected, (1, 0)))
-        scores = truncated + self.complement_weight * (cross - overlap)
+        scores = truncated + self.complement_weight * (xp.permute_dims(cross, (1, 0)) - overlap)
         return require_finite(xp, scores, "scores", "train_set", index)
 
     @property
@@ -360,25 +382,6 @@ class TrainingVectors:
             return len(self.store.batch_sizes)
         return dataset_length(self.train_set)
 
-    def paired_with_gradients(self) -> Iterator[tuple[Any, Any, Any]]:
-        """``(train batch, influence vectors (B, k), gradients (B, p))`` in order.
-
-        The spectral complement's training pass: it needs every training gradient once per
-        query batch, and without a store the same gradients give the vectors too.
-        """
-        placement = self.placement
-        if self.store is None:
-
-            def produce(index: int, batch: Any) -> tuple[Any, Any, Any]:
-                grads = placement.gradients(batch, index, "train_set")
-                vectors = placement.project_gradients(grads) * placement.inverse
-                return batch, vectors, grads
-
-            yield from batch_stream(self.train_set, "train_set", produce, placement.show_progress)
-            return
-        for index, (batch, vectors) in enumerate(self.paired()):
-            yield batch, vectors, placement.gradients(batch, index, "train_set")
-
     def paired(self) -> Iterator[tuple[Any, Any]]:
         """``(train batch, influence vectors (B, k))`` in order.
 
@@ -466,12 +469,7 @@ def prepare_training_vectors(
             return TrainingVectors(placement, train_set, memory, load_argument)
         return TrainingVectors(placement, train_set, loaded, load_argument)
     require_data(train_set, "train_set")
-    # With the spectral complement every query batch needs the training gradients again, and
-    # they give the vectors for free: vectors held in memory would save nothing.
-    in_memory = cache is CACHE.MEMORY and (
-        placement.complement_weight is None or save_path is not None
-    )
-    if kept is not None or in_memory:
+    if kept is not None or cache is CACHE.MEMORY:
         if kept is not None:
             arrays, losses = list(kept.blocks(model.from_numpy)), kept.losses
         else:

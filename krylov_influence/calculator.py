@@ -1120,13 +1120,11 @@ class ArnoldiInfluenceCalculator:
         def scores_against_training(projected: Any, query_grads: Any) -> BatchStream:
             def run() -> Iterator[tuple[Any, Any]]:
                 if query_grads is not None:
-                    for index, (batch, vectors, grads) in enumerate(
-                        training.paired_with_gradients()
-                    ):
+                    for index, (batch, vectors) in enumerate(training.paired()):
                         yield (
                             batch,
                             placement.complement_scores(
-                                projected, query_grads, grads, vectors, index
+                                projected, query_grads, batch, vectors, index
                             ),
                         )
                     return
@@ -1279,8 +1277,8 @@ class ArnoldiInfluenceCalculator:
             """Exact top-k over the complement's score blocks (one training pass)."""
             running = RunningTopK(k, order, xp=xp, device=placement.model.device)
             start = 0
-            for t, (_, vectors, grads) in enumerate(training.paired_with_gradients()):
-                scores = placement.complement_scores(projected, query_grads, grads, vectors, t)
+            for t, (batch, vectors) in enumerate(training.paired()):
+                scores = placement.complement_scores(projected, query_grads, batch, vectors, t)
                 running.update(convert(scores), start)
                 start += int(scores.shape[1])
             if k > start:

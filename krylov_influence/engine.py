@@ -305,6 +305,27 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
     def per_example_grads(self, batch: Any) -> Any:
         """Per-example gradients of the loss, shape (B, p). Meant for small models."""
 
+    def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:
+        """``(project(projector, batch), squared_gradient_norms(batch))`` from one pass.
+
+        What self-influence with the spectral complement needs. The default forms the (B, p)
+        per-example gradients once; engines with a faster projection kernel override it.
+
+        Parameters
+        ----------
+        projector : array, shape (k, p)
+        batch : a batch of B examples
+
+        Returns
+        -------
+        projected : array, shape (B, k)
+        norms : array, shape (B,)
+        """
+        xp = self.xp
+        grads = self.per_example_grads(batch)
+        projected = xp.matmul(grads, xp.permute_dims(projector, (1, 0)))
+        return projected, xp.sum(grads * grads, axis=1)
+
     def squared_gradient_norms(self, batch: Any) -> Any:
         """``‖∇ℓ_b‖²`` of every example, shape (B,) (for the spectral complement).
 

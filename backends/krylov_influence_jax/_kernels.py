@@ -156,6 +156,16 @@ def gradient_project(
         return gradients @ G.T
 
 
+@_static
+def gradient_project_with_norms(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
+) -> tuple[Any, Any]:
+    """``(B, k)`` projections and ``(B,)`` squared gradient norms, in one program."""
+    gradients = _per_example_grads(program, theta, fixed, x, y, l2)
+    with jax.default_matmul_precision(_HIGHEST):
+        return gradients @ G.T, jnp.sum(gradients * gradients, axis=1)
+
+
 def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
 
     def one(xi: Any, yi: Any) -> Any:

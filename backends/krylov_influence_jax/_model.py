@@ -265,6 +265,14 @@ class JaxInfluenceModel(InfluenceModel):
             self._program, self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk
         )
 
+    def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:
+        """``G g`` (B, k) and ``‖g‖²`` (B,) from one compiled per-example gradient program."""
+        G = self._vector(projector, 2, "projector")
+        staged = self._stage(batch)
+        return _kernels.gradient_project_with_norms(
+            self._program, self._theta, self._fixed, staged.x, staged.y, G, self._l2_array
+        )
+
     def per_example_grads(self, batch: Any) -> Any:
         """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``."""
         staged = self._stage(batch)

@@ -395,6 +395,26 @@ class TorchInfluenceModel(InfluenceModel):
                 projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
         return projected
 
+    def project_with_norms(self, projector: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G g`` (B, k) and ``‖g‖²`` (B,) from one per-example gradient pass, per parameter
+        (no flat (B, p) copy). With ``l2``, ``‖g + l2 θ‖² = ‖g‖² + 2 l2 θ·g + l2² ‖θ‖²``,
+        ``θ·g`` being one more row of the same projection."""
+        projector = self._as_matrix(projector, 2, "projector")
+        prepared = self.prepare(batch)
+        size = prepared.size
+        with self._evaluating():
+            grads = self._operators["per_example_grads"](self._theta, prepared)
+            rows = torch.cat([projector, self._theta[None, :]]) if self._l2 else projector
+            projected = self._functional.project_gradients(grads, rows, size)
+            norms = sum(g.reshape(size, -1).square().sum(dim=1) for g in grads)
+            assert isinstance(norms, torch.Tensor)
+            if self._l2:
+                theta_dot, projected = projected[:, -1], projected[:, :-1]
+                l2 = self._l2
+                norms = norms + 2 * l2 * theta_dot + l2 * l2 * self._theta.square().sum()
+                projected = projected + l2 * (projector @ self._theta)[None, :]
+        return projected, norms
+
     def per_example_grads(self, batch: Any) -> torch.Tensor:
         """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``
         (or a fallback route, see :attr:`routes`)."""

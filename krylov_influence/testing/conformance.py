@@ -244,7 +244,7 @@ class EngineConformance:
     def test_spectral_complement_is_its_formula(self, spec: MLPSpec, data: Any) -> None:
         # k < p with complement=c: every score is g_zᵀ [Gᵀ diag(1/(λ+δ)) G + (I − GᵀG)/(c+δ)]
         # g_x with the fit's own G and λ, and the spec's backpropagation gradients; the
-        # engine's squared gradient norms and query-gradient projections are what is tested.
+        # engine's project_with_norms and query-gradient projections are what is tested.
         p = spec.num_parameters
         assume(p >= 3)
         model, batches = self._build(spec, "float64")
