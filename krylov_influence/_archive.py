@@ -338,21 +338,7 @@ class ArchiveReader:
             raise self.error(f"member {member!r} is missing")
         try:
             with self._lock, self._zip.open(info) as stream:
-                version = np.lib.format.read_magic(stream)
-                if version == (1, 0):
-                    header = np.lib.format.read_array_header_1_0(stream)
-                elif version in ((2, 0), (3, 0)):
-                    header = np.lib.format.read_array_header_2_0(stream)
-                else:
-                    raise ValueError(f"unsupported .npy version {version}")
-                found_shape, fortran, dtype = header
-                if dtype.hasobject or dtype.name not in dtypes:
-                    raise self.error(f"member {member!r} has dtype {dtype}, expected {dtypes}")
-                if shape is not None and tuple(found_shape) != tuple(shape):
-                    raise self.error(
-                        f"member {member!r} has shape {tuple(found_shape)}, but the metadata "
-                        f"says {tuple(shape)}"
-                    )
+                found_shape, fortran, dtype = self._checked_header(stream, member, shape, dtypes)
                 nbytes = int(np.prod(found_shape, dtype=np.int64)) * dtype.itemsize
                 if stream.tell() + nbytes != info.file_size:
                     raise self.error(
@@ -370,6 +356,28 @@ class ArchiveReader:
         array = np.frombuffer(buffer, dtype=dtype)
         shaped = array.reshape(tuple(found_shape), order="F" if fortran else "C")
         return shaped.astype(dtype.newbyteorder("="), copy=False)
+
+    def _checked_header(
+        self, stream: Any, member: str, shape: tuple[int, ...] | None, dtypes: tuple[str, ...]
+    ) -> tuple[tuple[int, ...], bool, np.dtype]:
+        """The ``.npy`` header of ``member`` read from ``stream``, checked against the shape
+        the metadata implies and the accepted dtypes (object arrays never are)."""
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            header = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        found_shape, fortran, dtype = header
+        if dtype.hasobject or dtype.name not in dtypes:
+            raise self.error(f"member {member!r} has dtype {dtype}, expected {dtypes}")
+        if shape is not None and tuple(found_shape) != tuple(shape):
+            raise self.error(
+                f"member {member!r} has shape {tuple(found_shape)}, but the metadata "
+                f"says {tuple(shape)}"
+            )
+        return tuple(found_shape), bool(fortran), dtype
 
     def locate_array(
         self,
@@ -401,21 +409,9 @@ class ArchiveReader:
             raise self.error(f"member {member!r} is missing")
         try:
             with self._lock, self._zip.open(info) as stream:
-                version = np.lib.format.read_magic(stream)
-                if version == (1, 0):
-                    header = np.lib.format.read_array_header_1_0(stream)
-                elif version in ((2, 0), (3, 0)):
-                    header = np.lib.format.read_array_header_2_0(stream)
-                else:
-                    raise ValueError(f"unsupported .npy version {version}")
-                found_shape, fortran, dtype = header
-                if dtype.hasobject or dtype.name not in dtypes or fortran:
-                    raise self.error(f"member {member!r} has dtype {dtype}, expected {dtypes}")
-                if tuple(found_shape) != tuple(shape):
-                    raise self.error(
-                        f"member {member!r} has shape {tuple(found_shape)}, but the metadata "
-                        f"says {tuple(shape)}"
-                    )
+                found_shape, fortran, dtype = self._checked_header(stream, member, shape, dtypes)
+                if fortran:
+                    raise self.error(f"member {member!r} is in Fortran order")
                 data_start = stream.tell()
                 nbytes = int(np.prod(found_shape, dtype=np.int64)) * dtype.itemsize
                 if data_start + nbytes != info.file_size:

@@ -103,20 +103,35 @@ class Placement:
 
     def _projected_with_norms(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
         """``model.project_with_norms`` with the checks of :meth:`projections`."""
+        projected, norms = self._checked(
+            lambda: self.model.project_with_norms(self.projector, batch),
+            batch,
+            index,
+            stage,
+            "cannot be projected",
+        )
+        return projected, norms
+
+    def _checked(
+        self, compute: Callable[[], Any], batch: Any, index: int, stage: str, failure: str
+    ) -> Any:
+        """``compute()`` for a non-empty batch, its errors naming the batch; every array it
+        returns (one, or a tuple) must be finite (``NonFiniteError`` otherwise)."""
         xp = self.xp
         if self.model.batch_size(batch) == 0:
             raise ValueError(f"{stage}: batch {index} is empty")
         try:
-            projected, norms = self.model.project_with_norms(self.projector, batch)
+            result = compute()
         except (RuntimeError, TypeError, ValueError, AssertionError) as error:
             raise type(error)(
-                f"{stage}: batch {index} cannot be projected ({type(error).__name__}: {error})"
+                f"{stage}: batch {index} {failure} ({type(error).__name__}: {error})"
             ) from error
-        if not (bool(xp.all(xp.isfinite(projected))) and bool(xp.all(xp.isfinite(norms)))):
-            raise NonFiniteError(
-                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
-            )
-        return projected, norms
+        for array in result if isinstance(result, tuple) else (result,):
+            if not bool(xp.all(xp.isfinite(array))):
+                raise NonFiniteError(
+                    f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
+                )
+        return result
 
     def gradient_norms(self, batch: Any, index: int, stage: str) -> Any:
         """``‖g‖²`` of every example of ``batch``, shape (B,) (the complement's share)."""
@@ -126,21 +141,13 @@ class Placement:
 
     def gradients(self, batch: Any, index: int, stage: str) -> Any:
         """Per-example gradients of ``batch``, shape (B, p); non-finite is an error."""
-        xp = self.xp
-        if self.model.batch_size(batch) == 0:
-            raise ValueError(f"{stage}: batch {index} is empty")
-        try:
-            grads = self.model.per_example_grads(batch)
-        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
-            raise type(error)(
-                f"{stage}: batch {index} has no per-example gradients "
-                f"({type(error).__name__}: {error})"
-            ) from error
-        if not bool(xp.all(xp.isfinite(grads))):
-            raise NonFiniteError(
-                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
-            )
-        return grads
+        return self._checked(
+            lambda: self.model.per_example_grads(batch),
+            batch,
+            index,
+            stage,
+            "has no per-example gradients",
+        )
 
     def project_gradients(self, grads: Any) -> Any:
         """``G g`` from gradients already formed: (B, p) → (B, k)."""
@@ -203,20 +210,9 @@ class Placement:
 
     def projections(self, batch: Any, index: int, stage: str) -> Any:
         """``G g`` for every example of ``batch``: shape (B, k); non-finite is an error."""
-        xp = self.xp
-        if self.model.batch_size(batch) == 0:
-            raise ValueError(f"{stage}: batch {index} is empty")
-        try:
-            projected = self._project(batch)
-        except (RuntimeError, TypeError, ValueError, AssertionError) as error:
-            raise type(error)(
-                f"{stage}: batch {index} cannot be projected ({type(error).__name__}: {error})"
-            ) from error
-        if not bool(xp.all(xp.isfinite(projected))):
-            raise NonFiniteError(
-                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
-            )
-        return projected
+        return self._checked(
+            lambda: self._project(batch), batch, index, stage, "cannot be projected"
+        )
 
     def _project(self, batch: Any) -> Any:
         """``model.project(G, batch)``; with ``G`` off the device, over chunks of its rows."""
