@@ -12,7 +12,8 @@ stay on the device: each Arnoldi step moves one p-vector to the host and one bac
 The arithmetic is the device path's (the same CGS2 sequence, the same generator draws for
 restarts) with sums split over column blocks, so results agree to round-off.
 
-Private to :mod:`krylov_influence.arnoldi` and the calculator (``basis_location=``).
+Used by :mod:`krylov_influence.arnoldi` (``host_basis=``) and the calculator
+(``basis_location=``).
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from krylov_influence.errors import NonFiniteError
-
-__all__ = ["HostBasis", "HostProjector", "RowFile", "host_arnoldi"]
+__all__ = ["HostBasis", "HostProjector", "RowFile"]
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -381,64 +380,3 @@ class HostProjector:
             if self.path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
-
-
-def host_arnoldi(
-    operator: Any,
-    basis: HostBasis,
-    *,
-    rng: np.random.Generator,
-    rtol: float,
-    xp: Any,
-    op_dtype: Any,
-    work_dtype: Any,
-    host: Callable[[Any], np.ndarray],
-    to_device: Callable[[np.ndarray], Any],
-    progress: Callable[[int], None] | None,
-    resume: Any,
-    due: Callable[[int], bool],
-    checkpoint: Callable[..., None] | None,
-) -> tuple[np.ndarray, float, list[int], float]:
-    """The single-vector Arnoldi loop of :func:`~krylov_influence.arnoldi.arnoldi_iteration`
-    with ``basis`` on the host; fills ``basis`` and returns ``(hessenberg, residual norm,
-    restarts, norm estimate)``."""
-    n, p = basis.shape
-    if resume is None:
-        start = rng.standard_normal(p)
-        basis.array[0] = (start / np.linalg.norm(start)).astype(basis.dtype)
-        hessenberg = np.zeros((n, n), dtype=np.float64)
-        restarts: list[int] = []
-        norm_estimate, first = 0.0, 0
-    else:
-        basis.array[: resume.basis_rows.shape[0]] = resume.basis_rows
-        hessenberg = resume.hessenberg.copy()
-        restarts = list(resume.restarts)
-        norm_estimate, first = resume.norm_estimate, resume.products
-    residual_norm = 0.0
-    for j in range(first, n):
-        q = to_device(np.asarray(basis.array[j]))
-        w = operator.mv(q if op_dtype == work_dtype else xp.astype(q, op_dtype))
-        w_host = np.array(host(w), dtype=basis.dtype, copy=True)
-        w_host, coefficients, product_norm, beta = basis.cgs2(j + 1, w_host)
-        if not (np.all(np.isfinite(coefficients)) and math.isfinite(beta + product_norm)):
-            raise NonFiniteError(
-                f"the operator product at Arnoldi iteration {j + 1} of {n} returned non-finite "
-                "values (NaN or Inf): check the loss and the Hessian data"
-            )
-        hessenberg[: j + 1, j] = coefficients
-        norm_estimate = max(norm_estimate, product_norm)
-        if progress is not None:
-            progress(1)
-        if j + 1 == n:
-            residual_norm = beta
-            break
-        if beta <= rtol * norm_estimate:
-            restarts.append(j + 1)
-            basis.array[j + 1] = basis.fresh_direction(j + 1, rng)
-        else:
-            hessenberg[j + 1, j] = beta
-            basis.array[j + 1] = w_host * basis.dtype.type(1.0 / beta)
-        if due(j + 1):
-            assert checkpoint is not None
-            checkpoint(j + 1, j + 2, hessenberg, restarts, norm_estimate)
-    return hessenberg, float(residual_norm), restarts, float(norm_estimate)

@@ -46,7 +46,7 @@ from krylov_influence._gram_schmidt import (
     orthogonality_loss,
     padded_rows,
 )
-from krylov_influence._host_basis import HostBasis, host_arnoldi
+from krylov_influence._host_basis import HostBasis
 from krylov_influence.errors import NonFiniteError
 
 __all__ = [
@@ -317,46 +317,11 @@ def arnoldi_iteration(
         if host_basis.shape != (n, p):
             raise ValueError(f"host_basis: expected shape ({n}, {p}), got {host_basis.shape}")
 
-        def save_host_state(
-            products: int, rows: int, hessenberg: np.ndarray, restarts: list[int], norm: float
-        ) -> None:
-            assert checkpoint is not None and host_basis is not None
-            checkpoint(
-                ArnoldiState(
-                    products=products,
-                    basis_rows=np.array(host_basis.array[:rows], copy=True),
-                    hessenberg=hessenberg.copy(),
-                    restarts=tuple(restarts),
-                    norm_estimate=float(norm),
-                    rng_state=dict(rng.bit_generator.state),
-                    block_size=1,
-                )
-            )
-
-        hessenberg, residual, restarts_found, estimate = host_arnoldi(
-            operator,
-            host_basis,
-            rng=rng,
-            rtol=rtol,
-            xp=xp,
-            op_dtype=op_dtype,
-            work_dtype=work_dtype,
-            host=host,
-            to_device=to_device,
-            progress=progress,
-            resume=resume,
-            due=due,
-            checkpoint=save_host_state,
+        rows_store: _Rows = _HostRows(host_basis, host, to_device)
+    else:
+        rows_store = _DeviceRows(
+            xp.zeros((n, p), dtype=work_dtype, device=device), xp, host, to_device
         )
-        return ArnoldiResult(
-            basis=host_basis,
-            hessenberg=hessenberg,
-            residual_norm=residual,
-            restarts=tuple(restarts_found),
-            orthogonality_loss=host_basis.orthogonality_loss() if check_orthogonality else None,
-            operator_norm_estimate=estimate,
-        )
-
     if block_size > 1:
         from krylov_influence._block_arnoldi import block_arnoldi  # imports this module
 
@@ -382,14 +347,13 @@ def arnoldi_iteration(
 
     if resume is None:
         start = rng.standard_normal(p)
-        basis = xp.zeros((n, p), dtype=work_dtype, device=device)
-        basis = _xp.set_row(xp, basis, 0, to_device(start / np.linalg.norm(start)))
+        rows_store.start((start / np.linalg.norm(start)).astype(np.float64))
         hessenberg = np.zeros((n, n), dtype=np.float64)
         restarts: list[int] = []
         norm_estimate = 0.0
         first = 0
     else:
-        basis = restored_basis()
+        rows_store.restore(resume.basis_rows)
         hessenberg = resume.hessenberg.copy()
         restarts = list(resume.restarts)
         norm_estimate = resume.norm_estimate
@@ -397,13 +361,11 @@ def arnoldi_iteration(
     residual_norm = 0.0
 
     for j in range(first, n):
-        q = basis[j, ...]
+        q = rows_store.row(j)
         w = operator.mv(q if op_dtype == work_dtype else xp.astype(q, op_dtype))
         if w.dtype != work_dtype:
             w = xp.astype(w, work_dtype)
-        active = basis[: padded_rows(j + 1, n), ...]
-        w, coeffs, product_norm, beta = orthogonalise(xp, active, w, host)
-        coeffs = coeffs[: j + 1]
+        w, coeffs, product_norm, beta = rows_store.orthogonalise(j + 1, w)
         if not (np.all(np.isfinite(coeffs)) and math.isfinite(beta + product_norm)):
             raise NonFiniteError(
                 f"the operator product at Arnoldi iteration {j + 1} of {n} returned non-finite "
@@ -420,20 +382,30 @@ def arnoldi_iteration(
             # Invariant subspace: never divide by a round-off-sized beta. The dropped coupling
             # q_{j+1}ᵀ A q_j is below rtol·‖A‖, so H_n stays Q A Qᵀ to working precision.
             restarts.append(j + 1)
-            nxt = fresh_direction(xp, active, rng, to_device, host)
+            rows_store.set(j + 1, rows_store.fresh_direction(j + 1, rng))
         else:
             hessenberg[j + 1, j] = beta
-            nxt = w * (1.0 / beta)
-        basis = _xp.set_row(xp, basis, j + 1, nxt)
+            rows_store.set(j + 1, w * (1.0 / beta))
         if due(j + 1):
-            save_state(j + 1, basis, j + 2, hessenberg, restarts, norm_estimate)
+            assert checkpoint is not None
+            checkpoint(
+                ArnoldiState(
+                    products=j + 1,
+                    basis_rows=rows_store.host_rows(j + 2),
+                    hessenberg=hessenberg.copy(),
+                    restarts=tuple(restarts),
+                    norm_estimate=float(norm_estimate),
+                    rng_state=dict(rng.bit_generator.state),
+                    block_size=1,
+                )
+            )
 
     return ArnoldiResult(
-        basis=basis,
+        basis=rows_store.result(),
         hessenberg=hessenberg,
         residual_norm=float(residual_norm),
         restarts=tuple(restarts),
-        orthogonality_loss=orthogonality_loss(xp, basis, host) if check_orthogonality else None,
+        orthogonality_loss=rows_store.orthogonality_loss() if check_orthogonality else None,
         operator_norm_estimate=float(norm_estimate),
     )
 
@@ -476,3 +448,93 @@ def _checkpoint_schedule(
         return True
 
     return due
+
+
+class _Rows(Protocol):
+    """Where the single-vector iteration keeps its basis rows (device, or host/disk)."""
+
+    def start(self, vector: np.ndarray) -> None: ...
+    def restore(self, rows: np.ndarray) -> None: ...
+    def row(self, index: int) -> Any: ...
+    def orthogonalise(self, rows: int, w: Any) -> tuple[Any, np.ndarray, float, float]: ...
+    def fresh_direction(self, rows: int, rng: np.random.Generator) -> Any: ...
+    def set(self, index: int, row: Any) -> None: ...
+    def host_rows(self, rows: int) -> np.ndarray: ...
+    def orthogonality_loss(self) -> float: ...
+    def result(self) -> Any: ...
+
+
+class _DeviceRows:
+    """The basis as an (n, p) array of the operator's namespace: CGS2 as compiled products."""
+
+    def __init__(self, zeros: Any, xp: Any, host: Callable[[Any], np.ndarray], to_device: Any):
+        self.basis, self.xp, self.host, self.to_device = zeros, xp, host, to_device
+        self.n = int(zeros.shape[0])
+
+    def start(self, vector: np.ndarray) -> None:
+        self.set(0, self.to_device(vector))
+
+    def restore(self, rows: np.ndarray) -> None:
+        for i in range(rows.shape[0]):
+            self.set(i, self.to_device(rows[i]))
+
+    def _active(self, rows: int) -> Any:
+        return self.basis[: padded_rows(rows, self.n), ...]
+
+    def row(self, index: int) -> Any:
+        return self.basis[index, ...]
+
+    def orthogonalise(self, rows: int, w: Any) -> tuple[Any, np.ndarray, float, float]:
+        w, coeffs, product_norm, beta = orthogonalise(self.xp, self._active(rows), w, self.host)
+        return w, coeffs[:rows], product_norm, beta
+
+    def fresh_direction(self, rows: int, rng: np.random.Generator) -> Any:
+        return fresh_direction(self.xp, self._active(rows), rng, self.to_device, self.host)
+
+    def set(self, index: int, row: Any) -> None:
+        self.basis = _xp.set_row(self.xp, self.basis, index, row)
+
+    def host_rows(self, rows: int) -> np.ndarray:
+        return np.array(self.host(self.basis[:rows, ...]), copy=True)
+
+    def orthogonality_loss(self) -> float:
+        return orthogonality_loss(self.xp, self.basis, self.host)
+
+    def result(self) -> Any:
+        return self.basis
+
+
+class _HostRows:
+    """The basis in a :class:`HostBasis` (host memory or disk): CGS2 over column blocks on the
+    host, one p-vector moved each way per step."""
+
+    def __init__(self, basis: HostBasis, host: Callable[[Any], np.ndarray], to_device: Any):
+        self.basis, self.host, self.to_device = basis, host, to_device
+
+    def start(self, vector: np.ndarray) -> None:
+        self.basis.array[0] = vector.astype(self.basis.dtype)
+
+    def restore(self, rows: np.ndarray) -> None:
+        self.basis.array[: rows.shape[0]] = rows
+
+    def row(self, index: int) -> Any:
+        return self.to_device(np.asarray(self.basis.array[index]))
+
+    def orthogonalise(self, rows: int, w: Any) -> tuple[Any, np.ndarray, float, float]:
+        w_host = np.array(self.host(w), dtype=self.basis.dtype, copy=True)
+        return self.basis.cgs2(rows, w_host)
+
+    def fresh_direction(self, rows: int, rng: np.random.Generator) -> Any:
+        return self.basis.fresh_direction(rows, rng)
+
+    def set(self, index: int, row: Any) -> None:
+        self.basis.array[index] = np.asarray(row, dtype=self.basis.dtype)
+
+    def host_rows(self, rows: int) -> np.ndarray:
+        return np.array(self.basis.array[:rows], copy=True)
+
+    def orthogonality_loss(self) -> float:
+        return self.basis.orthogonality_loss()
+
+    def result(self) -> HostBasis:
+        return self.basis
