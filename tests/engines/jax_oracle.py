@@ -11,7 +11,6 @@ Used by ``test_jax_models.py`` and ``test_jax_layers.py``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+try:  # pytest puts this folder on sys.path; `python -m tests.engines...` does not
+    from layer_matrix import assert_products_close, rtol
+except ImportError:  # pragma: no cover - only when run as a module for the docs table
+    from tests.engines.layer_matrix import assert_products_close, rtol
+
+# The product check and its tolerance are the layer matrices' (re-exported for the JAX files).
+__all__ = ["Oracle", "assert_products_close", "cross_entropy", "oracle", "rtol"]
 
 
 @dataclass
@@ -64,23 +71,3 @@ def cross_entropy(logits: Any, labels: Any) -> Any:
     """``−log softmax(logits)_y`` per example, shape (B,)."""
     picked = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
     return jax.nn.logsumexp(logits, axis=1) - picked
-
-
-def rtol(dtype: str) -> float:
-    """``4·sqrt(eps)``: 1.4e-3 in float32, 6e-8 in float64 (as in test_tensorflow_layers)."""
-    return 4.0 * math.sqrt(float(np.finfo(dtype).eps))
-
-
-def assert_products_close(actual: Any, left: Any, right: Any, dtype: str) -> None:
-    """``actual ≈ left @ right`` within rtol × the row's largest entry of ``|left| @ |right|``.
-
-    That is the scale of the rounding in each row's sums of products; entries that vanish by
-    structure come out as rounding noise, so an entrywise relative test would be meaningless.
-    """
-    left = np.asarray(left, dtype=np.float64)
-    right = np.asarray(right, dtype=np.float64)
-    expected = left @ right
-    scale = np.max(np.abs(left) @ np.abs(right), axis=1, keepdims=True) + np.finfo(dtype).tiny
-    error = np.abs(np.asarray(actual, dtype=np.float64) - expected)
-    worst = float(np.max(error / scale))
-    assert worst <= rtol(dtype), f"max relative error {worst:.2e} > {rtol(dtype):.2e}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,10 @@ except ImportError:  # pragma: no cover - only when run as a module for the docs
 import krylov_influence  # noqa: E402
 from krylov_influence_jax._model import ROUTES, JaxInfluenceModel  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "layers.md"
+try:  # pytest puts this folder on sys.path; `python -m tests.engines...` does not
+    import layer_matrix
+except ImportError:  # pragma: no cover - only when run as a module for the docs table
+    from tests.engines import layer_matrix
 NUM_EXAMPLES = 5
 
 
@@ -280,24 +282,22 @@ def test_hvps_match_the_dense_hessian(name, dtype, block):
 # ------------------------------------------------------------------------------ the docs
 def routes_table() -> str:
     """The markdown table of docs/layers.md (JAX): the routes these tests assert, per layer."""
-    header = (
-        '| nnx layer | dtype | `per_example_grads`, `projection="gradients"` '
-        '| `projection="jvp"` | `hvps`, block 1 | `hvps`, block ≥ 2 |\n'
-        "|---|---|---|---|---|---|\n"
+    return layer_matrix.routes_table(
+        "nnx layer",
+        [
+            '`per_example_grads`, `projection="gradients"`',
+            '`projection="jvp"`',
+            "`hvps`, block 1",
+            "`hvps`, block ≥ 2",
+        ],
+        CASES,
+        lambda name, dtype, i: expected_route(name, dtype, KERNELS[i]),
+        FAST,
     )
-    rows = []
-    for name, dtype in CASES:
-        cells = [expected_route(name, dtype, kernel) for kernel in KERNELS]
-        marked = [cell if cell in FAST else f"**{cell}**" for cell in cells]
-        rows.append(f"| {name} | {dtype} | " + " | ".join(marked) + " |\n")
-    return header + "".join(rows)
 
 
 def test_the_docs_table_is_current():
-    assert routes_table() in DOCS.read_text(encoding="utf-8"), (
-        "docs/layers.md is stale: regenerate the JAX table with "
-        "`python -m tests.engines.test_jax_layers`"
-    )
+    layer_matrix.assert_docs_has(routes_table(), "tests.engines.test_jax_layers")
 
 
 if __name__ == "__main__":

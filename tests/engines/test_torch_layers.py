@@ -23,10 +23,8 @@ float32 and float64 alike.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +49,12 @@ from krylov_influence_torch._model import (  # noqa: E402
     VECTORISED,
 )
 
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "layers.md"
+try:  # pytest puts this folder on sys.path; `python -m tests.engines...` does not
+    import layer_matrix
+    from layer_matrix import assert_products_close, rtol
+except ImportError:  # pragma: no cover - only when run as a module for the docs table
+    from tests.engines import layer_matrix
+    from tests.engines.layer_matrix import assert_products_close, rtol
 NUM_EXAMPLES = 5
 
 
@@ -267,25 +270,6 @@ def case(name: str, dtype: str) -> Case:
     return Case(model, x, y, _oracle_gradients(model, x, y), _oracle_hessian(model, x, y), bound)
 
 
-def rtol(dtype: str) -> float:
-    """``4·sqrt(eps)``: 1.4e-3 in float32, 6e-8 in float64."""
-    return 4.0 * math.sqrt(float(np.finfo(dtype).eps))
-
-
-def assert_products_close(actual, left, right, dtype: str) -> None:
-    """``actual ≈ left @ right`` within rtol × the row's largest entry of ``|left| @ |right|``.
-
-    That is the scale of the rounding in each row's sums of products. Entries that vanish by
-    structure (an attention key bias has zero gradient: softmax ignores it) come out as
-    rounding noise, so an entrywise relative test would be meaningless for them.
-    """
-    expected = left @ right
-    scale = np.max(np.abs(left) @ np.abs(right), axis=1, keepdims=True) + np.finfo(dtype).tiny
-    error = np.abs(np.asarray(actual, dtype=np.float64) - expected)
-    worst = float(np.max(error / scale))
-    assert worst <= rtol(dtype), f"max relative error {worst:.2e} > {rtol(dtype):.2e}"
-
-
 def _quietly(function, *args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RouteFallbackWarning)
@@ -492,25 +476,24 @@ def test_a_module_that_rejects_the_batch_raises_its_own_error():
 # ------------------------------------------------------------------------------ the docs
 def routes_table() -> str:
     """The markdown table of docs/layers.md: the routes these tests assert, per layer."""
-    header = (
-        '| layer | dtype | `per_example_grads`, `projection="gradients"` '
-        '| `projection="jvp"` | `hvps`, block 1 | `hvps`, block ≥ 2 '
-        '| block 1, `hvp_mode="forward-over-reverse"` | block ≥ 2, forward-over-reverse |\n'
-        "|---|---|---|---|---|---|---|---|\n"
+    return layer_matrix.routes_table(
+        "layer",
+        [
+            '`per_example_grads`, `projection="gradients"`',
+            '`projection="jvp"`',
+            "`hvps`, block 1",
+            "`hvps`, block ≥ 2",
+            'block 1, `hvp_mode="forward-over-reverse"`',
+            "block ≥ 2, forward-over-reverse",
+        ],
+        CASES,
+        lambda name, dtype, i: expected_route(name, dtype, KERNELS[i]),
+        FAST,
     )
-    rows = []
-    for name, dtype in CASES:
-        cells = [expected_route(name, dtype, kernel) for kernel in KERNELS]
-        marked = [cell if cell in FAST else f"**{cell}**" for cell in cells]
-        rows.append(f"| {name} | {dtype} | " + " | ".join(marked) + " |\n")
-    return header + "".join(rows)
 
 
 def test_the_docs_table_is_current():
-    assert routes_table() in DOCS.read_text(encoding="utf-8"), (
-        "docs/layers.md is stale: regenerate the table with "
-        "`python -m tests.engines.test_torch_layers`"
-    )
+    layer_matrix.assert_docs_has(routes_table(), "tests.engines.test_torch_layers")
 
 
 if __name__ == "__main__":
