@@ -114,6 +114,13 @@ _SLOW = (
     "tests/engines/test_tensorflow_layers.py",
     "tests/engines/test_torch_layers.py",
     "tests/engines/test_jax_layers.py",
+    "tests/engines/test_jax_models.py",  # compiles a dozen Flax/Equinox models
+    "tests/calculator/test_calculator_basis_location.py",  # fits on disk, several engines
+    # The slowest single cases of the quick subset (4-6 s each: compiled per engine).
+    "test_stored_identity.py::test_load_refuses_a_model_with_the_same_parameters_but_another",
+    "test_block_arnoldi.py::test_block_basis_is_orthonormal_and_h_is_q_a_qt[jax]",
+    "test_tensorflow.py::test_regressions_match_the_numpy_reference_engine",
+    "test_jax.py::test_calculator_matches_exact_influence",
     "tests/test_readme.py",
     "tests/test_no_silent_skips.py",
     "tests/calculator/test_store_faults.py",  # subprocess writers, killed and racing
