@@ -40,6 +40,18 @@ from krylov_influence.registry import bind_model
 __all__ = ["RayHessianData", "RayHessianOperator", "split_batches"]
 
 
+def import_ray() -> Any:
+    """``ray``, or an ImportError that says how to install it (a bare import would not)."""
+    try:
+        import ray
+    except ImportError as error:
+        raise ImportError(
+            "krylov_influence.ray needs Ray: from the root of the checkout, "
+            '`.venv/bin/pip install -e ".[ray]"`'
+        ) from error
+    return ray
+
+
 def split_batches(batches: Iterable[Any], num_shards: int) -> list[list[Any]]:
     """Split a list of batches into ``num_shards`` runs of consecutive batches.
 
@@ -177,7 +189,7 @@ class RayHessianData(ShardedHessianData):
         num_cpus: float | None = None,
         actor_options: dict[str, Any] | None = None,
     ):
-        import ray
+        ray = import_ray()
 
         if not callable(model_factory):
             raise TypeError(
@@ -250,7 +262,7 @@ class RayHessianData(ShardedHessianData):
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:
         """``actor.method(*args)`` on every actor, in parallel; resubmitted on actor loss."""
-        import ray
+        ray = import_ray()
         from ray.exceptions import RayActorError
 
         refs = [ray.put(arg) for arg in args]  # shipped once, shared by every actor
@@ -277,7 +289,7 @@ class RayHessianData(ShardedHessianData):
 
     def shutdown(self) -> None:
         """Kill the actors (no restart); the object cannot be used afterwards."""
-        import ray
+        ray = import_ray()
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

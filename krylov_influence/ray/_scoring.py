@@ -47,6 +47,7 @@ import numpy as np
 from krylov_influence._identity import check_losses, loss_tolerance
 from krylov_influence._streaming import Placement
 from krylov_influence.errors import IncompatibleStoreError
+from krylov_influence.ray._hessian import import_ray
 from krylov_influence.registry import bind_model
 
 __all__ = ["RayScores", "score_training_set"]
@@ -253,7 +254,7 @@ def score_training_set(
     IncompatibleStoreError
         If the store belongs to another model, fit, dtype, data layout or data.
     """
-    import ray
+    ray = import_ray()
     from ray.util import ActorPool
 
     model = calculator.model
