@@ -27,9 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from krylov_influence.errors import IncompatibleStoreError
+
 __all__ = ["HostBasis", "HostProjector", "RowFile"]
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+def _stamp(fd: int) -> tuple[int, int]:
+    status = os.fstat(fd)
+    return (int(status.st_size), int(status.st_mtime_ns))
 
 
 class RowFile:
@@ -54,7 +61,19 @@ class RowFile:
         rows._row_bytes = rows.shape[1] * rows.dtype.itemsize
         rows.offset = int(offset)
         rows._fd = os.open(path, os.O_RDONLY)
+        rows.stamp = _stamp(rows._fd)
         return rows
+
+    def check_unchanged(self) -> None:
+        """Refuse to read a file opened in place that was written since (same inode, new
+        bytes: e.g. copied over). Its rows would silently be another fit's ``G``."""
+        if self.stamp is not None and _stamp(self._fd) != self.stamp:
+            raise IncompatibleStoreError(
+                f"{self.path!r} changed after it was loaded (size or modification time); "
+                "load the calculator again"
+            )
+
+    stamp: tuple[int, int] | None = None  # (size, mtime) of a file opened in place
 
     def __init__(self, path: str, shape: tuple[int, int], dtype: Any, *, create: bool):
         self._fd = -1
@@ -358,6 +377,8 @@ class HostProjector:
     def row_chunks(self, chunk_bytes: int) -> Iterator[np.ndarray]:
         """Consecutive blocks of rows, each a new host array of at most ``chunk_bytes``."""
         step = self.chunk_rows(chunk_bytes)
+        if isinstance(self.rows, RowFile):
+            self.rows.check_unchanged()
         for start in range(0, self.shape[0], step):
             yield np.asarray(self.rows[start : start + step])
 

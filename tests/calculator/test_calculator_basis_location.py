@@ -238,3 +238,10 @@ def test_a_saved_calculator_loads_with_g_left_in_the_file(tmp_path):
         )
     with pytest.raises(ValueError, match="projector_location='gpu'"):
         ArnoldiInfluenceCalculator.load(path, model, train_dataset=train, projector_location="gpu")
+    # The file copied over in place after the load (same inode, other bytes) is refused,
+    # not read as if it were still the G that was checked.
+    other_bytes = corrupt.read_bytes()
+    with open(path, "r+b") as handle:
+        handle.write(other_bytes)
+    with pytest.raises(IncompatibleStoreError, match="changed after it was loaded"):
+        loaded.influence_matrix(queries, train)
