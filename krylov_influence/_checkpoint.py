@@ -69,9 +69,16 @@ class CheckpointKey:
 class HessianLosses:
     """The Hessian data's per-example losses, computed once per fit (one forward pass)."""
 
-    def __init__(self, model: InfluenceModel, data: Iterable[Any]):
+    def __init__(
+        self,
+        model: InfluenceModel,
+        data: Iterable[Any],
+        known: tuple[list[int], np.ndarray] | None = None,
+    ):
+        # known: losses already checked against the data (a resumed checkpoint's), so the
+        # next write does not make a second forward pass.
         self._model, self._data = model, data
-        self._value: tuple[list[int], np.ndarray] | None = None
+        self._value: tuple[list[int], np.ndarray] | None = known
 
     def get(self) -> tuple[list[int], np.ndarray]:
         """``(batch sizes, all losses (N,) float64)``."""
@@ -117,8 +124,9 @@ def read_checkpoint(
     model: InfluenceModel,
     hessian_data: Iterable[Any],
     argument: str = "checkpoint_path",
-) -> ArnoldiState:
-    """The state saved at ``path``, after checking that it belongs to this fit.
+) -> tuple[ArnoldiState, HessianLosses]:
+    """The state saved at ``path``, after checking that it belongs to this fit, and the
+    Hessian data's losses it recorded (checked equal to the data's: later writes reuse them).
 
     Raises
     ------
@@ -178,7 +186,7 @@ def read_checkpoint(
         raise IncompatibleStoreError(
             f"{argument}={path!r}: malformed checkpoint ({products} products, {rows} rows, n = {n})"
         )
-    return state
+    return state, HessianLosses(model, hessian_data, (sizes, stored))
 
 
 def remove_checkpoint(path: str) -> None:

@@ -383,8 +383,10 @@ class ArnoldiInfluenceCalculator:
             seed=int(self.seed),
             dtype=self.dtype,
         )
-        resume = read_checkpoint(target, key, model, data) if os.path.exists(target) else None
+        resume = None
         losses = HessianLosses(model, data)
+        if os.path.exists(target):
+            resume, losses = read_checkpoint(target, key, model, data)
 
         def checkpoint(state: ArnoldiState) -> None:
             write_checkpoint(target, key, state, losses)
