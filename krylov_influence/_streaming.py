@@ -113,10 +113,17 @@ class Placement:
         return projected, norms
 
     def _checked(
-        self, compute: Callable[[], Any], batch: Any, index: int, stage: str, failure: str
+        self,
+        compute: Callable[[], Any],
+        batch: Any,
+        index: int,
+        stage: str,
+        failure: str,
+        finite: bool = True,
     ) -> Any:
         """``compute()`` for a non-empty batch, its errors naming the batch; every array it
-        returns (one, or a tuple) must be finite (``NonFiniteError`` otherwise)."""
+        returns (one, or a tuple) must be finite (``NonFiniteError`` otherwise) unless
+        ``finite`` is false (the caller checks what it derives)."""
         xp = self.xp
         if self.model.batch_size(batch) == 0:
             raise ValueError(f"{stage}: batch {index} is empty")
@@ -126,6 +133,8 @@ class Placement:
             raise type(error)(
                 f"{stage}: batch {index} {failure} ({type(error).__name__}: {error})"
             ) from error
+        if not finite:
+            return result
         for array in result if isinstance(result, tuple) else (result,):
             if not bool(xp.all(xp.isfinite(array))):
                 raise NonFiniteError(
@@ -161,14 +170,36 @@ class Placement:
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
     def query_side(self, query: Any, index: int) -> tuple[Any, Any]:
-        """``(G g_x (B_query, k), g_x (B_query, p) or None)`` of a query batch.
+        """``(G g_z (B_query, k), the query gradients or None)`` of a query batch.
 
-        The gradients only with the complement, which needs ``g_zᵀ g_x``; one pass gives both.
+        The gradients (in the engine's form, :meth:`InfluenceModel.query_gradients`) only with
+        the complement, which needs ``g_zᵀ g_x``; one pass gives both.
         """
         if self.complement_weight is None:
             return self.projections(query, index, "dataset_to_evaluate"), None
-        grads = self.gradients(query, index, "dataset_to_evaluate")
-        return self.project_gradients(grads), grads
+        stage = "dataset_to_evaluate"
+        gradients = self._checked(
+            lambda: self.model.query_gradients(query),
+            query,
+            index,
+            stage,
+            "has no per-example gradients",
+            finite=False,  # any non-finite entry makes its whole row of G g_z non-finite
+        )
+        model = self.model
+        if isinstance(self.projector, HostProjector):
+            parts = [
+                model.project_query_gradients(gradients, model.from_numpy(rows))
+                for rows in self.projector.row_chunks(PROJECTOR_CHUNK_BYTES)
+            ]
+            projected = parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
+        else:
+            projected = model.project_query_gradients(gradients, self.projector)
+        if not bool(self.xp.all(self.xp.isfinite(projected))):
+            raise NonFiniteError(
+                f"{stage}: batch {index} gives non-finite gradients (NaN or Inf loss?)"
+            )
+        return projected, gradients
 
     def complement_scores(
         self, projected: Any, query_grads: Any, batch: Any, vectors: Any, index: int
@@ -177,14 +208,14 @@ class Placement:
 
         ``P_x v_zᵀ + w (g_x g_zᵀ − P_x P_zᵀ)`` with ``P_z = v_z (λ + δ)``: the truncated
         scores plus ``w`` times the gradients' inner product outside the kept directions,
-        ``g_x g_zᵀ`` from projecting the training batch onto the query gradients (the
-        engine's own projection kernel: on JAX and torch faster than forming the training
-        gradients and multiplying them).
+        ``g_zᵀ g_x`` from the engine's :meth:`InfluenceModel.gradient_inner_products` (by
+        default the training batch projected onto the query gradients with the engine's own
+        projection kernel; the torch engine contracts ``nn.Linear`` layers in factored form).
 
         Parameters
         ----------
         projected : array, shape (B_query, k)
-        query_grads : array, shape (B_query, p)
+        query_grads : the query batch's :meth:`InfluenceModel.query_gradients`
         batch : the training batch
         vectors : array, shape (B_train, k)
             The training batch's influence vectors.
@@ -197,11 +228,11 @@ class Placement:
         """
         xp = self.xp
         assert self.complement_weight is not None
-        cross = self.model.project(query_grads, batch)  # (B_train, B_query)
+        cross = self.model.gradient_inner_products(query_grads, batch)  # (B_query, B_train)
         train_projected = vectors / self.inverse
         truncated = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
         overlap = xp.matmul(projected, xp.permute_dims(train_projected, (1, 0)))
-        scores = truncated + self.complement_weight * (xp.permute_dims(cross, (1, 0)) - overlap)
+        scores = truncated + self.complement_weight * (cross - overlap)
         return require_finite(xp, scores, "scores", "train_set", index)
 
     @property

@@ -326,6 +326,31 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
         projected = xp.matmul(grads, xp.permute_dims(projector, (1, 0)))
         return projected, xp.sum(grads * grads, axis=1)
 
+    def query_gradients(self, batch: Any) -> Any:
+        """Per-example gradients of a query batch, in whatever form the engine contracts
+        fastest with :meth:`gradient_inner_products` (the spectral complement's ``g_zᵀ g_x``).
+
+        The default is the (B, p) block of :meth:`per_example_grads`; an engine may keep
+        parts of it factored (the torch engine keeps ``nn.Linear`` layers as activations and
+        output gradients). Only :meth:`project_query_gradients` and
+        :meth:`gradient_inner_products` of the same model read the result.
+        """
+        return self.per_example_grads(batch)
+
+    def project_query_gradients(self, gradients: Any, projector: Any) -> Any:
+        """``G g_z`` from :meth:`query_gradients`: shape (B_query, k) for ``projector`` (k, p)."""
+        xp = self.xp
+        return xp.matmul(gradients, xp.permute_dims(projector, (1, 0)))
+
+    def gradient_inner_products(self, gradients: Any, batch: Any) -> Any:
+        """``g_zᵀ g_x`` for every query ``z`` of :meth:`query_gradients` and example ``x`` of
+        ``batch``: shape (B_query, B).
+
+        The default projects ``batch`` onto the query gradients as if they were the rows of a
+        projector (the engine's projection kernel, JVPs or gradients).
+        """
+        return self.xp.permute_dims(self.project(gradients, batch), (1, 0))
+
     def squared_gradient_norms(self, batch: Any) -> Any:
         """``‖∇ℓ_b‖²`` of every example, shape (B,) (for the spectral complement).
 

@@ -16,6 +16,7 @@ import torch
 
 from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_torch._data import Batch, batch_size, map_leaves, prepare_batch
+from krylov_influence_torch._factors import FactoredGradients, GradientFactoring, linear_sites
 from krylov_influence_torch._ops import Functional
 from krylov_influence_torch._order import random_sampler
 from krylov_influence_torch._params import select_parameters
@@ -32,6 +33,8 @@ GRADIENTS_IN_CHUNKS = "per-example gradients x G^T, in chunks of examples"
 FORWARD_OVER_REVERSE = "forward-over-reverse"
 REVERSE_OVER_REVERSE = "reverse-over-reverse"
 LOOP_OVER_VECTORS = "loop over the vectors"
+FACTORED_LINEAR = "dense layers factored, other gradients vectorised"
+FORMED_GRADIENTS = "per-example gradients"
 # The per-example gradient route that is not vectorised: "auto" then projects by JVPs.
 PER_EXAMPLE_LOOP = f"{LOOP_OVER_EXAMPLES}, {COMPOSITE}"
 
@@ -166,6 +169,7 @@ class TorchInfluenceModel(InfluenceModel):
         self._fixed = {name: self._place(tensor) for name, tensor in fixed.items()}
         self._submodules = list(module.modules())
         self._functional = Functional(module, loss_fn, names, self._shapes, self._fixed)
+        self._factoring = GradientFactoring(self._functional, linear_sites(module, names), self._l2)
         self._operators = self._build_operators()
         if module.training:
             warnings.warn(
@@ -426,6 +430,33 @@ class TorchInfluenceModel(InfluenceModel):
                 flat.add_(self._theta[None, :], alpha=self._l2)
         return flat
 
+    def query_gradients(self, batch: Any) -> Any:
+        """Per-example gradients of a query batch for the spectral complement's ``g_zᵀ g_x``:
+        ``nn.Linear`` layers kept as activations and output gradients (``_factors``), every
+        other parameter's gradient formed; or the (B, p) block (see :attr:`routes`,
+        ``"query gradients"``)."""
+        prepared = self.prepare(batch)
+        with self._evaluating():
+            return self._operators["query gradients"](self._theta, prepared)
+
+    def project_query_gradients(self, gradients: Any, projector: Any) -> torch.Tensor:
+        """``G g_z`` (B_query, k) from :meth:`query_gradients`."""
+        projector = self._as_matrix(projector, 2, "projector")
+        if isinstance(gradients, FactoredGradients):
+            return self._factoring.project(gradients, projector, self._theta)
+        return gradients @ projector.T
+
+    def gradient_inner_products(self, gradients: Any, batch: Any) -> torch.Tensor:
+        """``g_zᵀ g_x`` (B_query, B) of :meth:`query_gradients` and the examples of ``batch``;
+        with factored query gradients, the batch is factored the same way (one forward and
+        backward pass, plus ``vmap`` gradients of the parameters outside linear layers)."""
+        if not isinstance(gradients, FactoredGradients):
+            return super().gradient_inner_products(gradients, batch)
+        prepared = self.prepare(batch)
+        with self._evaluating():
+            factors = self._factoring.factor(self._theta, prepared)
+            return self._factoring.inner_products(gradients, factors, self._theta)
+
     # --------------------------------------------------------------------------------- routes
     @property
     def routes(self) -> dict[str, str]:
@@ -503,12 +534,57 @@ class TorchInfluenceModel(InfluenceModel):
                 (f"{FORWARD_OVER_REVERSE}, {VECTORISED}, {COMPOSITE}", _composite(f.hvps_sum)),
                 *hvps_reverse[1:],
             ]
+
+        def formed(theta: torch.Tensor, batch: Batch) -> torch.Tensor:
+            flat = f.flat_gradients(per_example(theta, batch), batch.size)
+            return flat.add_(theta[None, :], alpha=self._l2) if self._l2 else flat
+
+        query = [(FORMED_GRADIENTS, formed)]
+        if self._factoring.sites:
+            query.insert(0, (FACTORED_LINEAR, self._checked_factors(formed, per_example)))
         return {
             "per_example_grads": per_example,
             "project (jvp)": project,
+            "query gradients": Operator("query gradients", query),
             "hvp": Operator("hvp", hvp_routes),
             "hvps": Operator("hvps", hvps_routes),
         }
+
+    def _checked_factors(
+        self,
+        formed: Callable[[torch.Tensor, Batch], torch.Tensor],
+        per_example: Operator,
+    ) -> Callable[[torch.Tensor, Batch], FactoredGradients]:
+        """The factored route, checked on its first batch against formed gradients of a few
+        of its examples; a mismatch (examples that interact, a weight used outside its layer)
+        raises, so the operator takes the formed route for this model. The gradients outside
+        dense layers are vectorised as ``per_example_grads`` is (composite kernels where it
+        needs them); where it loops over examples, so does the formed route, and this one is
+        refused."""
+        checked = False
+
+        def factored(theta: torch.Tensor, batch: Batch) -> FactoredGradients:
+            nonlocal checked
+            few = min(batch.size, 3)
+            expected = None if checked else formed(theta, _slice(batch, 0, few))
+            if per_example.route == PER_EXAMPLE_LOOP:
+                raise RuntimeError("per-example gradients loop over the examples")
+            kernels = composite_kernels() if COMPOSITE in per_example.route else None
+            with kernels or contextlib.nullcontext():
+                factors = self._factoring.factor(theta, batch)
+            if expected is not None:
+                found = self._factoring.flat(factors, theta)[:few]
+                tolerance = 1e3 * torch.finfo(theta.dtype).eps * (1 + expected.abs().max())
+                if not bool(((found - expected).abs() <= tolerance).all()):
+                    raise RuntimeError(
+                        "the per-example gradients of its dense layers are not the factored "
+                        "ones (examples of a batch interact, or a weight is used outside its "
+                        "layer)"
+                    )
+                checked = True
+            return factors
+
+        return factored
 
     def stage_batch(self, batch: Any) -> tuple[Batch, int]:
         """``(prepared batch, bytes of its tensors)``: the batch on the device, in the dtype."""

@@ -42,6 +42,8 @@ from krylov_influence.calculator import ArnoldiInfluenceCalculator  # noqa: E402
 from krylov_influence_torch import RouteFallbackWarning  # noqa: E402
 from krylov_influence_torch._model import (  # noqa: E402
     COMPOSITE,
+    FACTORED_LINEAR,
+    FORMED_GRADIENTS,
     FORWARD_OVER_REVERSE,
     JVP_VECTORISED,
     PER_EXAMPLE_LOOP,
@@ -188,6 +190,9 @@ ROUTES: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 def expected_route(layer: str, dtype: str, kernel: str) -> str:
+    if kernel == "query gradients":  # the spectral complement's g_zᵀ g_x
+        loops = expected_route(layer, dtype, "per_example_grads") == PER_EXAMPLE_LOOP
+        return FORMED_GRADIENTS if loops else FACTORED_LINEAR
     return ROUTES.get((layer, dtype), FAST)[KERNELS.index(kernel)]
 
 
@@ -299,6 +304,21 @@ def test_projection_matches_per_example_gradients(name, dtype, route):
     assert_products_close(projected, c.grads, projector.T, dtype)
     kernel = "per_example_grads" if route == "gradients" else "project (jvp)"
     assert model.routes[kernel] == expected_route(name, dtype, kernel)
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
+def test_query_gradient_inner_products_match_the_oracle(name, dtype):
+    """The spectral complement's ``g_zᵀ g_x`` and ``G g_z``, dense layers factored."""
+    c = case(name, dtype)
+    model = c.bound["gradients"]
+    query, train = (c.x[:3], c.y[:3]), (c.x[3:], c.y[3:])
+    gradients = _quietly(model.query_gradients, query)
+    inner = _quietly(model.gradient_inner_products, gradients, train).numpy()
+    assert_products_close(inner, c.grads[:3], c.grads[3:].T, dtype)
+    projector = np.random.default_rng(2).standard_normal((3, model.num_parameters))
+    found = model.project_query_gradients(gradients, torch.from_numpy(projector)).numpy()
+    assert_products_close(found, c.grads[:3], projector.T, dtype)
+    assert model.routes["query gradients"] == expected_route(name, dtype, "query gradients")
 
 
 @pytest.mark.parametrize("mode", ["reverse-over-reverse", "forward-over-reverse"])
@@ -485,10 +505,11 @@ def routes_table() -> str:
             "`hvps`, block ≥ 2",
             'block 1, `hvp_mode="forward-over-reverse"`',
             "block ≥ 2, forward-over-reverse",
+            "`query_gradients` (the complement's scores)",
         ],
         CASES,
-        lambda name, dtype, i: expected_route(name, dtype, KERNELS[i]),
-        FAST,
+        lambda name, dtype, i: expected_route(name, dtype, (*KERNELS, "query gradients")[i]),
+        (*FAST, FACTORED_LINEAR),
     )
 
 
