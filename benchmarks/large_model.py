@@ -96,7 +96,8 @@ def main() -> None:
             fits[location] = time.perf_counter() - start
             cpu[location] = time.process_time() - start_cpu
             print(
-                f"{location}: fit {fits[location]:.1f} s, CPU {cpu[location]:.1f} s (placement {calc.basis_placement}, "
+                f"{location}: fit {fits[location]:.1f} s, CPU {cpu[location]:.1f} s "
+                f"(placement {calc.basis_placement}, "
                 f"orthogonality loss {calc.eigenbasis.orthogonality_loss:.1e}); peak RSS "
                 f"{format_bytes(peak_rss_bytes())}",
                 flush=True,

@@ -453,9 +453,16 @@ class TorchInfluenceModel(InfluenceModel):
         if not isinstance(gradients, FactoredGradients):
             return super().gradient_inner_products(gradients, batch)
         prepared = self.prepare(batch)
+        # In chunks of examples whose formed gradients stay within the projection budget.
+        row = self.num_parameters * self._theta.element_size()
+        step = max(1, self.GRADIENT_PROJECTION_BYTES // row)
+        pieces = []
         with self._evaluating():
-            factors = self._factoring.factor(self._theta, prepared)
-            return self._factoring.inner_products(gradients, factors, self._theta)
+            for start in range(0, prepared.size, step):
+                part = _slice(prepared, start, start + step) if step < prepared.size else prepared
+                factors = self._factoring.factor(self._theta, part)
+                pieces.append(self._factoring.inner_products(gradients, factors, self._theta))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     # --------------------------------------------------------------------------------- routes
     @property

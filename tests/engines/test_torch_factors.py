@@ -156,3 +156,10 @@ def test_the_complement_scores_equal_the_dense_formula():
         g_query @ g_train.T - p_query @ p_train.T
     )
     np.testing.assert_allclose(scores, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+
+
+def test_a_training_batch_past_the_gradient_budget_is_contracted_in_chunks(monkeypatch):
+    model, query, train = bound(*MODELS["tokens, factored (T = 2)"], "float64", 0.1)
+    row = model.num_parameters * 8
+    monkeypatch.setattr(type(model), "GRADIENT_PROJECTION_BYTES", 2 * row)  # 2 examples a chunk
+    assert_matches_formed(model, query, train, "float64")  # 7 training examples: 4 chunks
