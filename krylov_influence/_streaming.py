@@ -34,7 +34,7 @@ from krylov_influence.cache import (
 )
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
-from krylov_influence.topk import TopKBatch
+from krylov_influence.topk import ORDER, RunningTopK, TopKBatch
 
 __all__ = [
     "Placement",
@@ -203,6 +203,47 @@ class Placement:
         overlap = xp.matmul(projected, xp.permute_dims(train_projected, (1, 0)))
         scores = truncated + self.complement_weight * (xp.permute_dims(cross, (1, 0)) - overlap)
         return require_finite(xp, scores, "scores", "train_set", index)
+
+    def complement_top_k(
+        self,
+        projected: Any,
+        query_grads: Any,
+        paired: Iterable[tuple[Any, Any]],
+        k: int,
+        order: ORDER,
+        convert: Callable[[Any], Any],
+        start: int = 0,
+    ) -> RunningTopK:
+        """Exact running top-k of a query block over training batches, complement included.
+
+        With the spectral complement a score is not an inner product of k-vectors, so every
+        training batch is scored (:meth:`complement_scores`) and merged into a running top-k.
+        The calculator scans the whole training set with it; a Ray actor scans one block of
+        consecutive batches (``start``: the global id of the first example).
+
+        Parameters
+        ----------
+        projected : array, shape (B_query, k_rank)
+        query_grads : array, shape (B_query, p)
+        paired : iterable of ``(train batch, influence vectors (B_train, k_rank))``
+        k : int
+            Results kept per query (at most the examples scanned, or ``result()`` raises).
+        order : ORDER
+        convert : callable
+            Applied to each score block (the search's dtype).
+        start : int, default 0
+
+        Returns
+        -------
+        RunningTopK
+            ``.result()`` gives values and global indices, shape (B_query, k) each.
+        """
+        running = RunningTopK(k, order, xp=self.xp, device=self.model.device)
+        for t, (batch, vectors) in enumerate(paired):
+            scores = self.complement_scores(projected, query_grads, batch, vectors, t)
+            running.update(convert(scores), start)
+            start += int(scores.shape[1])
+        return running
 
     @property
     def xp(self) -> Any:
