@@ -81,16 +81,20 @@ class Placement:
 
         With the complement, one per-example gradient pass gives both ``G g`` and ``‖g‖²``.
         """
+        return self._projected_and_self_influence(batch, index, stage)[1]
+
+    def self_influence_and_vectors(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
+        """``(S(x) (B,), influence vectors (B, k))`` of ``batch`` from one projection pass."""
+        projected, values = self._projected_and_self_influence(batch, index, stage)
+        return values, projected * self.inverse
+
+    def _projected_and_self_influence(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
+        """``(G g (B, k), S(x) (B,))``: what :meth:`self_influence` computes, both kept."""
         xp = self.xp
         if self.complement_weight is None:
             projected = self.projections(batch, index, stage)
-            return require_finite(
-                xp,
-                xp.sum(projected * projected * self.inverse, axis=1),
-                "self-influence",
-                stage,
-                index,
-            )
+            values = xp.sum(projected * projected * self.inverse, axis=1)
+            return projected, require_finite(xp, values, "self-influence", stage, index)
         if isinstance(self.projector, HostProjector):  # G in row chunks: gradients formed
             grads = self.gradients(batch, index, stage)
             projected, norms = self.project_gradients(grads), xp.sum(grads * grads, axis=1)
@@ -99,7 +103,7 @@ class Placement:
         squared = projected * projected
         values = xp.sum(squared * self.inverse, axis=1)
         values = values + self.complement_weight * (norms - xp.sum(squared, axis=1))
-        return require_finite(xp, values, "self-influence", stage, index)
+        return projected, require_finite(xp, values, "self-influence", stage, index)
 
     def _projected_with_norms(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
         """``model.project_with_norms`` with the checks of :meth:`projections`."""

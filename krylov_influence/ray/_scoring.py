@@ -82,9 +82,12 @@ def _score_block(
     values, vectors, losses = [], [], []
     for offset, batch in enumerate(batches):
         index = first_batch + offset
-        values.append(model.to_numpy(placement.self_influence(batch, index, "train_set")))
-        if with_vectors:
-            vectors.append(model.to_numpy(placement.vectors(batch, index, "train_set")))
+        if with_vectors:  # one projection pass gives both
+            found, batch_vectors = placement.self_influence_and_vectors(batch, index, "train_set")
+            vectors.append(model.to_numpy(batch_vectors))
+        else:
+            found = placement.self_influence(batch, index, "train_set")
+        values.append(model.to_numpy(found))
         if store_path is not None:
             losses.append(placement.host_losses(batch))
     result: dict[str, Any] = {
