@@ -235,6 +235,14 @@ def test_store_with_complement_resumes_and_refuses_another_fit(tmp_path):
     other = ki.ArnoldiInfluenceCalculator(model, batches, 8, True, 4, damping=0.1)
     with pytest.raises(IncompatibleStoreError, match="eigenbasis_digest"):
         score_training_set(other, factory, batches, batches_per_block=2, store_path=store)
+    # A finished store serves no longer data; a short block that is not the last is refused
+    # before it is shipped.
+    with pytest.raises(IncompatibleStoreError, match="batches have more"):
+        longer = [*batches[:-1], batches[0], batches[-1]]
+        score_training_set(calc, factory, longer, batches_per_block=2, store_path=store)
+    uneven = [batches[0], batches[-1], *batches[1:-1]]  # 8, 5, 8, ...: block 0 has 13
+    with pytest.raises(ValueError, match="block 1 has 16 examples"):
+        score_training_set(calc, factory, uneven, batches_per_block=2, store_path=tmp_path / "u")
 
 
 class Stopped(Exception):
