@@ -17,7 +17,8 @@ per-example losses that identify the data.
 One intra-op thread everywhere (what Ray gives a 1-CPU actor). Printed per setting: wall
 time, examples per second, the driver's peak RSS during the run (``VmHWM``, reset before each
 run through ``/proc/self/clear_refs``) and its rise over the RSS at the start; then the ratios
-(2 actors against 1, 1 actor against one process) and the largest difference of the Ray
+(2 actors against 1, 1 actor against one process), the time to start the actors alone
+(measured apart, before each Ray run) and the largest difference of the Ray
 self-influence from the single process's (float32).
 
     PYTHONPATH=.:backends python benchmarks/ray_scale.py --examples 20000
@@ -118,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--batches-per-block", type=int, default=8)
+    parser.add_argument("--batches-per-block", type=int, default=32)
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--classes", type=int, default=10)
@@ -134,6 +135,7 @@ def main() -> None:
 
     import krylov_influence as ki
     from krylov_influence.ray import score_training_set
+    from krylov_influence.ray._pool import ScorerPool
 
     torch.set_num_threads(1)
     factory = MLPFactory(args.features, args.hidden, args.classes)
@@ -168,6 +170,11 @@ def main() -> None:
         for setting in ray_settings:
             actors = int(setting[3:])
             store = os.path.join(scratch, f"{setting}.zarr")
+            # Starting the actors alone (torch imported, model built, fingerprint checked):
+            # the part of the wall time below that does not grow with N.
+            start = time.perf_counter()
+            ScorerPool(calc, factory, actors, num_cpus=1).shutdown()
+            startup = time.perf_counter() - start
 
             def on_ray(actors: int = actors, store: str = store) -> np.ndarray:
                 scores = score_training_set(
@@ -182,7 +189,7 @@ def main() -> None:
                 return scores.self_influence
 
             figures, values[setting] = measured(on_ray)
-            rows.append({"setting": f"Ray, {actors} actor(s)", **figures})
+            rows.append({"setting": f"Ray, {actors} actor(s)", **figures, "startup_s": startup})
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -195,12 +202,16 @@ def main() -> None:
         f"{args.batches_per_block} batches per block; fit {fit_seconds:.1f} s; "
         f"load average {os.getloadavg()[0]:.2f} / {os.getloadavg()[1]:.2f} (1 / 5 min)"
     )
-    print(f"{'setting':<16} {'wall (s)':>9} {'examples/s':>11} {'peak RSS':>9} {'rise':>7}")
+    print(
+        f"{'setting':<16} {'wall (s)':>9} {'examples/s':>11} {'peak RSS':>9} {'rise':>7} "
+        f"{'actor start-up (s)':>19}"
+    )
     for row in rows:
         row["examples_per_second"] = args.examples / row["seconds"]
+        startup = f"{row['startup_s']:19.1f}" if "startup_s" in row else f"{'':>19}"
         print(
             f"{row['setting']:<16} {row['seconds']:9.1f} {row['examples_per_second']:11.0f} "
-            f"{row['peak_rss_mb']:7.0f}MB {row['rss_rise_mb']:5.0f}MB"
+            f"{row['peak_rss_mb']:7.0f}MB {row['rss_rise_mb']:5.0f}MB {startup}"
         )
     by_name = {row["setting"]: row["seconds"] for row in rows}
     if "Ray, 1 actor(s)" in by_name and "Ray, 2 actor(s)" in by_name:

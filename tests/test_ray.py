@@ -376,7 +376,14 @@ def test_scores_and_top_k_from_a_store_equal_the_calculator(engine, tmp_path):
         next(scores_from_store(with_complement, queries, store))
     with pytest.raises(IncompatibleStoreError, match="no store"):
         top_k_from_store(calc, queries, tmp_path / "missing.zarr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IncompatibleStoreError, match="not a zarr group"):
+        top_k_from_store(calc, queries, tmp_path / "empty")
     group = zarr.open_group(str(store), mode="r+")
+    group["completed"][1:2] = np.zeros(1, dtype=bool)  # a block lost after the run finished
+    with pytest.raises(IncompatibleStoreError, match=r"unfinished.*1 of 4 blocks missing"):
+        top_k_from_store(calc, queries, store)
+    group["completed"][1:2] = np.ones(1, dtype=bool)
     del group.attrs["num_examples"]
     with pytest.raises(IncompatibleStoreError, match="unfinished"):
         top_k_from_store(calc, queries, store)

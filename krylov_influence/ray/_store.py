@@ -50,6 +50,18 @@ def open_group(path: Any, mode: str) -> Any:
     return zarr.open_group(os.fspath(path), mode=mode)  # type: ignore[arg-type]
 
 
+def _attributes(path: str, argument: str) -> tuple[Any, dict[str, Any]]:
+    """The group at ``path`` (read-only) and its attributes; refused if it is not a group."""
+    try:
+        group = open_group(path, "r")
+    except Exception as error:  # zarr's errors differ by version: any failure is "not ours"
+        raise IncompatibleStoreError(
+            f"{argument}={path!r}: not a zarr group ({type(error).__name__}: {error}); remove "
+            "it or choose another path"
+        ) from error
+    return group, dict(group.attrs)
+
+
 def _check_kind(found: dict[str, Any], argument: str, path: str) -> None:
     if found.get("kind") != STORE_KIND or found.get("version") != STORE_VERSION:
         raise IncompatibleStoreError(
@@ -77,8 +89,7 @@ class StoreWriter:
         self.finished_rows: int | None = None  # num_examples of a finished store
         self.rows = 0  # rows the arrays have now
         if os.path.exists(path):
-            group = open_group(path, "r")
-            found = dict(group.attrs)
+            group, found = _attributes(path, "store_path")
             _check_kind(found, "store_path", path)
             for name, expected in attributes.items():
                 if found.get(name) != expected:
@@ -213,8 +224,7 @@ class ScoreStore:
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise IncompatibleStoreError(f"{argument}={self.path!r}: no store there")
-        group = open_group(self.path, "r")
-        found = dict(group.attrs)
+        group, found = _attributes(self.path, argument)
         _check_kind(found, argument, self.path)
         model = calculator.model
         expected = {
@@ -233,9 +243,11 @@ class ScoreStore:
             raise IncompatibleStoreError(
                 f"{argument}={self.path!r}: holds no influence vectors (written with vectors=False)"
             )
-        if found.get("num_examples") is None:
+        completed = np.asarray(group["completed"][:])
+        if found.get("num_examples") is None or not bool(np.all(completed)):
             raise IncompatibleStoreError(
-                f"{argument}={self.path!r}: unfinished (a run was interrupted); rerun "
+                f"{argument}={self.path!r}: unfinished (a run was interrupted, "
+                f"{int(np.sum(~completed))} of {completed.size} blocks missing); rerun "
                 "score_training_set on it to complete it"
             )
         self.num_examples = int(found["num_examples"])
