@@ -1,9 +1,10 @@
 """krylov_influence.ray against the single-process library, on a local two-CPU Ray cluster.
 
 Oracles: the driver model's own ``hessian_operator`` over all batches, a calculator fitted in
-this process, and its ``self_influence`` / ``compute_influence_vector``. One cluster for the
+this process, and its ``self_influence`` / ``compute_influence_vector`` / ``top_k`` /
+``influence_matrix``. One cluster for the
 module (Ray starts in seconds, not milliseconds): the whole file is in ``_SLOW``
-(tests/conftest.py), about 30 s on two busy cores.
+(tests/conftest.py), about 90 s on two busy cores (each test under 25 s).
 """
 
 from __future__ import annotations
