@@ -34,7 +34,7 @@ from krylov_influence.cache import (
 )
 from krylov_influence.engine import InfluenceModel
 from krylov_influence.errors import IncompatibleStoreError, NonFiniteError
-from krylov_influence.topk import TopKBatch
+from krylov_influence.topk import ORDER, RunningTopK, TopKBatch
 
 __all__ = [
     "Placement",
@@ -81,16 +81,20 @@ class Placement:
 
         With the complement, one per-example gradient pass gives both ``G g`` and ``‖g‖²``.
         """
+        return self._projected_and_self_influence(batch, index, stage)[1]
+
+    def self_influence_and_vectors(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
+        """``(S(x) (B,), influence vectors (B, k))`` of ``batch`` from one projection pass."""
+        projected, values = self._projected_and_self_influence(batch, index, stage)
+        return values, projected * self.inverse
+
+    def _projected_and_self_influence(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
+        """``(G g (B, k), S(x) (B,))``: what :meth:`self_influence` computes, both kept."""
         xp = self.xp
         if self.complement_weight is None:
             projected = self.projections(batch, index, stage)
-            return require_finite(
-                xp,
-                xp.sum(projected * projected * self.inverse, axis=1),
-                "self-influence",
-                stage,
-                index,
-            )
+            values = xp.sum(projected * projected * self.inverse, axis=1)
+            return projected, require_finite(xp, values, "self-influence", stage, index)
         if isinstance(self.projector, HostProjector):  # G in row chunks: gradients formed
             grads = self.gradients(batch, index, stage)
             projected, norms = self.project_gradients(grads), xp.sum(grads * grads, axis=1)
@@ -99,7 +103,7 @@ class Placement:
         squared = projected * projected
         values = xp.sum(squared * self.inverse, axis=1)
         values = values + self.complement_weight * (norms - xp.sum(squared, axis=1))
-        return require_finite(xp, values, "self-influence", stage, index)
+        return projected, require_finite(xp, values, "self-influence", stage, index)
 
     def _projected_with_norms(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
         """``model.project_with_norms`` with the checks of :meth:`projections`."""
@@ -234,6 +238,47 @@ class Placement:
         overlap = xp.matmul(projected, xp.permute_dims(train_projected, (1, 0)))
         scores = truncated + self.complement_weight * (cross - overlap)
         return require_finite(xp, scores, "scores", "train_set", index)
+
+    def complement_top_k(
+        self,
+        projected: Any,
+        query_grads: Any,
+        paired: Iterable[tuple[Any, Any]],
+        k: int,
+        order: ORDER,
+        convert: Callable[[Any], Any],
+        start: int = 0,
+    ) -> RunningTopK:
+        """Exact running top-k of a query block over training batches, complement included.
+
+        With the spectral complement a score is not an inner product of k-vectors, so every
+        training batch is scored (:meth:`complement_scores`) and merged into a running top-k.
+        The calculator scans the whole training set with it; a Ray actor scans one block of
+        consecutive batches (``start``: the global id of the first example).
+
+        Parameters
+        ----------
+        projected : array, shape (B_query, k_rank)
+        query_grads : array, shape (B_query, p)
+        paired : iterable of ``(train batch, influence vectors (B_train, k_rank))``
+        k : int
+            Results kept per query (at most the examples scanned, or ``result()`` raises).
+        order : ORDER
+        convert : callable
+            Applied to each score block (the search's dtype).
+        start : int, default 0
+
+        Returns
+        -------
+        RunningTopK
+            ``.result()`` gives values and global indices, shape (B_query, k) each.
+        """
+        running = RunningTopK(k, order, xp=self.xp, device=self.model.device)
+        for t, (batch, vectors) in enumerate(paired):
+            scores = self.complement_scores(projected, query_grads, batch, vectors, t)
+            running.update(convert(scores), start)
+            start += int(scores.shape[1])
+        return running
 
     @property
     def xp(self) -> Any:

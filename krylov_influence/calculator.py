@@ -1277,17 +1277,10 @@ class ArnoldiInfluenceCalculator:
 
         def scan(projected: Any, query_grads: Any) -> tuple[Any, Any]:
             """Exact top-k over the complement's score blocks (one training pass)."""
-            running = RunningTopK(k, order, xp=xp, device=placement.model.device)
-            start = 0
-            for t, (batch, vectors) in enumerate(training.paired()):
-                scores = placement.complement_scores(projected, query_grads, batch, vectors, t)
-                running.update(convert(scores), start)
-                start += int(scores.shape[1])
-            if k > start:
-                raise ValueError(
-                    f"k={k}: expected at most the number of training examples ({start})"
-                )
-            return running.result()
+            running = placement.complement_top_k(
+                projected, query_grads, training.paired(), k, order, convert
+            )
+            return running.result()  # k above the examples seen: a ValueError naming k
 
         def produce(index: int, query: Any) -> TopKBatch:
             projected, query_grads = placement.query_side(query, index)

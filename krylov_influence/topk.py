@@ -33,6 +33,7 @@ __all__ = [
     "TopKBatch",
     "TrainingTopK",
     "as_order",
+    "merge_top_k",
     "stable_smallest_k",
 ]
 
@@ -191,6 +192,47 @@ class RunningTopK:
                 f"k={self.k}: expected at most the number of training examples ({self.seen})"
             )
         return self._values, self._indices
+
+
+def merge_top_k(
+    values: np.ndarray,
+    indices: np.ndarray,
+    more_values: np.ndarray,
+    more_indices: np.ndarray,
+    k: int,
+    order: ORDER,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two partial top-k results with arbitrary global indices, on the host (NumPy).
+
+    The selection orders candidates by score (best first) and then by global index
+    (smaller first), a total order, so the result does not depend on the order in which
+    partial results arrive, and equals :class:`RunningTopK` over all the columns in index
+    order (ties keep the smaller index). Partial results over disjoint sets of columns, each
+    the best ``min(k, size)`` of its set under that order, merge to the exact top-k of the
+    union: the best ``k`` of the union are among the best ``k`` of each part.
+
+    Parameters
+    ----------
+    values, indices : numpy.ndarray, shape (Q, a)
+        A partial result (``a`` may be 0); indices integers.
+    more_values, more_indices : numpy.ndarray, shape (Q, b)
+        Another, over other columns.
+    k : int
+        Results kept per row (fewer when ``a + b < k``).
+    order : ORDER
+
+    Returns
+    -------
+    values : numpy.ndarray, shape (Q, min(k, a + b))
+    indices : numpy.ndarray of int64, shape (Q, min(k, a + b))
+    """
+    order = as_order(order)
+    scores = np.concatenate([values, more_values], axis=1)
+    columns = np.concatenate([indices, more_indices], axis=1).astype(np.int64)
+    key = -scores if order is ORDER.DESCENDING else scores
+    # lexsort sorts by the last key first: by score, then by index among equal scores.
+    best = np.lexsort((columns, key), axis=1)[:, : min(int(k), scores.shape[1])]
+    return np.take_along_axis(scores, best, axis=1), np.take_along_axis(columns, best, axis=1)
 
 
 def stable_smallest_k(xp: Any, keys: Any, k: int) -> Any:

@@ -1,16 +1,22 @@
 """krylov_influence.ray against the single-process library, on a local two-CPU Ray cluster.
 
 Oracles: the driver model's own ``hessian_operator`` over all batches, a calculator fitted in
-this process, and its ``self_influence`` / ``compute_influence_vector``. One cluster for the
+this process, and its ``self_influence`` / ``compute_influence_vector`` / ``top_k`` /
+``influence_matrix``. One cluster for the
 module (Ray starts in seconds, not milliseconds): the whole file is in ``_SLOW``
-(tests/conftest.py), about 30 s on two busy cores.
+(tests/conftest.py), about 90 s on two busy cores (each test under 25 s).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
+import tracemalloc
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +30,10 @@ from krylov_influence.ray import (  # noqa: E402
     RayHessianData,
     score_dataset,
     score_training_set,
+    scores_from_store,
     split_batches,
+    top_k_from_store,
+    top_k_training_set,
 )
 from krylov_influence.reference import NumpyInfluenceModel  # noqa: E402
 from krylov_influence.testing.spec import random_mlp_spec  # noqa: E402
@@ -51,6 +60,10 @@ class SpecFactory:
     spec: object
 
     def __call__(self):
+        if self.engine == "jax":  # float64 in JAX needs the process-wide flag, on every actor
+            import jax
+
+            jax.config.update("jax_enable_x64", True)
         return ki.get_engine(self.engine).from_neutral_spec(self.spec, dtype="float64")[0]
 
 
@@ -93,6 +106,12 @@ class DyingFactory:
 
 
 def problem(engine, seed=0):
+    if engine != "numpy":
+        pytest.importorskip(engine)
+    if engine == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
     rng = np.random.default_rng(seed)
     sizes = (5, 3) if engine == "numpy" else (5, 4, 3)
     spec = random_mlp_spec(rng, sizes, num_examples=NUM_EXAMPLES, batch_size=BATCH, l2=0.05)
@@ -217,6 +236,14 @@ def test_store_with_complement_resumes_and_refuses_another_fit(tmp_path):
     other = ki.ArnoldiInfluenceCalculator(model, batches, 8, True, 4, damping=0.1)
     with pytest.raises(IncompatibleStoreError, match="eigenbasis_digest"):
         score_training_set(other, factory, batches, batches_per_block=2, store_path=store)
+    # A finished store serves no longer data; a short block that is not the last is refused
+    # before it is shipped.
+    with pytest.raises(IncompatibleStoreError, match="batches have more"):
+        longer = [*batches[:-1], batches[0], batches[-1]]
+        score_training_set(calc, factory, longer, batches_per_block=2, store_path=store)
+    uneven = [batches[0], batches[-1], *batches[1:-1]]  # 8, 5, 8, ...: block 0 has 13
+    with pytest.raises(ValueError, match="block 1 has 16 examples"):
+        score_training_set(calc, factory, uneven, batches_per_block=2, store_path=tmp_path / "u")
 
 
 class Stopped(Exception):
@@ -278,3 +305,217 @@ def test_a_ray_dataset_is_scored_by_id_like_the_calculator():
     vectors = np.stack([row["influence_vector"] for row in scored])[order]
     expected = np.concatenate([host(model, v) for _, v in calc.compute_influence_vector(batches)])
     assert_close(vectors, expected, 1e-12)
+
+
+def expected_top_k(calc, queries, batches, k, order):
+    results = list(calc.top_k(queries, batches, k=k, order=order))
+    values = np.concatenate([calc.model.to_numpy(r.values) for r in results])
+    indices = np.concatenate([calc.model.to_numpy(r.indices) for r in results])
+    return values.astype(np.float64), indices.astype(np.int64)
+
+
+@pytest.mark.parametrize(
+    ("engine", "complement"),
+    [("numpy", "none"), ("numpy", "mean"), ("torch", "none"), ("torch", "mean"), ("jax", "mean")],
+)
+def test_top_k_on_the_cluster_equals_the_calculator(engine, complement):
+    _, factory, model, batches = problem(engine)
+    calc = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 6, complement=complement)
+    assert (calc._placed(None).complement_weight is None) == (complement == "none")
+    queries = [batches[2], batches[6]]  # 8 + 5 query points
+    # Blocks of 3 + 3 + 1 batches (24, 24 and 5 examples): k = 7 exceeds the last block's
+    # size, whose actor then returns all 5 of its examples as candidates.
+    # Each call starts its actors (seconds for a framework): both cases on NumPy only.
+    cases = [(7, ki.ORDER.DESCENDING), (NUM_EXAMPLES, ki.ORDER.ASCENDING)]
+    if engine != "numpy":
+        cases = cases[:1] if complement == "none" else [(7, ki.ORDER.ASCENDING)]
+    for k, order in cases:
+        found = top_k_training_set(
+            calc, factory, queries, batches, k, order, batches_per_block=3, num_actors=2
+        )
+        values, indices = expected_top_k(calc, queries, batches, k, order)
+        assert found.values.shape == found.indices.shape == (13, k)
+        assert found.indices.dtype == np.int64
+        assert_close(found.values.astype(np.float64), values, 1e-12)
+        np.testing.assert_array_equal(found.indices, indices)  # no ties in random data
+    if engine != "numpy":
+        return
+    # k = N: each query's ids are a permutation of the training set.
+    assert all(sorted(row) == list(range(NUM_EXAMPLES)) for row in found.indices.tolist())
+    if complement == "none":
+        with pytest.raises(ValueError, match="k=54"):
+            top_k_training_set(calc, factory, queries, batches, NUM_EXAMPLES + 1)
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_scores_and_top_k_from_a_store_equal_the_calculator(engine, tmp_path):
+    _, factory, model, batches = problem(engine)
+    calc = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 6)
+    store = tmp_path / "scores.zarr"
+    score_training_set(calc, factory, batches, batches_per_block=2, store_path=store)
+    queries = [batches[1], batches[6]]
+    # Read 16 rows at a time: the chunk (2 batches of 8); the last block partial (5 rows).
+    blocks = list(scores_from_store(calc, queries, store))
+    assert [start for start, _ in blocks] == [0, 16, 32, 48]
+    assert [s.shape for _, s in blocks] == [(13, 16)] * 3 + [(13, 5)]
+    found = np.concatenate([s for _, s in blocks], axis=1).astype(np.float64)
+    assert_close(found, calc.influence_matrix(queries, batches), 1e-12)
+    for order in (ki.ORDER.DESCENDING, ki.ORDER.ASCENDING):
+        top = top_k_from_store(calc, queries, store, k=6, order=order)
+        values, indices = expected_top_k(calc, queries, batches, 6, order)
+        assert_close(top.values.astype(np.float64), values, 1e-12)
+        np.testing.assert_array_equal(top.indices, indices)
+    if engine != "numpy":
+        return
+    # Refused: another fit, a calculator with the complement, an unfinished store, a store
+    # without vectors, no store at all.
+    other = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 6, damping=0.1)
+    with pytest.raises(IncompatibleStoreError, match="eigenbasis_digest"):
+        top_k_from_store(other, queries, store)
+    with_complement = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 6, complement=3.0)
+    with pytest.raises(ValueError, match="spectral complement"):
+        next(scores_from_store(with_complement, queries, store))
+    with pytest.raises(IncompatibleStoreError, match="no store"):
+        top_k_from_store(calc, queries, tmp_path / "missing.zarr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IncompatibleStoreError, match="not a zarr group"):
+        top_k_from_store(calc, queries, tmp_path / "empty")
+    group = zarr.open_group(str(store), mode="r+")
+    group["completed"][1:2] = np.zeros(1, dtype=bool)  # a block lost after the run finished
+    with pytest.raises(IncompatibleStoreError, match=r"unfinished.*1 of 4 blocks missing"):
+        top_k_from_store(calc, queries, store)
+    group["completed"][1:2] = np.ones(1, dtype=bool)
+    del group.attrs["num_examples"]
+    with pytest.raises(IncompatibleStoreError, match="unfinished"):
+        top_k_from_store(calc, queries, store)
+    bare = tmp_path / "bare.zarr"
+    score_training_set(calc, factory, batches, batches_per_block=2, store_path=bare, vectors=False)
+    with pytest.raises(IncompatibleStoreError, match="no influence vectors"):
+        top_k_from_store(calc, queries, bare)
+
+
+def generated_batches(num_batches, batch, features, classes):
+    """Softmax-regression batches drawn on the fly: a generator, never a list."""
+    for index in range(num_batches):
+        rng = np.random.default_rng([7, index])
+        yield rng.standard_normal((batch, features)), rng.integers(0, classes, batch)
+
+
+def traced_peak(run):
+    """Peak bytes the driver's Python heap grows by while ``run()`` runs (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = run()
+        return tracemalloc.get_traced_memory()[1] - before, result
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_driver_memory_does_not_grow_with_the_training_set(tmp_path):
+    # 64 features: a training example is 520 bytes of data; k = 50: its influence vector is
+    # 400 bytes. With a store the driver keeps 8 bytes of self-influence per example (plus the
+    # ids and one concatenation); the batches are drawn by a generator, the vectors go to the
+    # store. Two calibrations, measured the same way, show that the measurement sees both
+    # the data and the vectors when the driver does hold them.
+    features, batch = 64, 64
+    spec = random_mlp_spec(np.random.default_rng(3), (features, 3), num_examples=200, l2=0.05)
+    factory = SpecFactory("numpy", spec)
+    model, fit_batches = ki.get_engine("numpy").from_neutral_spec(spec, dtype="float64")
+    calc = ki.ArnoldiInfluenceCalculator(model, fit_batches, 60, True, 50)
+
+    def score(num_batches, store):
+        data = generated_batches(num_batches, batch, features, 3)
+        return score_training_set(calc, factory, data, batches_per_block=4, store_path=store)
+
+    # A first run takes the one-time costs (imports, first serialisations), which would
+    # otherwise inflate the smaller run's peak and hide growth.
+    score(8, None)
+    growth = {}
+    for name, run in (
+        ("store", lambda n: score(n, tmp_path / f"scores-{n}.zarr")),
+        ("vectors in memory", lambda n: score(n, None)),
+        ("data in a list", lambda n: list(generated_batches(n, batch, features, 3))),
+    ):
+        small, _ = traced_peak(lambda r=run: r(32))  # N = 2048 examples
+        large, _ = traced_peak(lambda r=run: r(128))  # 4N = 8192
+        growth[name] = (large - small) / (96 * batch)  # bytes per extra example
+    # Both calibrations read at least 5 times the bound below (the vectors' 400 bytes read
+    # lower: part of them hides under the smaller run's start-up peak, pool and pickling).
+    bound = 40
+    assert growth["data in a list"] > 5 * bound, growth
+    assert growth["vectors in memory"] > 5 * bound, growth
+    # Self-influence (8), ids (8) and one concatenation (8) per example at most.
+    assert growth["store"] < bound, growth
+    # The last store is whole: every id once, the vectors equal the calculator's.
+    group = zarr.open_group(str(tmp_path / "scores-128.zarr"), mode="r")
+    np.testing.assert_array_equal(np.asarray(group["ids"][:]), np.arange(128 * batch))
+    data = list(generated_batches(128, batch, features, 3))
+    expected = np.concatenate([host(model, v) for _, v in calc.compute_influence_vector(data)])
+    assert_close(np.asarray(group["vectors"][:]), expected, 1e-12)
+
+
+class SlowLogged(NumpyInfluenceModel):
+    """A reference model whose projections take a while and leave a file each."""
+
+    directory = ""
+
+    def project(self, projector, batch):
+        time.sleep(0.15)
+        Path(self.directory, f"batch-{os.getpid()}-{time.monotonic_ns()}").touch()
+        return super().project(projector, batch)
+
+
+@dataclass(frozen=True)
+class SlowFactory:
+    spec: object
+    directory: str
+
+    def __call__(self):
+        model = SlowLogged(self.spec.reference_model(), dtype="float64")
+        model.directory = self.directory
+        Path(self.directory, f"pid-{os.getpid()}").touch()  # one per actor process
+        return model
+
+
+def test_killing_a_scoring_actor_mid_run_gives_the_identical_result(tmp_path):
+    spec, _, model, batches = problem("numpy")
+    calc = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 6)
+    log = tmp_path / "log"
+    log.mkdir()
+    store = tmp_path / "scores.zarr"
+    outcome = {}
+
+    def run():
+        try:
+            outcome["scores"] = score_training_set(
+                calc, SlowFactory(spec, str(log)), batches, num_actors=2, store_path=store
+            )
+        except BaseException as error:  # re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 50
+    while len(list(log.glob("batch-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    pids = {int(p.name.split("-")[1]) for p in log.glob("pid-*")}
+    assert len(pids) == 2 and thread.is_alive()  # both actors working, the run not over
+    victim = min(pids)
+    done_at_kill = len(list(log.glob("batch-*")))
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=50)
+    assert not thread.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]
+    scores = outcome["scores"]
+    assert done_at_kill < 2 * len(batches)  # killed mid-run: projections were left to do
+    (reborn,) = {int(p.name.split("-")[1]) for p in log.glob("pid-*")} - pids
+    assert any(log.glob(f"batch-{reborn}-*"))  # Ray rebuilt the killed actor, which worked
+    assert scores.blocks_computed == tuple(range(len(batches)))
+    assert_close(scores.self_influence, calc.self_influence(batches), 1e-12)
+    vectors = np.concatenate([host(model, v) for _, v in calc.compute_influence_vector(batches)])
+    assert_close(np.asarray(scores.vectors[:]), vectors, 1e-12)
+    ids = np.asarray(zarr.open_group(str(store), mode="r")["ids"][:])
+    np.testing.assert_array_equal(np.sort(ids), np.arange(NUM_EXAMPLES))  # unique, complete
