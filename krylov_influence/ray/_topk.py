@@ -1,8 +1,11 @@
 """Top-k proponents / opponents of a set of queries over a training set, on Ray actors.
 
-The driver projects the queries once with its own model (``G g_z``, shape (Q, k); with the
-spectral complement also the query gradients ``g_z``, (Q, p), which its scores need) and
-ships them to the actors once (``ray.put``). The training set is cut into blocks of
+The driver projects the queries once with its own model (``G g_z``, shape (Q, k)) and ships
+them to the actors once (``ray.put``). With the spectral complement the scores also need the
+query gradients ``g_z`` in the engine's own form (:meth:`InfluenceModel.query_gradients`:
+the torch engine keeps dense layers factored), which need not be host arrays, so the query
+batches are shipped instead and each actor computes them once (kept for the tasks of the
+same call). The training set is cut into blocks of
 consecutive batches (:mod:`krylov_influence.ray._pool`); an actor computes its block's
 influence vectors and keeps the block's best ``min(k, B)`` scores per query with the
 single-process calculator's own search:
@@ -21,6 +24,7 @@ projections and ``Q × k`` running results, whatever ``N``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,21 +60,36 @@ class RayTopK:
 
 def project_queries(
     placement: Placement, queries: Iterable[Any]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(G g_z (Q, k), g_z (Q, p) or None)`` of all query batches, on the host.
+) -> tuple[np.ndarray, list[Any] | None]:
+    """``(G g_z (Q, k) on the host, the query batches or None)``.
 
-    The gradients only with the spectral complement (its scores need ``g_zᵀ g_x``).
+    The batches only with the spectral complement, whose scores need the query gradients
+    (computed on each actor by :func:`_query_sides`).
     """
     model = placement.model
-    projected, grads = [], []
+    projected, kept = [], []
     for index, query in enumerate(queries):
         part, query_grads = placement.query_side(query, index)
         projected.append(np.asarray(model.to_numpy(part)))
         if query_grads is not None:
-            grads.append(np.asarray(model.to_numpy(query_grads)))
+            kept.append(query)
     if not projected:
         raise ValueError("queries: the dataset is empty")
-    return np.concatenate(projected), np.concatenate(grads) if grads else None
+    return np.concatenate(projected), kept or None
+
+
+# Per actor process: the query side of the call in progress (its token), computed once.
+_QUERY_SIDES: dict[str, list[tuple[Any, Any]]] = {}
+
+
+def _query_sides(placement: Placement, token: str, batches: Sequence[Any]) -> list[Any]:
+    """``placement.query_side`` of every query batch, once per actor and call."""
+    found = _QUERY_SIDES.get(token)
+    if found is None:
+        _QUERY_SIDES.clear()
+        found = [placement.query_side(batch, index) for index, batch in enumerate(batches)]
+        _QUERY_SIDES[token] = found
+    return found
 
 
 def _top_k_block(
@@ -79,7 +98,7 @@ def _top_k_block(
     first_batch: int,
     batches: Sequence[Any],
     projected: np.ndarray,
-    query_grads: np.ndarray | None,
+    query_batches: tuple[str, list[Any]] | None,
     k: int,
     order: ORDER,
 ) -> dict[str, Any]:
@@ -92,7 +111,7 @@ def _top_k_block(
         for offset, batch in enumerate(batches):
             yield batch, placement.vectors(batch, first_batch + offset, "train_set")
 
-    if query_grads is None:
+    if query_batches is None:
 
         def source() -> Iterable[tuple[int, Any]]:
             position = start
@@ -104,11 +123,15 @@ def _top_k_block(
         search.build(source, num_examples=None, xp=xp)
         values, indices = search.query(queries, keep, order)
     else:
-        grads = model.from_numpy(query_grads)
-        running = placement.complement_top_k(
-            queries, grads, paired(), keep, order, lambda scores: scores, start
-        )
-        values, indices = running.result()
+        pairs = list(paired())  # the block's vectors, once for every query batch
+        found = [
+            placement.complement_top_k(
+                part, gradients, pairs, keep, order, lambda scores: scores, start
+            ).result()
+            for part, gradients in _query_sides(placement, *query_batches)
+        ]
+        values = xp.concat([v for v, _ in found], axis=0)
+        indices = xp.concat([i for _, i in found], axis=0)
     require_finite(xp, values, "top-k scores", "train_set", first_batch)
     return {
         "values": np.asarray(model.to_numpy(values)),
@@ -147,8 +170,8 @@ def top_k_training_set(
         (fingerprint checked).
     queries : iterable of batches
         The query points z, batches of the calculator's model, iterated once on the driver.
-        Their projections (Q × k; with the complement also their gradients, Q × p) are
-        shipped to every actor once.
+        Their projections (Q × k) are shipped to every actor once; with the complement
+        the batches too, and each actor computes their gradients once.
     batches : iterable of batches
         The training set, read lazily on the driver, in blocks of ``batches_per_block``.
     k : int, default 5
@@ -182,8 +205,12 @@ def top_k_training_set(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive integer")
     placement = calculator._placed(None)
-    projected, query_grads = project_queries(placement, queries)
-    shared = (ray.put(projected), None if query_grads is None else ray.put(query_grads))
+    projected, query_batches = project_queries(placement, queries)
+    token = uuid.uuid4().hex  # names this call's query side on the actors
+    shared = (
+        ray.put(projected),
+        None if query_batches is None else ray.put((token, query_batches)),
+    )
 
     def task(block: Block) -> tuple[Callable[..., dict[str, Any]], tuple[Any, ...]]:
         first_batch = block.index * batches_per_block
