@@ -28,6 +28,7 @@ import krylov_influence as ki  # noqa: E402
 from krylov_influence.errors import IncompatibleStoreError  # noqa: E402
 from krylov_influence.ray import (  # noqa: E402
     RayHessianData,
+    ScorerPool,
     score_dataset,
     score_training_set,
     scores_from_store,
@@ -519,3 +520,28 @@ def test_killing_a_scoring_actor_mid_run_gives_the_identical_result(tmp_path):
     assert_close(np.asarray(scores.vectors[:]), vectors, 1e-12)
     ids = np.asarray(zarr.open_group(str(store), mode="r")["ids"][:])
     np.testing.assert_array_equal(np.sort(ids), np.arange(NUM_EXAMPLES))  # unique, complete
+
+
+def test_a_pool_started_once_serves_several_calls_and_only_its_calculator():
+    _, factory, model, batches = problem("numpy")
+    calc = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 6, complement="mean")
+    queries = [batches[2]]
+    with ScorerPool(calc, factory, 2) as actors:
+        pids = ray.get([actor.run.remote(_pid) for actor in actors.actors])
+        scores = score_training_set(calc, actors, batches, batches_per_block=3)
+        top = top_k_training_set(calc, actors, queries, batches, 5, batches_per_block=3)
+        # The same actors, still running after both calls.
+        assert ray.get([actor.run.remote(_pid) for actor in actors.actors]) == pids
+        assert_close(scores.self_influence, calc.self_influence(batches), 1e-12)
+        values, indices = expected_top_k(calc, queries, batches, 5, ki.ORDER.DESCENDING)
+        assert_close(top.values, values, 1e-12)
+        np.testing.assert_array_equal(top.indices, indices)
+        other = ki.ArnoldiInfluenceCalculator(model, batches, 10, True, 5, complement="mean")
+        with pytest.raises(ValueError, match="another calculator"):
+            score_training_set(other, actors, batches)
+    with pytest.raises(ValueError, match="shut down"):
+        top_k_training_set(calc, actors, queries, batches, 5)
+
+
+def _pid(placement):
+    return {"placement": type(placement).__name__}

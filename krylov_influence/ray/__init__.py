@@ -16,6 +16,8 @@ Importing this module does not import Ray; its classes and functions do, when us
 - :func:`scores_from_store`, :func:`top_k_from_store`: scores and top-k of queries against
   the influence vectors of a finished store, read chunk by chunk (no training gradient).
 - :class:`ScoreStore`: such a store, opened and checked against a calculator.
+- :class:`ScorerPool`: scoring actors started once and passed instead of a model factory to
+  several of the calls above (actors take seconds to start).
 - :func:`score_dataset`: the same for the rows of a ``ray.data.Dataset`` (Ray Data batch
   inference with ``map_batches`` on an actor pool), keyed by an id column, lazily.
 """
@@ -23,6 +25,7 @@ Importing this module does not import Ray; its classes and functions do, when us
 from krylov_influence.ray._dataset import score_dataset
 from krylov_influence.ray._from_store import scores_from_store, top_k_from_store
 from krylov_influence.ray._hessian import RayHessianData, RayHessianOperator, split_batches
+from krylov_influence.ray._pool import ScorerPool
 from krylov_influence.ray._scoring import RayScores, score_training_set
 from krylov_influence.ray._store import ScoreStore
 from krylov_influence.ray._topk import RayTopK, top_k_training_set
@@ -33,6 +36,7 @@ __all__ = [
     "RayScores",
     "RayTopK",
     "ScoreStore",
+    "ScorerPool",
     "score_dataset",
     "score_training_set",
     "scores_from_store",

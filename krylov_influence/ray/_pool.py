@@ -21,6 +21,7 @@ batches and the fitted state, so a resubmitted block gives the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -34,7 +35,7 @@ from krylov_influence._streaming import Placement
 from krylov_influence.ray._hessian import import_ray
 from krylov_influence.registry import bind_model
 
-__all__ = ["Block", "ScorerPool", "iter_blocks", "run_blocks"]
+__all__ = ["Block", "ScorerPool", "actors_for", "iter_blocks", "run_blocks"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,18 @@ class _Scorer:
 class ScorerPool:
     """Actors holding the calculator's fitted state; a context manager that kills them.
 
+    Starting actors takes seconds (each imports its framework and builds the model), so a pool
+    can be started once and passed instead of a model factory to every map over the training
+    set (:func:`~krylov_influence.ray.score_training_set`,
+    :func:`~krylov_influence.ray.top_k_training_set`), which then leave it running::
+
+        with ScorerPool(calc, make_model, num_actors=8) as actors:
+            scores = score_training_set(calc, actors, train, store_path="scores.zarr")
+            top = top_k_training_set(calc, actors, queries, train, k=10)
+
+    A pool serves only the calculator it was started for (the same fit and parameters);
+    another is refused.
+
     Parameters
     ----------
     calculator : ArnoldiInfluenceCalculator
@@ -166,6 +179,8 @@ class ScorerPool:
             raise ValueError(f"num_actors={num_actors!r}: expected a positive integer")
         model = calculator.model
         self.placement = calculator._placed(None)
+        self.identity = _identity(calculator)
+        self.num_cpus = num_cpus
         self.max_task_retries = int(max_task_retries)
         options: dict[str, Any] = {
             "max_restarts": int(max_restarts),
@@ -191,6 +206,17 @@ class ScorerPool:
                 "model_factory: builds a model whose parameters differ from the calculator's"
             )
 
+    def check(self, calculator: Any) -> None:
+        """Refuse to serve another calculator than the one the actors were started for."""
+        if not self.actors:
+            raise ValueError("model_factory: this ScorerPool is shut down; start another")
+        if _identity(calculator) != self.identity:
+            raise ValueError(
+                "model_factory: this ScorerPool holds the fitted state of another calculator "
+                "(another fit, parameters, dtype or spectral complement); start one for this "
+                "calculator"
+            )
+
     def shutdown(self) -> None:
         """Kill the actors (no restart)."""
         ray = import_ray()
@@ -203,6 +229,31 @@ class ScorerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _identity(calculator: Any) -> tuple[Any, ...]:
+    """What the actors' state depends on: the fit, the parameters, the dtype, the weight."""
+    placement = calculator._placed(None)
+    return (
+        calculator.eigenbasis_digest,
+        calculator.model.fingerprint(),
+        calculator.model.dtype_name,
+        placement.complement_weight,
+    )
+
+
+@contextlib.contextmanager
+def actors_for(
+    calculator: Any, model_factory: Any, num_actors: int, **options: Any
+) -> Iterator[ScorerPool]:
+    """A running :class:`ScorerPool` passed as ``model_factory`` (checked, left running), or
+    a new pool started from the factory and shut down on exit."""
+    if isinstance(model_factory, ScorerPool):
+        model_factory.check(calculator)
+        yield model_factory
+        return
+    with ScorerPool(calculator, model_factory, num_actors, **options) as pool:
+        yield pool
 
 
 def run_blocks(

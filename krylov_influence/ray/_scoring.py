@@ -39,7 +39,7 @@ from krylov_influence._data import dataset_length, progress_bar
 from krylov_influence._identity import check_losses, loss_tolerance
 from krylov_influence._streaming import Placement
 from krylov_influence.ray._hessian import import_ray
-from krylov_influence.ray._pool import Block, ScorerPool, iter_blocks, run_blocks
+from krylov_influence.ray._pool import Block, actors_for, iter_blocks, run_blocks
 from krylov_influence.ray._store import StoreWriter, open_group
 
 __all__ = ["RayScores", "score_training_set"]
@@ -132,7 +132,7 @@ def _verify_block(
 
 def score_training_set(
     calculator: Any,
-    model_factory: Callable[[], Any],
+    model_factory: Any,
     batches: Iterable[Any],
     *,
     batches_per_block: int = 1,
@@ -153,9 +153,12 @@ def score_training_set(
     calculator : ArnoldiInfluenceCalculator
         A fitted calculator (its eigenbasis and spectral complement are shipped to the actors
         as host arrays: ``k × p`` numbers once per actor).
-    model_factory : callable
+    model_factory : callable or ScorerPool
         A picklable zero-argument callable building the calculator's model (each actor calls
-        it once; the parameter fingerprint must match the calculator's model).
+        it once; the parameter fingerprint must match the calculator's model): actors are
+        started for this call and stopped after it. Or a running
+        :class:`~krylov_influence.ray.ScorerPool` for this calculator, used and left running
+        (``num_actors`` and the actor options are then the pool's).
     batches : iterable of batches
         The training set, iterated once, lazily, on the driver (a generator will do): every
         block of ``batches_per_block`` consecutive batches is shipped to one actor when the
@@ -228,7 +231,7 @@ def score_training_set(
     num_examples = num_blocks = 0
     blocks = iter_blocks(batches, batches_per_block, model.batch_size)
     with (
-        ScorerPool(
+        actors_for(
             calculator,
             model_factory,
             num_actors,

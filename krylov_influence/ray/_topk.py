@@ -34,7 +34,7 @@ import numpy as np
 from krylov_influence._data import dataset_length, progress_bar
 from krylov_influence._streaming import Placement, require_finite
 from krylov_influence.ray._hessian import import_ray
-from krylov_influence.ray._pool import Block, ScorerPool, iter_blocks, run_blocks
+from krylov_influence.ray._pool import Block, actors_for, iter_blocks, run_blocks
 from krylov_influence.topk import ORDER, LinearNearestNeighbors, as_order, merge_top_k
 
 __all__ = ["RayTopK", "project_queries", "top_k_training_set"]
@@ -141,7 +141,7 @@ def _top_k_block(
 
 def top_k_training_set(
     calculator: Any,
-    model_factory: Callable[[], Any],
+    model_factory: Any,
     queries: Iterable[Any],
     batches: Iterable[Any],
     k: int = 5,
@@ -165,9 +165,10 @@ def top_k_training_set(
     ----------
     calculator : ArnoldiInfluenceCalculator
         A fitted calculator; its model projects the queries on the driver.
-    model_factory : callable
+    model_factory : callable or ScorerPool
         A picklable zero-argument callable building the calculator's model on each actor
-        (fingerprint checked).
+        (fingerprint checked; actors started for this call), or a running
+        :class:`~krylov_influence.ray.ScorerPool` for this calculator (left running).
     queries : iterable of batches
         The query points z, batches of the calculator's model, iterated once on the driver.
         Their projections (Q × k) are shipped to every actor once; with the complement
@@ -223,7 +224,7 @@ def top_k_training_set(
     num_examples = 0
     blocks = iter_blocks(batches, batches_per_block, calculator.model.batch_size)
     with (
-        ScorerPool(
+        actors_for(
             calculator,
             model_factory,
             num_actors,
