@@ -32,6 +32,7 @@ def block_arnoldi(
     n: int,
     b: int,
     *,
+    host_rows: Any = None,
     xp: Any,
     work_dtype: Any,
     op_dtype: Any,
@@ -58,6 +59,11 @@ def block_arnoldi(
 
     Checkpoints (``due``/``save_state``, from :func:`arnoldi_iteration`) are taken between
     blocks while no residual row has been set aside, i.e. before the basis is full.
+
+    With ``host_rows`` (the single-vector iteration's ``_HostRows``: a basis in host memory or
+    on disk) the block's rows go to the device for the products and every product is
+    orthogonalised row by row on the host (``HostBasis.cgs2`` over column blocks), the same
+    sequence as the device's row-by-row path.
     """
     p = int(operator.shape[0])
     multiply = getattr(operator, "mm", None)
@@ -70,18 +76,23 @@ def block_arnoldi(
             out = xp.stack([operator.mv(rows[i, ...]) for i in range(int(rows.shape[0]))])
         return out if out.dtype == work_dtype else xp.astype(out, work_dtype)
 
+    rows = _Basis(xp, host_rows, host, to_device)
     if resume is None:
         start, _ = np.linalg.qr(rng.standard_normal((p, b)))  # b orthonormal columns
-        basis = xp.zeros((n, p), dtype=work_dtype, device=device)
+        if host_rows is None:
+            rows.basis = xp.zeros((n, p), dtype=work_dtype, device=device)
         for i in range(b):
-            basis = _xp.set_row(xp, basis, i, to_device(np.ascontiguousarray(start[:, i])))
+            rows.set_host(i, np.ascontiguousarray(start[:, i]))
         hessenberg = np.zeros((n, n), dtype=np.float64)
         restarts: list[int] = []
         norm_estimate = 0.0
         j = 0  # first row of the current block
     else:
-        assert restored_basis is not None
-        basis = restored_basis()
+        if host_rows is None:
+            assert restored_basis is not None
+            rows.basis = restored_basis()
+        else:
+            host_rows.restore(resume.basis_rows)
         hessenberg = resume.hessenberg.copy()
         restarts = list(resume.restarts)
         norm_estimate = resume.norm_estimate
@@ -89,21 +100,31 @@ def block_arnoldi(
     dropped: list[tuple[int, Any]] = []  # (column, residual row) outside the basis
     while j < n:
         m = min(b, n - j)
-        w = products(basis[j : j + m, ...])
+        w = products(rows.block(j, m))
         filled = j + m
         following = min(b, n - filled)  # rows of the next block
-        fast = _block_fast_path(
-            xp, basis, w, filled, following, n, host, rtol=rtol, norm_estimate=norm_estimate
-        )
+        fast = None
+        if host_rows is None:
+            fast = _block_fast_path(
+                xp,
+                rows.basis,
+                w,
+                filled,
+                following,
+                n,
+                host,
+                rtol=rtol,
+                norm_estimate=norm_estimate,
+            )
         if fast is not None:
-            basis, columns, norm_estimate, residual_rows = fast
+            rows.basis, columns, norm_estimate, residual_rows = fast
             hessenberg[:, j:filled] = columns
             dropped += [(j + i, row) for i, row in residual_rows]
             if progress is not None:
                 progress(m)
             j = filled
             _maybe_checkpoint(
-                j, n, b, dropped, due, save_state, basis, hessenberg, restarts, norm_estimate
+                j, n, b, dropped, due, save_state, rows.state, hessenberg, restarts, norm_estimate
             )
             continue
         for i in range(m):  # a breakdown or non-finite values: row by row, as in Arnoldi
@@ -111,8 +132,7 @@ def block_arnoldi(
             # next block already accepted: the single-vector iteration's robustness, with the
             # products shared. Row i is Σ_l R[l, i] q_{filled + l} plus the basis part.
             accepted = filled + min(i, following)
-            active = basis[: padded_rows(accepted, n), ...]
-            row, coefficients, product_norm, beta = orthogonalise(xp, active, w[i, ...], host)
+            row, coefficients, product_norm, beta = rows.orthogonalise(accepted, w[i, ...], n)
             coefficients = coefficients[:accepted]
             if not (np.all(np.isfinite(coefficients)) and math.isfinite(beta + product_norm)):
                 raise NonFiniteError(
@@ -127,29 +147,82 @@ def block_arnoldi(
                 continue
             if beta <= rtol * norm_estimate:
                 restarts.append(filled)
-                nxt = fresh_direction(xp, active, rng, to_device, host)
+                nxt = rows.fresh_direction(accepted, rng, n)
             else:
                 hessenberg[filled + i, j + i] = beta
                 nxt = row * (1.0 / beta)
-            basis = _xp.set_row(xp, basis, filled + i, nxt)
+            rows.set(filled + i, nxt)
         if progress is not None:
             progress(m)
         j = filled
         _maybe_checkpoint(
-            j, n, b, dropped, due, save_state, basis, hessenberg, restarts, norm_estimate
+            j, n, b, dropped, due, save_state, rows.state, hessenberg, restarts, norm_estimate
         )
-    residual = xp.stack([row for _, row in dropped])
-    gram = host(xp.matmul(residual, xp.permute_dims(residual, (1, 0)))).astype(np.float64)
+    if host_rows is None:
+        residual = xp.stack([row for _, row in dropped])
+        gram = host(xp.matmul(residual, xp.permute_dims(residual, (1, 0)))).astype(np.float64)
+    else:
+        residual = np.stack([np.asarray(row, dtype=np.float64) for _, row in dropped])
+        gram = residual @ residual.T
     return ArnoldiResult(
-        basis=basis,
+        basis=rows.state,
         hessenberg=hessenberg,
         residual_norm=float(math.sqrt(max(0.0, float(np.max(np.diag(gram)))))),
         restarts=tuple(restarts),
-        orthogonality_loss=orthogonality_loss(xp, basis, host) if check_orthogonality else None,
+        orthogonality_loss=rows.orthogonality_loss() if check_orthogonality else None,
         operator_norm_estimate=float(norm_estimate),
         residual_gram=gram,
         residual_columns=tuple(column for column, _ in dropped),
     )
+
+
+class _Basis:
+    """The block iteration's basis: an (n, p) array of the operator's namespace, or the
+    single-vector iteration's ``_HostRows`` (host memory or disk)."""
+
+    def __init__(self, xp: Any, host_rows: Any, host: Callable[[Any], np.ndarray], to_device: Any):
+        self.xp, self.host_rows, self.host, self.to_device = xp, host_rows, host, to_device
+        self.basis: Any = None
+
+    @property
+    def state(self) -> Any:
+        """What the result and checkpoints hold: the device array, or the ``HostBasis``."""
+        return self.basis if self.host_rows is None else self.host_rows.result()
+
+    def set_host(self, index: int, row: np.ndarray) -> None:
+        if self.host_rows is None:
+            self.basis = _xp.set_row(self.xp, self.basis, index, self.to_device(row))
+        else:
+            self.host_rows.set(index, row)
+
+    def set(self, index: int, row: Any) -> None:
+        if self.host_rows is None:
+            self.basis = _xp.set_row(self.xp, self.basis, index, row)
+        else:
+            self.host_rows.set(index, row)
+
+    def block(self, first: int, count: int) -> Any:
+        """Rows ``first .. first + count`` on the device, (count, p)."""
+        if self.host_rows is None:
+            return self.basis[first : first + count, ...]
+        return self.to_device(np.asarray(self.host_rows.basis.array[first : first + count]))
+
+    def orthogonalise(self, rows: int, w: Any, n: int) -> tuple[Any, np.ndarray, float, float]:
+        if self.host_rows is None:
+            active = self.basis[: padded_rows(rows, n), ...]
+            return orthogonalise(self.xp, active, w, self.host)
+        return self.host_rows.orthogonalise(rows, w)
+
+    def fresh_direction(self, rows: int, rng: np.random.Generator, n: int) -> Any:
+        if self.host_rows is None:
+            active = self.basis[: padded_rows(rows, n), ...]
+            return fresh_direction(self.xp, active, rng, self.to_device, self.host)
+        return self.host_rows.fresh_direction(rows, rng)
+
+    def orthogonality_loss(self) -> float:
+        if self.host_rows is None:
+            return orthogonality_loss(self.xp, self.basis, self.host)
+        return self.host_rows.orthogonality_loss()
 
 
 def _maybe_checkpoint(

@@ -289,10 +289,11 @@ def arnoldi_iteration(
         norm_estimate: float,
     ) -> None:
         assert checkpoint is not None
+        kept = basis.array[:rows] if isinstance(basis, HostBasis) else host(basis[:rows, ...])
         checkpoint(
             ArnoldiState(
                 products=products,
-                basis_rows=np.array(host(basis[:rows, ...]), copy=True),
+                basis_rows=np.array(kept, copy=True),
                 hessenberg=hessenberg.copy(),
                 restarts=tuple(restarts),
                 norm_estimate=float(norm_estimate),
@@ -309,11 +310,6 @@ def arnoldi_iteration(
         return basis
 
     if host_basis is not None:
-        if block_size != 1:
-            raise ValueError(
-                f"block_size={block_size}: block Arnoldi keeps its basis on the device; with "
-                "the basis on the host or on disk, use block_size=1"
-            )
         if host_basis.shape != (n, p):
             raise ValueError(f"host_basis: expected shape ({n}, {p}), got {host_basis.shape}")
 
@@ -329,6 +325,7 @@ def arnoldi_iteration(
             operator,
             n,
             int(block_size),
+            host_rows=rows_store if isinstance(rows_store, _HostRows) else None,
             xp=xp,
             work_dtype=work_dtype,
             op_dtype=op_dtype,

@@ -176,7 +176,8 @@ class ArnoldiInfluenceCalculator:
         after the fit). Off the device, Gram–Schmidt runs on the host over blocks of parameter
         columns and each step moves one p-vector each way; the results agree with the device
         basis to round-off. ``"auto"``: the device when the basis fits ``basis_memory``, else
-        disk. Off the device needs ``block_size=1``.
+        disk. With ``block_size = b > 1`` each step moves b rows to the device and b products
+        back, orthogonalised one by one on the host.
     basis_memory : int or str, keyword-only, default "auto"
         The budget of ``"auto"``: bytes, or a size (``"8GiB"``); ``"auto"`` is a quarter of the
         machine's physical memory.

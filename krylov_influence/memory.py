@@ -32,8 +32,8 @@ __all__ = ["MemoryItem", "MemoryPlan", "estimate_memory", "format_bytes"]
 # The engines' budget for a (B, p) block of per-example gradients in a projection
 # (``GRADIENT_PROJECTION_BYTES``); above it, projections take the JVP route.
 GRADIENT_BLOCK_BYTES = 64 * 2**20
-# Columns of an off-device basis read at once (krylov_influence._host_basis).
-_HOST_BLOCK_BYTES = 64 * 2**20
+# Columns of a basis on disk read at once (krylov_influence._host_basis.DISK_BLOCK_BYTES).
+_DISK_BLOCK_BYTES = 8 * 2**20
 # Rows of the projector in one vectorised JVP pass when the JVP route is taken (the JAX
 # engine's default: as many as keep B × chunk ≤ 2¹⁸; torch and TensorFlow are similar).
 JVP_CHUNK_ELEMENTS = 2**18
@@ -147,7 +147,7 @@ def estimate_memory(
         ``checkpoint_path`` set: the host copy of the basis each checkpoint writes.
     basis_location : {"device", "host", "disk"}
         Where the calculator keeps the basis (``basis_location=``; ``"auto"`` resolves to one
-        of these). Off the device, Gram–Schmidt reads the basis in 64 MiB blocks of columns.
+        of these). On disk, Gram–Schmidt reads the basis in 8 MiB blocks of columns.
 
     Returns
     -------
@@ -194,14 +194,16 @@ def estimate_memory(
         add("fit", "Krylov basis Q", (n, p))
         add("fit", "products A Q_j and their CGS2 remainders", (2 * b, p))
     else:
-        columns = max(1, min(p, _HOST_BLOCK_BYTES // (n * size)))
         if basis_location == "host":
             add("fit", "Krylov basis Q", (n, p), "host")
         else:
-            add("fit", "Krylov basis Q (memory-mapped file)", (n, p), "disk")
+            columns = max(1, min(p, _DISK_BLOCK_BYTES // (n * size)))
+            add("fit", "Krylov basis Q (a file read block by block)", (n, p), "disk")
             add("fit", "a block of basis columns being read", (n, columns), "host")
-        add("fit", "the product A q_j", (1, p))
-        add("fit", "the product and its CGS2 remainder", (2, p), "host")
+        add("fit", "the rows Q_j and their products A Q_j", (2 * b, p))
+        add("fit", "a product and its CGS2 remainder", (2, p), "host")
+        if b > 1:
+            add("fit", "the last block's residual rows", (b, p), "host")
     add("fit", "Hessenberg matrix (float64)", (n, n), "host", 8)
     if 0 < hessian_data_bytes <= 2**30:
         items.append(MemoryItem("fit", "staged Hessian data", (), hessian_data_bytes, "device"))

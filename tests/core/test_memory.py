@@ -85,8 +85,12 @@ def test_off_the_device_the_basis_is_counted_where_it_lives():
     plan = estimate_memory(20_000_000, 64, 32, basis_location="disk")
     assert _item(plan, "fit", "Krylov basis Q").where == "disk"
     assert plan.peak("fit", "disk") == 64 * 20_000_000 * 4
-    assert plan.peak("fit") == 20_000_000 * 4  # one p-vector: the product
+    assert plan.peak("fit") == 2 * 20_000_000 * 4  # the row q_j moved over and A q_j
     # A block of columns, the product and its remainder, the Hessenberg matrix.
-    assert plan.peak("fit", "host") == 64 * 2**20 + 2 * 20_000_000 * 4 + 64 * 64 * 8
+    assert plan.peak("fit", "host") == 8 * 2**20 + 2 * 20_000_000 * 4 + 64 * 64 * 8
+    # Block Arnoldi: b rows and b products on the device, b residual rows kept at the end.
+    blocks = estimate_memory(20_000_000, 64, 32, basis_location="disk", block_size=4)
+    assert blocks.peak("fit") == 8 * 20_000_000 * 4
+    assert blocks.peak("fit", "host") == plan.peak("fit", "host") + 4 * 20_000_000 * 4
     with pytest.raises(ValueError, match="basis_location='gpu'"):
         estimate_memory(100, 20, 5, basis_location="gpu")
