@@ -317,8 +317,9 @@ def torch_layout(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[
 
 
 # ------------------------------------------------------------------------------- binding
-def bind(problem: dict[str, Any], engine: str, which: str = "clean") -> Any:
-    """The problem's model bound to our ``engine`` (``l2=0``, per-example cross-entropy)."""
+def bind(problem: dict[str, Any], engine: str, which: str = "clean", **options: Any) -> Any:
+    """The problem's model bound to our ``engine`` (``l2=0``, per-example cross-entropy);
+    ``options`` go to ``InfluenceModel`` (``projection="jvp"``...)."""
     import krylov_influence as ki
 
     if engine == "torch":
@@ -327,15 +328,16 @@ def bind(problem: dict[str, Any], engine: str, which: str = "clean") -> Any:
         from bench_torch import load_model
 
         module = load_model(problem, which)
-        return ki.InfluenceModel(module, torch.nn.CrossEntropyLoss(reduction="none"), l2=0.0)
+        loss = torch.nn.CrossEntropyLoss(reduction="none")
+        return ki.InfluenceModel(module, loss, l2=0.0, **options)
     if engine == "jax":
         apply_fn, params = jax_model(problem, which)
-        return ki.InfluenceModel(apply_fn, jax_loss, params=params, l2=0.0)
+        return ki.InfluenceModel(apply_fn, jax_loss, params=params, l2=0.0, **options)
     if engine == "tensorflow":
         import keras
 
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        return ki.InfluenceModel(keras_model(problem, which), loss, l2=0.0)
+        return ki.InfluenceModel(keras_model(problem, which), loss, l2=0.0, **options)
     raise ValueError(f"engine={engine!r}: expected torch, jax or tensorflow")
 
 
