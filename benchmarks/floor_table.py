@@ -22,8 +22,13 @@ def fmt(seconds: float) -> str:
 
 
 def tables(results: list[dict[str, Any]]) -> str:
-    auto = {r["engine"]: r for r in results if r.get("projection", "auto") == "auto"}
+    auto = {
+        r["engine"]: r
+        for r in results
+        if r.get("projection", "auto") == "auto" and r.get("block_size", 1) == 1 and r["floor"]
+    }
     jvp = {r["engine"]: r for r in results if r.get("projection") == "jvp"}
+    blocks = {r["engine"]: r for r in results if r.get("block_size", 1) > 1}
     engines = [e for e in ENGINES if e in auto]
     if not engines:
         return ""
@@ -88,6 +93,27 @@ def tables(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {e} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("(CPU times, the steadier figure on the shared machine.)")
+    if blocks:
+        lines += [
+            "",
+            "Block Arnoldi (`block_size` b): the fit against n × the cheaper single HVP of the "
+            "same engine (CPU time):",
+            "",
+            "| engine | b | fit | fit / (n × cheaper HVP) | fit at b = 1 |",
+            "|---|---|---|---|---|",
+        ]
+        for e in engines:
+            if e not in blocks:
+                continue
+            r, f = blocks[e], auto[e]["floor"]
+            hvp = r["subspace_dim"] * min(f["hvp_fwd_rev"]["cpu_s"], f["hvp_rev_rev"]["cpu_s"])
+            fit = r["stages"]["fit"]["median_cpu_s"]
+            one = (
+                auto[e]["stages"]["fit"]["median_cpu_s"]
+                * r["subspace_dim"]
+                / auto[e]["subspace_dim"]
+            )
+            lines.append(f"| {e} | {r['block_size']} | {fmt(fit)} | {fit / hvp:.2f} | {fmt(one)} |")
     if "torch" in auto and len(engines) > 1:
         lines += [
             "",
