@@ -193,17 +193,14 @@ class TensorFlowInfluenceModel(InfluenceModel):
                 losses = self._data_losses(thetas, x, y)
             return acc.jvp(losses, unconnected_gradients=_ZERO)
 
-        def example_grad(example: Any) -> list[tf.Tensor]:
-            """One example's gradient, one dense tensor per parameter."""
+        def example_grad(example: Any) -> tf.Tensor:
             xi, yi = tf.nest.map_structure(lambda t: t[tf.newaxis, ...], example)
             with tf.GradientTape() as tape:
                 tape.watch(thetas)
                 loss = loss_sum(xi, yi)
-            grads = tape.gradient(loss, thetas, unconnected_gradients=_ZERO)
-            return [tf.convert_to_tensor(g) for g in grads]  # Embedding: IndexedSlices
+            return self._flatten(tape.gradient(loss, thetas, unconnected_gradients=_ZERO))
 
         vector_spec = tf.TensorSpec([p], dtype)
-        leaf_specs = [tf.TensorSpec(shape, dtype) for shape in self._shapes]
 
         def over_vectors(one: Any, how: str) -> Any:
             """``one(vector, x, y)`` mapped over the rows of ``vectors``."""
@@ -224,30 +221,15 @@ class TensorFlowInfluenceModel(InfluenceModel):
             # vectorized_map over examples of a one-example gradient: pfor turns it into
             # batched kernels. (tape.jacobian with pfor is 40x slower here: it differentiates
             # through the batch loss and falls back to a while_loop for some ops.)
-            #
-            # With ``rows`` (k, p), the projections (B, k) instead: each parameter's (B, p_l)
-            # gradients times its columns of ``rows``, without assembling the flat (B, p)
-            # block (on the benchmark transformer this cut a projection pass by a third).
-            def grads(x: Any, y: Any, rows: tf.Tensor | None = None) -> tf.Tensor:
+            def grads(x: Any, y: Any) -> tf.Tensor:
                 if how == "loop":
-                    leaves = tf.map_fn(example_grad, (x, y), fn_output_signature=leaf_specs)
+                    out = tf.map_fn(example_grad, (x, y), fn_output_signature=vector_spec)
                 else:
-                    leaves = tf.vectorized_map(
+                    out = tf.vectorized_map(
                         example_grad, (x, y), fallback_to_while_loop=how == "pfor+loop"
                     )
-                count = tf.shape(leaves[0])[0]
-                flat = [tf.reshape(leaf, [count, -1]) for leaf in leaves]
-                if rows is None:
-                    out = tf.concat(flat, axis=1)
-                    if self._l2:
-                        out = out + self._l2 * self._flat[tf.newaxis, :]
-                    return out
-                parts = tf.split(rows, self._sizes, axis=1)
-                out = tf.add_n(
-                    [tf.matmul(g, part, transpose_b=True) for g, part in zip(flat, parts)]
-                )
                 if self._l2:
-                    out = out + self._l2 * tf.linalg.matvec(rows, self._flat)[tf.newaxis, :]
+                    out = out + self._l2 * self._flat[tf.newaxis, :]
                 return out
 
             return grads
@@ -299,8 +281,8 @@ class TensorFlowInfluenceModel(InfluenceModel):
         self._losses = Kernel("losses", [("forward", losses)])
 
     def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
-        """Per-example gradients (B, p) times ``rowsᵀ``, per parameter, in one kernel."""
-        return self._per_example(x, y, rows)
+        """Per-example gradients (B, p) times ``rowsᵀ``."""
+        return tf.matmul(self._per_example(x, y), rows, transpose_b=True)
 
     def _project_by_gradient_chunks(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
         """``project`` where JVPs cannot be vectorised: per-example gradients times ``Gᵀ``,
