@@ -162,15 +162,8 @@ def gradient_project(
     CNN (batches of 500, k = 20, one CPU thread) this took 0.72 s a batch against 1.03 s for
     the flat block times ``Gᵀ``.
     """
-    leaves = program.layout.unravel(theta)
-
-    def one(xi: Any, yi: Any) -> Any:
-        xb = jax.tree_util.tree_map(lambda leaf: leaf[None], xi)
-        yb = jax.tree_util.tree_map(lambda leaf: leaf[None], yi)
-        return jax.grad(lambda ls: program.leaf_losses(ls, fixed, xb, yb)[0])(leaves)
-
-    gradients = jax.vmap(one)(x, y)
-    size = jax.tree_util.tree_leaves(x)[0].shape[0]
+    gradients = _leaf_grads(program, theta, fixed, x, y)
+    size = gradients[0].shape[0]
     with jax.default_matmul_precision(_HIGHEST):
         projected = l2 * (G @ theta)[None, :]
         offset = 0
@@ -192,15 +185,29 @@ def gradient_project_with_norms(
         return gradients @ G.T, jnp.sum(gradients * gradients, axis=1)
 
 
-def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+def _leaf_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> list[Any]:
+    """Per-example gradients (no L2), one (B, *shape) array per selected leaf.
+
+    Differentiated with respect to the leaves, not the flat θ: with an embedding table the
+    gradient with respect to θ scattered every example's rows into a (B, p) buffer, 6x
+    slower than these per-leaf gradients on the benchmark transformer (one CPU thread).
+    """
+    leaves = program.layout.unravel(theta)
 
     def one(xi: Any, yi: Any) -> Any:
         # The model sees a batch of one: apply_fn and loss_fn keep their batched contract.
         xb = jax.tree_util.tree_map(lambda leaf: leaf[None], xi)
         yb = jax.tree_util.tree_map(lambda leaf: leaf[None], yi)
-        return jax.grad(lambda t: program.data_losses(t, fixed, xb, yb)[0])(theta)
+        return jax.grad(lambda ls: program.leaf_losses(ls, fixed, xb, yb)[0])(leaves)
 
-    return jax.vmap(one)(x, y) + l2 * theta[None, :]
+    return list(jax.vmap(one)(x, y))
+
+
+def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+    grads = _leaf_grads(program, theta, fixed, x, y)
+    size = grads[0].shape[0]
+    flat = jnp.concatenate([g.reshape(size, -1) for g in grads], axis=1)
+    return flat + l2 * theta[None, :]
 
 
 per_example_grads = _static(_per_example_grads)
