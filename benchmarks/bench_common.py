@@ -152,7 +152,9 @@ def top_k_indices(scores: np.ndarray, k: int = TOP_K) -> np.ndarray:
 
 def peer_arguments(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--problem", default="digits", help="digits or cnn (from prepare.py)")
+    parser.add_argument(
+        "--problem", default="digits", help="digits, cnn or transformer (from prepare.py)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: default)")

@@ -2,7 +2,9 @@
 
 ``--engine torch`` binds the PyTorch module itself with ``krylov_influence.InfluenceModel``;
 ``--engine jax`` / ``--engine tensorflow`` build the same MLP (same weights, same flat order)
-from the neutral spec (``Engine.from_neutral_spec``), so all three score the same parameters.
+from the neutral spec (``Engine.from_neutral_spec``), so all three score the same parameters;
+the ``cnn`` and ``transformer`` models are loaded into JAX functions and Keras models by
+``bench_engines.py`` (checked against PyTorch by ``check_engines.py``).
 
 Convention. The benchmark problem is the one every peer can express: per-example gradients of
 the cross-entropy alone, the Hessian of the trained objective (mean cross-entropy plus
@@ -88,7 +90,7 @@ def neutral_side(
 
     config = problem["config"]
     if config["kind"] != "mlp":
-        raise SystemExit(f"the {engine} engine runs the neutral MLP only, not {config['kind']}")
+        return engine_side(problem, which, engine, form)
     sizes = config["layer_sizes"]
     weights = tuple(
         np.ascontiguousarray(problem[f"{which}/{2 * i}.weight"].T) for i in range(len(sizes) - 1)
@@ -134,6 +136,30 @@ def neutral_side(
         model,
         dataset(x_train, y_train, config["batch_size"]),
         dataset(x_query, y_query, config["query_batch_size"]),
+    )
+
+
+def engine_side(
+    problem: dict[str, Any], which: str, engine: str, form: str
+) -> tuple[Any, Any, Any]:
+    """The ``cnn`` / ``transformer`` model in JAX or Keras (``bench_engines.py``), same weights."""
+    from bench_engines import batches, bind, engine_inputs
+
+    config = problem["config"]
+    model = bind(problem, engine, which)
+    if form == "prebatched":
+        return model, batches(problem, engine, "train", which), batches(problem, engine, "query")
+    y_train = problem["y_train_flipped"] if which == "flipped" else problem["y_train"]
+    pairs = [
+        (engine_inputs(problem, engine, "train"), y_train, config["batch_size"]),
+        (engine_inputs(problem, engine, "query"), problem["y_query"], config["query_batch_size"]),
+    ]
+    if engine == "jax":
+        return model, *(NumpyBatches(x, y.astype(np.int32), b) for x, y, b in pairs)
+    import tensorflow as tf
+
+    return model, *(
+        tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64))).batch(b) for x, y, b in pairs
     )
 
 

@@ -390,7 +390,7 @@ def machine() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problem", default="digits", choices=("digits", "cnn"))
+    parser.add_argument("--problem", default="digits", choices=("digits", "cnn", "transformer"))
     parser.add_argument(
         "--peers", default=",".join(ALL_PEERS), help=f"comma-separated, from {', '.join(ALL_PEERS)}"
     )

@@ -30,7 +30,7 @@ from krylov_influence._staging import format_bytes
 __all__ = ["MemoryItem", "MemoryPlan", "estimate_memory", "format_bytes"]
 
 # The engines' budget for a (B, p) block of per-example gradients in a projection
-# (``GRADIENT_PROJECTION_BYTES``); above it, projections take the JVP route.
+# (``GRADIENT_PROJECTION_BYTES``); above it, projections take chunks of examples in turn.
 GRADIENT_BLOCK_BYTES = 64 * 2**20
 # Columns of a basis on disk read at once (krylov_influence._host_basis.DISK_BLOCK_BYTES).
 _DISK_BLOCK_BYTES = 8 * 2**20
@@ -234,13 +234,13 @@ def estimate_memory(
 def _projection_block(
     batch: int, p: int, k: int, size: int, complement: bool, prefix: str = ""
 ) -> tuple[str, tuple[int, ...], str, int]:
-    """The largest temporary of projecting one batch: per-example gradients, or JVP chunks.
-
-    On the JVP route the temporaries are the model's activations for B examples times a
-    chunk of G's rows, which only the model knows: listed with their count, at 0 bytes.
+    """The largest temporary of projecting one batch with ``projection="auto"``: the
+    per-example gradients of the batch, or of a chunk of it when the (B, p) block exceeds the
+    engines' budget (the model's activations, which only the model knows, come on top).
     """
     if complement or batch * p * size <= GRADIENT_BLOCK_BYTES:
         return f"{prefix}per-example gradients", (batch, p), "device", size
-    chunk = max(1, min(k, JVP_CHUNK_ELEMENTS // batch))
-    name = f"{prefix}JVPs: activations of B examples × {chunk} directions (model's, not counted)"
-    return name, (batch, chunk), "device", 0
+    # projection="auto" (every engine): the gradients of equal chunks of examples in turn.
+    pieces = -(-batch // max(1, GRADIENT_BLOCK_BYTES // (p * size)))
+    chunk = -(-batch // pieces)
+    return f"{prefix}per-example gradients, {pieces} chunks of examples", (chunk, p), "device", size

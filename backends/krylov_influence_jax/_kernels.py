@@ -16,6 +16,7 @@ float32 is not computed in TF32/bfloat16 passes on GPUs and TPUs.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,8 +72,12 @@ class Program:
 
     def data_losses(self, theta: Any, fixed: Any, x: Any, y: Any) -> Any:
         """Per-example losses without the L2 term, shape (B,); checks the loss's shape."""
+        return self.leaf_losses(self.layout.unravel(theta), fixed, x, y).astype(theta.dtype)
+
+    def leaf_losses(self, leaves: Any, fixed: Any, x: Any, y: Any) -> Any:
+        """:meth:`data_losses` of the selected leaves (flat order) rather than of θ."""
         with jax.default_matmul_precision(_HIGHEST):
-            params = self.layout.rebuild(theta, fixed)
+            params = self.layout.rebuild_from_leaves(leaves, fixed)
             values = self.loss_fn(self.apply_fn(params, x), y)
         size = jax.tree_util.tree_leaves(x)[0].shape[0]
         shape = getattr(values, "shape", None)
@@ -87,7 +92,7 @@ class Program:
                 f"loss_fn: expected per-example losses of shape ({size},) for a batch of "
                 f"{size}, got shape {shape}"
             )
-        return values.astype(theta.dtype)
+        return values.astype(leaves[0].dtype)
 
 
 def _static(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -150,10 +155,24 @@ def project(
 def gradient_project(
     program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
 ) -> Any:
-    """``(B, k)`` projections as per-example gradients (B, p) times ``Gᵀ``, in one program."""
-    gradients = _per_example_grads(program, theta, fixed, x, y, l2)
+    """``(B, k)`` projections as per-example gradients times ``Gᵀ``, in one program.
+
+    The gradients stay one array per parameter leaf, each multiplied by its columns of
+    ``G`` (``Σ_l g_l (B, p_l) @ G_lᵀ``): no flat (B, p) block is assembled. On the benchmark
+    CNN (batches of 500, k = 20, one CPU thread) this took 0.72 s a batch against 1.03 s for
+    the flat block times ``Gᵀ``.
+    """
+    gradients = _leaf_grads(program, theta, fixed, x, y)
+    size = gradients[0].shape[0]
     with jax.default_matmul_precision(_HIGHEST):
-        return gradients @ G.T
+        projected = l2 * (G @ theta)[None, :]
+        offset = 0
+        for gradient in gradients:
+            width = math.prod(gradient.shape[1:])
+            block = G[:, offset : offset + width]
+            projected = projected + gradient.reshape(size, width) @ block.T
+            offset += width
+        return projected
 
 
 @_static
@@ -166,15 +185,29 @@ def gradient_project_with_norms(
         return gradients @ G.T, jnp.sum(gradients * gradients, axis=1)
 
 
-def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+def _leaf_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> list[Any]:
+    """Per-example gradients (no L2), one (B, *shape) array per selected leaf.
+
+    Differentiated with respect to the leaves, not the flat θ: with an embedding table the
+    gradient with respect to θ scattered every example's rows into a (B, p) buffer, 6x
+    slower than these per-leaf gradients on the benchmark transformer (one CPU thread).
+    """
+    leaves = program.layout.unravel(theta)
 
     def one(xi: Any, yi: Any) -> Any:
         # The model sees a batch of one: apply_fn and loss_fn keep their batched contract.
         xb = jax.tree_util.tree_map(lambda leaf: leaf[None], xi)
         yb = jax.tree_util.tree_map(lambda leaf: leaf[None], yi)
-        return jax.grad(lambda t: program.data_losses(t, fixed, xb, yb)[0])(theta)
+        return jax.grad(lambda ls: program.leaf_losses(ls, fixed, xb, yb)[0])(leaves)
 
-    return jax.vmap(one)(x, y) + l2 * theta[None, :]
+    return list(jax.vmap(one)(x, y))
+
+
+def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+    grads = _leaf_grads(program, theta, fixed, x, y)
+    size = grads[0].shape[0]
+    flat = jnp.concatenate([g.reshape(size, -1) for g in grads], axis=1)
+    return flat + l2 * theta[None, :]
 
 
 per_example_grads = _static(_per_example_grads)

@@ -122,8 +122,12 @@ class ParameterLayout:
 
     def rebuild(self, theta: Any, fixed_leaves: Sequence[Any]) -> Any:
         """The full parameter pytree with the selected leaves taken from ``theta`` (p,)."""
+        return self.rebuild_from_leaves(self.unravel(theta), fixed_leaves)
+
+    def rebuild_from_leaves(self, selected: Sequence[Any], fixed_leaves: Sequence[Any]) -> Any:
+        """The full parameter pytree from the selected leaves (flat order) and fixed ones."""
         leaves: list[Any] = [None] * (len(self.selected) + len(self.fixed))
-        for position, leaf in zip(self.selected, self.unravel(theta)):
+        for position, leaf in zip(self.selected, selected):
             leaves[position] = leaf
         for position, leaf in zip(self.fixed, fixed_leaves):
             leaves[position] = leaf

@@ -97,8 +97,10 @@ class TorchInfluenceModel(InfluenceModel):
     projection : {"auto", "jvp", "gradients"}
         How ``project`` computes ``G ∇ℓ``: k JVPs vectorised over the rows of ``G`` (memory
         B × k × activations, never B × p), or per-example gradients times ``Gᵀ`` (memory
-        B × p; ~3× faster on CPU for small models). ``"auto"`` (default) takes gradients when
-        the (B, p) gradient block fits in :attr:`GRADIENT_PROJECTION_BYTES`, JVPs otherwise.
+        B × p; 4–14× faster than k = 20 JVPs on CPU for the MLP, CNN and transformer of
+        ``benchmarks/``). ``"auto"`` (default) takes gradients, over chunks of examples whose
+        (chunk, p) block fits in :attr:`GRADIENT_PROJECTION_BYTES` when the whole (B, p) block
+        does not; JVPs once per-example gradients loop over the examples (recurrent layers).
 
     Notes
     -----
@@ -114,7 +116,7 @@ class TorchInfluenceModel(InfluenceModel):
 
     engine_name = "torch"
     #: Largest per-example gradient block (B × p × itemsize) that ``projection="auto"``
-    #: forms; above it the projection uses JVPs, whose memory does not grow with p.
+    #: forms; above it the projection takes the gradients of chunks of examples in turn.
     GRADIENT_PROJECTION_BYTES = 64 * 2**20
 
     def __init__(
@@ -383,13 +385,17 @@ class TorchInfluenceModel(InfluenceModel):
         per_example = self._operators["per_example_grads"]
         with self._evaluating():
             if self._projection == "gradients" or (
-                self._projection == "auto"
-                and block <= self.GRADIENT_PROJECTION_BYTES
-                # Once per-example gradients loop over the examples, JVPs are faster.
-                and per_example.route != PER_EXAMPLE_LOOP
+                self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
             ):
                 grads = per_example(self._theta, prepared)
                 projected = self._functional.project_gradients(grads, projector, prepared.size)
+            elif self._projection == "auto" and per_example.route != PER_EXAMPLE_LOOP:
+                # Per-example gradients in chunks of examples whose (chunk, p) block fits
+                # GRADIENT_PROJECTION_BYTES: memory as bounded as the JVPs', and on every
+                # model measured one gradient pass costs 4-14x less than k = 20 JVPs
+                # (benchmarks/engine_floor.py; docs/benchmarks.md). Once per-example
+                # gradients loop over the examples, JVPs are faster.
+                projected = self._in_chunks_of_examples(self._theta, projector, prepared)
             else:
                 chunk = self._chunk(projector.shape[0], prepared.size)
                 projected = self._operators["project (jvp)"](
@@ -398,6 +404,21 @@ class TorchInfluenceModel(InfluenceModel):
             if self._l2:
                 projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
         return projected
+
+    def _in_chunks_of_examples(
+        self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        """Per-example gradients × Gᵀ over chunks of examples whose (chunk, p) gradient block
+        fits :attr:`GRADIENT_PROJECTION_BYTES`; (B, k)."""
+        row = self.num_parameters * self._theta.element_size()
+        step = max(1, self.GRADIENT_PROJECTION_BYTES // row)
+        per_example = self._operators["per_example_grads"]
+        pieces = []
+        for start in range(0, batch.size, step):
+            part = _slice(batch, start, start + step)
+            grads = per_example(theta, part)
+            pieces.append(self._functional.project_gradients(grads, projector, part.size))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one per-example gradient pass, per parameter
@@ -495,14 +516,7 @@ class TorchInfluenceModel(InfluenceModel):
         def in_chunks_of_examples(
             theta: torch.Tensor, projector: torch.Tensor, batch: Batch, chunk: int | None
         ) -> torch.Tensor:
-            row = self.num_parameters * self._theta.element_size()
-            step = max(1, self.GRADIENT_PROJECTION_BYTES // row)
-            pieces = []
-            for start in range(0, batch.size, step):
-                part = _slice(batch, start, start + step)
-                grads = per_example(theta, part)
-                pieces.append(f.project_gradients(grads, projector, part.size))
-            return torch.cat(pieces)
+            return self._in_chunks_of_examples(theta, projector, batch)
 
         project = Operator(
             "project (jvp)",

@@ -45,11 +45,17 @@ def test_the_estimate_matches_the_arrays_of_a_real_fit(complement):
     assert plan.peak("save", "host") == np.asarray(calc.G).nbytes
 
 
-def test_large_batches_take_the_jvp_route_and_say_what_is_not_counted():
+def test_large_batches_project_in_chunks_of_examples():
+    # One example's gradient (80 MB) exceeds the 64 MiB budget: chunks of one example.
     plan = estimate_memory(20_000_000, 64, 32, batch_size=256)
-    item = _item(plan, "projection", "JVPs")
-    assert item.nbytes == 0 and "not counted" in item.name
+    item = _item(plan, "projection", "per-example gradients")
+    assert item.shape == (1, 20_000_000) and "256 chunks" in item.name
     assert _item(plan, "fit", "Krylov basis Q").nbytes == 64 * 20_000_000 * 4
+    # 4 MB a row: 16 rows fit 64 MiB, so 16 equal chunks of 16 examples.
+    mid = estimate_memory(1_000_000, 64, 32, batch_size=256)
+    item = _item(mid, "projection", "per-example gradients")
+    assert item.shape == (16, 1_000_000) and "16 chunks" in item.name
+    assert item.nbytes <= 64 * 2**20
     small = estimate_memory(10_000, 64, 32, batch_size=256)
     assert _item(small, "projection", "per-example gradients").shape == (256, 10_000)
 

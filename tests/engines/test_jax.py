@@ -254,6 +254,28 @@ def test_chunked_projection_equals_vectorised(chunk):
     assert_close(chunked.project(G, batch), model.project(G, batch), 1e-12)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_auto_projection_past_the_budget_takes_gradients_in_chunks(rows, monkeypatch):
+    """Above the gradient budget ``"auto"`` projects by per-example gradients over equal
+    chunks of examples (``rows`` gradients fit the budget), never by JVPs; against the spec's
+    NumPy backprop gradients times G."""
+    from krylov_influence_jax import _kernels
+
+    spec = common_spec(17)
+    model, batches = JaxEngine.from_neutral_spec(spec, dtype="float64")
+    p = model.num_parameters
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", rows * p * 8)
+
+    def no_jvps(*args, **kwargs):
+        raise AssertionError("projection='auto' took the JVP route")
+
+    monkeypatch.setattr(_kernels, "project", no_jvps)
+    G = np.random.default_rng(18).standard_normal((5, p))
+    for batch, (x, y) in zip(batches, spec.numpy_batches()):
+        expected = spec.gradients(x, y) @ G.T
+        assert_close(model.project(model.from_numpy(G), batch), expected, rtol_of("float64"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_outputs_follow_the_model_dtype_and_device(dtype):
     spec = common_spec(4)

@@ -334,13 +334,34 @@ def test_projection_in_chunks_of_examples_matches(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["Conv2D", "LSTM", "Embedding"])
-def test_fit_in_blocks_and_score_past_the_gradient_budget(name, monkeypatch):
-    """Issue 12 end to end: ``projection="auto"`` on a batch whose gradient block exceeds the
-    budget takes the JVP route, and the fit runs block HVPs; both used to raise for conv,
-    recurrent and embedding layers. Against the truncated inverse of the oracle Hessian."""
+def test_auto_projection_past_the_budget_takes_gradients_in_chunks(name, monkeypatch):
+    """Above the gradient budget ``"auto"`` projects by per-example gradients over chunks of
+    two examples (every per-example route here is vectorised) and never traces the JVP
+    kernel. Against per-example gradients by a tape, one example at a time."""
     c = case(name, "float64")
     model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
-    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 8)  # JVP route; chunks of 1 example
+    p = model.num_parameters
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 2 * p * 8)
+    projector = np.random.default_rng(6).standard_normal((3, p))
+    # Four examples, two chunks of two. (A chunk of one after chunks of two fails for the
+    # LSTM at run time inside pfor, "Tried to append a tensor with incompatible shape to a
+    # list", as any batch of one after larger ones does on the per-example route.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        projected = model.project(model.from_numpy(projector), (c.x[:4], c.y[:4])).numpy()
+    assert_products_close(projected, c.grads[:4], projector.T, "float64")
+    assert model.tracing_counts()["project"] == 0
+
+
+@pytest.mark.parametrize("name", ["Conv2D", "LSTM", "Embedding"])
+def test_fit_in_blocks_and_score_past_the_gradient_budget(name, monkeypatch):
+    """Issue 12 end to end: ``projection="auto"`` on a batch whose gradient block exceeds the
+    budget takes per-example gradients in chunks of one example, and the fit runs block
+    HVPs; both used to raise for conv, recurrent and embedding layers. Against the truncated
+    inverse of the oracle Hessian."""
+    c = case(name, "float64")
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 8)  # chunks of 1 example
     batches = [(c.x[:3], c.y[:3]), (c.x[3:], c.y[3:])]
     p, k = model.num_parameters, 5
     with warnings.catch_warnings():

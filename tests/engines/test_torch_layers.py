@@ -448,14 +448,37 @@ def test_cudnn_and_fused_attention_on_cuda(name, mode):
 FAMILIES = ["Conv2d", "LSTM", "Embedding", "MultiheadAttention", "BatchNorm2d"]
 
 
+@pytest.mark.parametrize("name", ["Conv2d", "Embedding", "LSTM"])
+def test_auto_projection_past_the_budget_takes_gradients_in_chunks(name, monkeypatch):
+    """Above the gradient budget ``"auto"`` projects by per-example gradients over chunks of
+    two examples, never by JVPs, unless per-example gradients loop over the examples (LSTM):
+    then by JVPs, once the first call has found that they loop. Against per-example
+    gradients by autograd, one example at a time."""
+    c = case(name, "float32")
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
+    p = model.num_parameters
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 2 * p * 4)
+    calls = []
+    jvp = model._operators["project (jvp)"]
+    monkeypatch.setitem(model._operators, "project (jvp)", lambda *a: calls.append(1) or jvp(*a))
+    projector = np.random.default_rng(4).standard_normal((3, p)).astype(np.float32)
+    for _ in range(2):  # the first call finds the per-example route; the second uses it
+        calls.clear()
+        projected = _quietly(model.project, torch.from_numpy(projector), (c.x, c.y)).numpy()
+        assert_products_close(projected, c.grads, projector.T, "float32")
+    loops = model._operators["per_example_grads"].route != VECTORISED
+    assert bool(calls) == loops == (name == "LSTM")
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fit_in_blocks_and_score_past_the_gradient_budget(name, monkeypatch):
     """End to end: ``projection="auto"`` on a batch whose gradient block exceeds the budget
-    takes the JVP route, and the fit runs block HVPs. Against the truncated inverse of the
+    takes per-example gradients in chunks of one example (JVPs for the recurrent layers, whose
+    per-example gradients loop), and the fit runs block HVPs. Against the truncated inverse of the
     oracle Hessian (p Arnoldi iterations: the Krylov space is all of R^p)."""
     c = case(name, "float64")
     model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
-    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 8)  # JVP route; chunks of 1 example
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 8)  # chunks of 1 example
     batches = [(c.x[:3], c.y[:3]), (c.x[3:], c.y[3:])]
     p, k = model.num_parameters, 5
     with warnings.catch_warnings():
