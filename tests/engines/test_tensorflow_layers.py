@@ -34,6 +34,7 @@ import krylov_influence  # noqa: E402
 from krylov_influence import exact  # noqa: E402
 from krylov_influence.calculator import ArnoldiInfluenceCalculator  # noqa: E402
 from krylov_influence_tf import RouteFallbackWarning  # noqa: E402
+from krylov_influence_tf._functional import exact_moments  # noqa: E402
 from krylov_influence_tf._model import (  # noqa: E402
     FORWARD_OVER_REVERSE,
     GRADIENTS_IN_CHUNKS,
@@ -234,8 +235,11 @@ def _oracle_gradients(model: Any, x: Any, y: Any) -> np.ndarray:
 
 
 def _oracle_hessian(model: Any, x: Any, y: Any) -> np.ndarray:
+    """Nested tapes, with Keras's moments made twice differentiable as the engine does (their
+    ``tf.nn.moments`` is not; ``test_tensorflow_normalisation.py`` checks the fix against
+    finite differences of exact gradients)."""
     variables = model.trainable_variables
-    with tf.GradientTape(persistent=True) as outer:
+    with tf.GradientTape(persistent=True) as outer, exact_moments():
         with tf.GradientTape() as inner:
             loss = tf.reduce_mean(cross_entropy(y, model(x, training=False)))
         grad = _flat(inner.gradient(loss, variables))
