@@ -183,7 +183,9 @@ def _layer_norm_layer(width: int, dtype: str, name: str) -> Any:
         ``tf.nn.moments``, which stops the gradient through the mean inside the variance. The
         gradient is still exact (the derivative of the variance with respect to the mean is
         zero), but second derivatives are not: Hessian-vector products through it were off by
-        0.4–2 % on this model against PyTorch and JAX.
+        0.4–2 % on this model against PyTorch and JAX. (The engine now runs Keras's layer with
+        exact moments, ``krylov_influence_tf._functional.exact_moments``; this layer predates
+        that and keeps the benchmark's weights and figures unchanged.)
         """
 
         def build(self, input_shape: Any) -> None:
