@@ -422,17 +422,24 @@ class TorchInfluenceModel(InfluenceModel):
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one per-example gradient pass, per parameter
-        (no flat (B, p) copy). With ``l2``, ``‖g + l2 θ‖² = ‖g‖² + 2 l2 θ·g + l2² ‖θ‖²``,
-        ``θ·g`` being one more row of the same projection."""
+        (no flat (B, p) copy), over chunks of examples within :attr:`GRADIENT_PROJECTION_BYTES`.
+        With ``l2``, ``‖g + l2 θ‖² = ‖g‖² + 2 l2 θ·g + l2² ‖θ‖²``, ``θ·g`` being one more row of
+        the same projection."""
         projector = self._as_matrix(projector, 2, "projector")
         prepared = self.prepare(batch)
-        size = prepared.size
+        rows = torch.cat([projector, self._theta[None, :]]) if self._l2 else projector
+        step = max(
+            1, self.GRADIENT_PROJECTION_BYTES // (self.num_parameters * self._theta.element_size())
+        )
+        projections, squares = [], []
         with self._evaluating():
-            grads = self._operators["per_example_grads"](self._theta, prepared)
-            rows = torch.cat([projector, self._theta[None, :]]) if self._l2 else projector
-            projected = self._functional.project_gradients(grads, rows, size)
-            norms = sum(g.reshape(size, -1).square().sum(dim=1) for g in grads)
-            assert isinstance(norms, torch.Tensor)
+            for start in range(0, prepared.size, step):
+                part = _slice(prepared, start, start + step) if step < prepared.size else prepared
+                grads = self._operators["per_example_grads"](self._theta, part)
+                projections.append(self._functional.project_gradients(grads, rows, part.size))
+                squares.append(sum(g.reshape(part.size, -1).square().sum(dim=1) for g in grads))
+            projected = torch.cat(projections)
+            norms = torch.cat(squares)
             if self._l2:
                 theta_dot, projected = projected[:, -1], projected[:, :-1]
                 l2 = self._l2

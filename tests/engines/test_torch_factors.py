@@ -163,3 +163,17 @@ def test_a_training_batch_past_the_gradient_budget_is_contracted_in_chunks(monke
     row = model.num_parameters * 8
     monkeypatch.setattr(type(model), "GRADIENT_PROJECTION_BYTES", 2 * row)  # 2 examples a chunk
     assert_matches_formed(model, query, train, "float64")  # 7 training examples: 4 chunks
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_projections_with_norms_in_chunks_equal_the_formed_gradients(l2, monkeypatch):
+    """Self-influence with the complement: ``G g`` and ``‖g‖²`` from one pass, in chunks."""
+    model, _, train = bound(*MODELS["tokens, factored (T = 2)"], "float64", l2)
+    monkeypatch.setattr(type(model), "GRADIENT_PROJECTION_BYTES", 2 * model.num_parameters * 8)
+    projector = torch.randn(3, model.num_parameters, dtype=torch.float64)
+    projected, norms = model.project_with_norms(projector, train)  # 7 examples: 4 chunks
+    formed = model.per_example_grads(train)
+    scale = float(formed.abs().max()) ** 2
+    np.testing.assert_allclose(projected, formed @ projector.T, rtol=0, atol=1e-12 * scale)
+    expected = (formed * formed).sum(dim=1)
+    np.testing.assert_allclose(norms, expected, rtol=1e-12)
