@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -135,7 +135,29 @@ class _HessianShard:
         return os.getpid()
 
 
-class RayHessianData(ShardedHessianData):
+_Group = TypeVar("_Group", bound="ActorGroup")
+
+
+class ActorGroup:
+    """Ray actors in ``self.actors``, killed by :meth:`shutdown` or on leaving a ``with``."""
+
+    actors: list[Any]
+
+    def shutdown(self) -> None:
+        """Kill the actors (no restart); the object cannot be used afterwards."""
+        ray = import_ray()
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def __enter__(self: _Group) -> _Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class RayHessianData(ActorGroup, ShardedHessianData):
     """Hessian data held by Ray actors, one shard each; pass it as ``hessian_dataset=``.
 
     Parameters
@@ -286,20 +308,6 @@ class RayHessianData(ShardedHessianData):
                     actor = self.actors[index]
                     pending[index] = getattr(actor, method).remote(*refs)
         return [results[index] for index in range(len(self.actors))]
-
-    def shutdown(self) -> None:
-        """Kill the actors (no restart); the object cannot be used afterwards."""
-        ray = import_ray()
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-
-    def __enter__(self) -> RayHessianData:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
 
 class RayHessianOperator:

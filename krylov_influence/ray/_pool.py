@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from krylov_influence._streaming import Placement
-from krylov_influence.ray._hessian import import_ray
+from krylov_influence.ray._hessian import ActorGroup, import_ray
 from krylov_influence.registry import bind_model
 
 __all__ = ["Block", "ScorerPool", "actors_for", "iter_blocks", "run_blocks"]
@@ -131,7 +131,7 @@ class _Scorer:
         return result
 
 
-class ScorerPool:
+class ScorerPool(ActorGroup):
     """Actors holding the calculator's fitted state; a context manager that kills them.
 
     Starting actors takes seconds (each imports its framework and builds the model), so a pool
@@ -216,19 +216,6 @@ class ScorerPool:
                 "(another fit, parameters, dtype or spectral complement); start one for this "
                 "calculator"
             )
-
-    def shutdown(self) -> None:
-        """Kill the actors (no restart)."""
-        ray = import_ray()
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-
-    def __enter__(self) -> ScorerPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
 
 
 def _identity(calculator: Any) -> tuple[Any, ...]:
