@@ -88,13 +88,31 @@ class Placement:
         projected, values = self._projected_and_self_influence(batch, index, stage)
         return values, projected * self.inverse
 
+    def self_influence_vectors_and_losses(
+        self, batch: Any, index: int, stage: str
+    ) -> tuple[Any, Any, np.ndarray]:
+        """``(S(x) (B,), influence vectors (B, k), host losses (B,) float64)``: what a store
+        of self-influence records; without the complement, the losses come from the
+        projection's pass where the engine can (:meth:`InfluenceModel.project_and_losses`)."""
+        if self.complement_weight is None and not isinstance(self.projector, HostProjector):
+            projected, losses = self.projections_and_host_losses(batch, index, stage)
+            values = self._truncated_self_influence(projected, index, stage)
+            return values, projected * self.inverse, losses
+        values, vectors = self.self_influence_and_vectors(batch, index, stage)
+        return values, vectors, self.host_losses(batch)
+
+    def _truncated_self_influence(self, projected: Any, index: int, stage: str) -> Any:
+        """``Σ_i (G g)_i² / (λ_i + δ)`` per example, shape (B,); non-finite is an error."""
+        xp = self.xp
+        values = xp.sum(projected * projected * self.inverse, axis=1)
+        return require_finite(xp, values, "self-influence", stage, index)
+
     def _projected_and_self_influence(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
         """``(G g (B, k), S(x) (B,))``: what :meth:`self_influence` computes, both kept."""
         xp = self.xp
         if self.complement_weight is None:
             projected = self.projections(batch, index, stage)
-            values = xp.sum(projected * projected * self.inverse, axis=1)
-            return projected, require_finite(xp, values, "self-influence", stage, index)
+            return projected, self._truncated_self_influence(projected, index, stage)
         if isinstance(self.projector, HostProjector):  # G in row chunks: gradients formed
             grads = self.gradients(batch, index, stage)
             projected, norms = self.project_gradients(grads), xp.sum(grads * grads, axis=1)
@@ -300,6 +318,27 @@ class Placement:
         ]
         return parts[0] if len(parts) == 1 else self.xp.concat(parts, axis=1)
 
+    def vectors_and_host_losses(self, batch: Any, index: int, stage: str) -> tuple[Any, Any]:
+        """Influence vectors (B, k) and the per-example losses on the host, (B,) float64,
+        from one pass where the engine can (:meth:`InfluenceModel.project_and_losses`)."""
+        projected, losses = self.projections_and_host_losses(batch, index, stage)
+        return projected * self.inverse, losses
+
+    def projections_and_host_losses(
+        self, batch: Any, index: int, stage: str
+    ) -> tuple[Any, np.ndarray]:
+        """``G g`` (B, k) and the host losses (B,) float64 of :meth:`vectors_and_host_losses`."""
+        if isinstance(self.projector, HostProjector):  # G in row chunks: two passes
+            return self.projections(batch, index, stage), self.host_losses(batch)
+        projected, losses = self._checked(
+            lambda: self.model.project_and_losses(self.projector, batch),
+            batch,
+            index,
+            stage,
+            "cannot be projected",
+        )
+        return projected, np.asarray(self.model.to_numpy(losses), dtype=np.float64)
+
     def vectors(self, batch: Any, index: int, stage: str) -> Any:
         """Influence vectors ``diag(1/(λ+δ)) G g``: shape (B, k)."""
         return self.projections(batch, index, stage) * self.inverse
@@ -318,17 +357,27 @@ class Placement:
         self, dataset: Iterable[Any], with_losses: bool
     ) -> tuple[list[Any], list[Any] | None]:
         """Every batch's influence vectors, and (when asked) its losses, from one pass."""
+        if not with_losses:
+            return [vectors for _, vectors in self.vector_stream(dataset, "train_set")], None
         arrays, losses = [], []
-        for batch, vectors in self.vector_stream(dataset, "train_set"):
+        for vectors, batch_losses in self._vectors_with_losses(dataset, "train_set"):
             arrays.append(vectors)
-            if with_losses:
-                losses.append(self.host_losses(batch))
-        return arrays, losses if with_losses else None
+            losses.append(batch_losses)
+        return arrays, losses
 
     def store_blocks(self, dataset: Iterable[Any], name: str) -> Iterator[tuple[Any, Any]]:
         """``(vectors (B, k) on the host, losses (B,))`` per batch: what a store holds."""
-        for batch, vectors in self.vector_stream(dataset, name):
-            yield self.model.to_numpy(vectors), self.host_losses(batch)
+        for vectors, losses in self._vectors_with_losses(dataset, name):
+            yield self.model.to_numpy(vectors), losses
+
+    def _vectors_with_losses(self, dataset: Iterable[Any], name: str) -> BatchStream:
+        """``(influence vectors (B, k), host losses (B,))`` per batch, lazily."""
+        return batch_stream(
+            dataset,
+            name,
+            lambda i, b: self.vectors_and_host_losses(b, i, name),
+            self.show_progress,
+        )
 
 
 def require_finite(xp: Any, values: Any, what: str, stage: str, index: int) -> Any:

@@ -326,6 +326,29 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
         projected = xp.matmul(grads, xp.permute_dims(projector, (1, 0)))
         return projected, xp.sum(grads * grads, axis=1)
 
+    def project_and_losses(self, projector: Any, batch: Any) -> tuple[Any, Any]:
+        """``(project(projector, batch), losses(batch))``, from one pass where the engine can.
+
+        What caching or storing influence vectors needs: a store records the per-example
+        losses beside the vectors, as the identity of the data (``_identity``). The default
+        makes the two calls (a projection, then a forward pass); engines whose projection
+        forms per-example gradients take the losses from the same pass (``value_and_grad``),
+        which saves the forward pass.
+
+        Parameters
+        ----------
+        projector : array, shape (k, p)
+        batch : a batch of B examples
+
+        Returns
+        -------
+        projected : array, shape (B, k)
+            As :meth:`project`.
+        losses : array, shape (B,)
+            As :meth:`losses` (the L2 term included), equal to it within round-off.
+        """
+        return self.project(projector, batch), self.losses(batch)
+
     def query_gradients(self, batch: Any) -> Any:
         """Per-example gradients of a query batch, in whatever form the engine contracts
         fastest with :meth:`gradient_inner_products` (the spectral complement's ``g_zᵀ g_x``).

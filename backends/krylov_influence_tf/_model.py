@@ -193,12 +193,14 @@ class TensorFlowInfluenceModel(InfluenceModel):
                 losses = self._data_losses(thetas, x, y)
             return acc.jvp(losses, unconnected_gradients=_ZERO)
 
-        def example_grad(example: Any) -> tf.Tensor:
+        def example_grad(example: Any) -> tuple[tf.Tensor, tf.Tensor]:
+            """One example's flat gradient (p,) and its loss (): both from one tape."""
             xi, yi = tf.nest.map_structure(lambda t: t[tf.newaxis, ...], example)
             with tf.GradientTape() as tape:
                 tape.watch(thetas)
                 loss = loss_sum(xi, yi)
-            return self._flatten(tape.gradient(loss, thetas, unconnected_gradients=_ZERO))
+            flat = self._flatten(tape.gradient(loss, thetas, unconnected_gradients=_ZERO))
+            return flat, loss
 
         vector_spec = tf.TensorSpec([p], dtype)
 
@@ -216,21 +218,24 @@ class TensorFlowInfluenceModel(InfluenceModel):
             return mapped
 
         def over_examples(how: str) -> Any:
-            """Per-example gradients (B, p), plus the exact L2 term."""
+            """Per-example gradients (B, p) and losses (B,), the exact L2 term in both (the
+            losses cost nothing more: a store records them, see ``project_and_losses``)."""
 
             # vectorized_map over examples of a one-example gradient: pfor turns it into
             # batched kernels. (tape.jacobian with pfor is 40x slower here: it differentiates
             # through the batch loss and falls back to a while_loop for some ops.)
-            def grads(x: Any, y: Any) -> tf.Tensor:
+            def grads(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
                 if how == "loop":
-                    out = tf.map_fn(example_grad, (x, y), fn_output_signature=vector_spec)
+                    signature = (vector_spec, tf.TensorSpec([], dtype))
+                    out, values = tf.map_fn(example_grad, (x, y), fn_output_signature=signature)
                 else:
-                    out = tf.vectorized_map(
+                    out, values = tf.vectorized_map(
                         example_grad, (x, y), fallback_to_while_loop=how == "pfor+loop"
                     )
                 if self._l2:
                     out = out + self._l2 * self._flat[tf.newaxis, :]
-                return out
+                    values = values + 0.5 * self._l2 * tf.reduce_sum(tf.square(self._flat))
+                return out, values
 
             return grads
 
@@ -280,23 +285,31 @@ class TensorFlowInfluenceModel(InfluenceModel):
         )
         self._losses = Kernel("losses", [("forward", losses)])
 
-    def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
-        """Per-example gradients (B, p) times ``rowsᵀ``."""
-        return tf.matmul(self._per_example(x, y), rows, transpose_b=True)
+    def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-example gradients (B, p) times ``rowsᵀ``, and the losses (B,) of the pass."""
+        grads, losses = self._per_example(x, y)
+        return tf.matmul(grads, rows, transpose_b=True), losses
 
     def _project_by_gradient_chunks(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
         """``project`` where JVPs cannot be vectorised: per-example gradients times ``Gᵀ``,
         over chunks of examples whose (chunk, p) block fits ``GRADIENT_PROJECTION_BYTES``."""
+        return self._gradient_chunks(rows, x, y)[0]
+
+    def _gradient_chunks(self, rows: tf.Tensor, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """:meth:`_gradient_project` over chunks of examples whose (chunk, p) block fits
+        ``GRADIENT_PROJECTION_BYTES``: (B, k) projections and (B,) losses."""
         count = self._count(x)
         chunk = max(1, self.GRADIENT_PROJECTION_BYTES // (self.num_parameters * self._dtype.size))
         if count <= chunk:
             return self._gradient_project(rows, x, y)
         chunk = -(-count // -(-count // chunk))  # equal chunks: at most two traced shapes
-        parts = []
+        parts, losses = [], []
         for start in range(0, count, chunk):
             part_x, part_y = tf.nest.map_structure(lambda t, s=start: t[s : s + chunk], (x, y))
-            parts.append(self._gradient_project(rows, part_x, part_y))
-        return tf.concat(parts, axis=0)
+            projected, part_losses = self._gradient_project(rows, part_x, part_y)
+            parts.append(projected)
+            losses.append(part_losses)
+        return tf.concat(parts, axis=0), tf.concat(losses, axis=0)
 
     @property
     def routes(self) -> dict[str, str]:
@@ -471,6 +484,16 @@ class TensorFlowInfluenceModel(InfluenceModel):
         return result
 
     def project(self, projector: Any, batch: Any) -> tf.Tensor:
+        return self._projected(projector, batch)[0]
+
+    def project_and_losses(self, projector: Any, batch: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(project(projector, batch), losses(batch))``; on the gradient routes the losses
+        come from the same per-example gradient pass, with no second forward pass."""
+        projected, losses = self._projected(projector, batch)
+        return projected, self.losses(batch) if losses is None else losses
+
+    def _projected(self, projector: Any, batch: Any) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """:meth:`project`, and the losses where the route computed them (``None``: JVPs)."""
         projector = self._vectors(projector, "projector", 2)
         x, y = self._stage(batch)
         k = int(projector.shape[0])
@@ -485,7 +508,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
             # budget: memory as bounded as the JVPs', and cheaper than k JVPs on every model
             # measured (benchmarks/engine_floor.py); JVPs once the gradients loop.
             with tf.device(self._device):
-                return self._project_by_gradient_chunks(projector, x, y)
+                return self._gradient_chunks(projector, x, y)
         parts = []
         with tf.device(self._device):
             for start in range(0, k, self._chunk):
@@ -493,12 +516,12 @@ class TensorFlowInfluenceModel(InfluenceModel):
                     parts.append(self._project_by_gradient_chunks(projector[start:], x, y))
                     break
                 parts.append(self._project(projector[start : start + self._chunk], x, y))
-            return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+            return (parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)), None
 
     def per_example_grads(self, batch: Any) -> tf.Tensor:
         x, y = self._stage(batch)
         with tf.device(self._device):
-            return self._per_example(x, y)
+            return self._per_example(x, y)[0]
 
     def stage_batch(self, batch: Any) -> tuple[Any, int]:
         """``(staged batch, bytes of its tensors)``: tensors on the device, floats in dtype."""

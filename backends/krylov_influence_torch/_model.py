@@ -379,15 +379,37 @@ class TorchInfluenceModel(InfluenceModel):
         -------
         tensor, shape (B, k)
         """
+        return self._projected(projector, batch, with_losses=False)[0]
+
+    def project_and_losses(self, projector: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(project(projector, batch), losses(batch))``; on the gradient routes the losses
+        come from the same ``vmap(grad_and_value)`` pass, with no second forward pass.
+
+        Returns
+        -------
+        projected : tensor, shape (B, k)
+        losses : tensor, shape (B,)
+        """
+        projected, losses = self._projected(projector, batch, with_losses=True)
+        if losses is None:  # the JVP route: its losses take a forward pass
+            losses = self.losses(batch)
+        return projected, losses
+
+    def _projected(
+        self, projector: Any, batch: Any, with_losses: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`project`, and the per-example losses (L2 term included) where the route
+        computed them anyway (``None`` on the JVP route)."""
         projector = self._as_matrix(projector, 2, "projector")
         prepared = self.prepare(batch)
         block = prepared.size * self.num_parameters * self._theta.element_size()
         per_example = self._operators["per_example_grads"]
+        losses = None
         with self._evaluating():
             if self._projection == "gradients" or (
                 self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
             ):
-                grads = per_example(self._theta, prepared)
+                grads, losses = per_example(self._theta, prepared)
                 projected = self._functional.project_gradients(grads, projector, prepared.size)
             elif self._projection == "auto" and per_example.route != PER_EXAMPLE_LOOP:
                 # Per-example gradients in chunks of examples whose (chunk, p) block fits
@@ -395,7 +417,7 @@ class TorchInfluenceModel(InfluenceModel):
                 # model measured one gradient pass costs 4-14x less than k = 20 JVPs
                 # (benchmarks/engine_floor.py; docs/benchmarks.md). Once per-example
                 # gradients loop over the examples, JVPs are faster.
-                projected = self._in_chunks_of_examples(self._theta, projector, prepared)
+                projected, losses = self._in_chunks_of_examples(self._theta, projector, prepared)
             else:
                 chunk = self._chunk(projector.shape[0], prepared.size)
                 projected = self._operators["project (jvp)"](
@@ -403,22 +425,34 @@ class TorchInfluenceModel(InfluenceModel):
                 )
             if self._l2:
                 projected.add_((projector @ self._theta)[None, :], alpha=self._l2)
-        return projected
+                if losses is not None:
+                    losses = losses + self._penalty()
+        return projected, None if losses is None else losses.to(self._dtype)
 
     def _in_chunks_of_examples(
         self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example gradients × Gᵀ over chunks of examples whose (chunk, p) gradient block
-        fits :attr:`GRADIENT_PROJECTION_BYTES`; (B, k)."""
-        row = self.num_parameters * self._theta.element_size()
-        step = max(1, self.GRADIENT_PROJECTION_BYTES // row)
+        fits :attr:`GRADIENT_PROJECTION_BYTES`: (B, k), and the (B,) data losses."""
         per_example = self._operators["per_example_grads"]
-        pieces = []
-        for start in range(0, batch.size, step):
-            part = _slice(batch, start, start + step)
-            grads = per_example(theta, part)
+        pieces, losses = [], []
+        for part in self._example_chunks(batch):
+            grads, part_losses = per_example(theta, part)
             pieces.append(self._functional.project_gradients(grads, projector, part.size))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            losses.append(part_losses)
+        if len(pieces) == 1:
+            return pieces[0], losses[0]
+        return torch.cat(pieces), torch.cat(losses)
+
+    def _example_chunks(self, batch: Batch) -> list[Batch]:
+        """``batch`` in equal chunks of examples whose (chunk, p) gradient block fits
+        :attr:`GRADIENT_PROJECTION_BYTES` (64 = 22 + 21 + 21, not 31 + 31 + 2)."""
+        row = self.num_parameters * self._theta.element_size()
+        most = max(1, self.GRADIENT_PROJECTION_BYTES // row)
+        if batch.size <= most:
+            return [batch]
+        step = -(-batch.size // -(-batch.size // most))
+        return [_slice(batch, start, start + step) for start in range(0, batch.size, step)]
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one per-example gradient pass, per parameter
@@ -428,14 +462,10 @@ class TorchInfluenceModel(InfluenceModel):
         projector = self._as_matrix(projector, 2, "projector")
         prepared = self.prepare(batch)
         rows = torch.cat([projector, self._theta[None, :]]) if self._l2 else projector
-        step = max(
-            1, self.GRADIENT_PROJECTION_BYTES // (self.num_parameters * self._theta.element_size())
-        )
         projections, squares = [], []
         with self._evaluating():
-            for start in range(0, prepared.size, step):
-                part = _slice(prepared, start, start + step) if step < prepared.size else prepared
-                grads = self._operators["per_example_grads"](self._theta, part)
+            for part in self._example_chunks(prepared):
+                grads, _ = self._operators["per_example_grads"](self._theta, part)
                 projections.append(self._functional.project_gradients(grads, rows, part.size))
                 squares.append(sum(g.reshape(part.size, -1).square().sum(dim=1) for g in grads))
             projected = torch.cat(projections)
@@ -452,7 +482,7 @@ class TorchInfluenceModel(InfluenceModel):
         (or a fallback route, see :attr:`routes`)."""
         prepared = self.prepare(batch)
         with self._evaluating():
-            grads = self._operators["per_example_grads"](self._theta, prepared)
+            grads, _ = self._operators["per_example_grads"](self._theta, prepared)
             flat = self._functional.flat_gradients(grads, prepared.size)
             if self._l2:
                 flat.add_(self._theta[None, :], alpha=self._l2)
@@ -523,7 +553,7 @@ class TorchInfluenceModel(InfluenceModel):
         def in_chunks_of_examples(
             theta: torch.Tensor, projector: torch.Tensor, batch: Batch, chunk: int | None
         ) -> torch.Tensor:
-            return self._in_chunks_of_examples(theta, projector, batch)
+            return self._in_chunks_of_examples(theta, projector, batch)[0]
 
         project = Operator(
             "project (jvp)",
@@ -564,7 +594,7 @@ class TorchInfluenceModel(InfluenceModel):
             ]
 
         def formed(theta: torch.Tensor, batch: Batch) -> torch.Tensor:
-            flat = f.flat_gradients(per_example(theta, batch), batch.size)
+            flat = f.flat_gradients(per_example(theta, batch)[0], batch.size)
             return flat.add_(theta[None, :], alpha=self._l2) if self._l2 else flat
 
         query = [(FORMED_GRADIENTS, formed)]

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from krylov_influence_torch._data import Batch, map_leaves
@@ -230,15 +230,19 @@ class Functional:
         """The per-parameter gradients as one (B, p) block, in flat order."""
         return torch.cat([g.reshape(size, -1) for g in grads], dim=1)
 
-    def per_parameter_grads(self, theta: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, ...]:
-        """``vmap(grad)`` over the examples, one (B, *shape) tensor per chosen parameter."""
+    def per_parameter_grads(
+        self, theta: torch.Tensor, batch: Batch
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """``vmap(grad_and_value)`` over the examples: one (B, *shape) tensor per chosen
+        parameter, and the (B,) data losses of the same pass (no second forward pass for
+        the losses a store records)."""
         chosen = tuple(self.unflatten(theta).values())
         in_dims = (None, map_leaves(_batch_axis, batch.x), map_leaves(_batch_axis, batch.y))
-        return vmap(grad(self._example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
+        return vmap(grad_and_value(self._example_loss), in_dims=in_dims)(chosen, batch.x, batch.y)
 
     def per_parameter_grads_by_example(
         self, theta: torch.Tensor, batch: Batch
-    ) -> tuple[torch.Tensor, ...]:
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Like :meth:`per_parameter_grads`, without ``vmap``: one example at a time.
 
         The loss is evaluated once, on the outputs of the whole batch (so it sees the batch as
@@ -284,9 +288,10 @@ class Functional:
                         grads = tuple(torch.zeros_like(leaf) for leaf in leaves)
                     for part, gradient in zip(parts, grads):
                         part.append(gradient.detach())
+        losses = losses.detach()
         if not parts[0]:  # the losses do not depend on the outputs
-            return tuple(leaf.new_zeros((size, *leaf.shape)) for leaf in leaves)
-        return tuple(torch.stack(part) for part in parts)
+            return tuple(leaf.new_zeros((size, *leaf.shape)) for leaf in leaves), losses
+        return tuple(torch.stack(part) for part in parts), losses
 
 
 def _differentiable(leaf: Any) -> bool:

@@ -82,14 +82,19 @@ def _score_block(
     values, vectors, losses = [], [], []
     for offset, batch in enumerate(batches):
         index = first_batch + offset
-        if with_vectors:  # one projection pass gives both
+        if store_path is not None:  # one projection pass gives all three where it can
+            found, batch_vectors, batch_losses = placement.self_influence_vectors_and_losses(
+                batch, index, "train_set"
+            )
+            losses.append(batch_losses)
+            if with_vectors:
+                vectors.append(model.to_numpy(batch_vectors))
+        elif with_vectors:  # one projection pass gives both
             found, batch_vectors = placement.self_influence_and_vectors(batch, index, "train_set")
             vectors.append(model.to_numpy(batch_vectors))
         else:
             found = placement.self_influence(batch, index, "train_set")
         values.append(model.to_numpy(found))
-        if store_path is not None:
-            losses.append(placement.host_losses(batch))
     result: dict[str, Any] = {
         "self_influence": np.concatenate(values).astype(np.float64),
         "vectors": np.concatenate(vectors) if vectors else None,

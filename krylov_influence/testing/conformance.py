@@ -188,6 +188,11 @@ class EngineConformance:
             projected = self._host(model, model.project(model.from_numpy(projector), batch))
             expected = spec.gradients(spec.x[index], spec.y[index]) @ projector.T
             _close(projected, expected, dtype, "projection", scale=2.0)
+            # The pass a store records: the same projections and the batch's losses.
+            both, losses = model.project_and_losses(model.from_numpy(projector), batch)
+            _close(self._host(model, both), expected, dtype, "project_and_losses", scale=2.0)
+            expected_losses = spec.losses(spec.x[index], spec.y[index])
+            _close(self._host(model, losses), expected_losses, dtype, "project_and_losses")
 
     @pytest.mark.parametrize("dtype", _DTYPES)
     @_suite_settings(max(2, settings().max_examples // 4))

@@ -291,6 +291,21 @@ def test_projection_matches_per_example_gradients(name, dtype, route):
     assert model.routes["per_example_grads"] == expected_route(name, dtype, "per_example_grads")
     if route == "jvp":
         assert model.routes["project (jvp)"] == expected_route(name, dtype, "project (jvp)")
+    _check_project_and_losses(c, model, projector, dtype)
+
+
+def _check_project_and_losses(c: Case, model, projector: np.ndarray, dtype: str, rows=None):
+    """``project_and_losses``: the projections of the tape's gradients, and the losses of the
+    Keras model called directly (on the gradient routes they come from the gradient pass)."""
+    x, y, grads = (c.x, c.y, c.grads) if rows is None else (c.x[rows], c.y[rows], c.grads[rows])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        both, losses = model.project_and_losses(model.from_numpy(projector), (x, y))
+    assert_products_close(both.numpy(), grads, projector.T, dtype)
+    expected = cross_entropy(y, c.model(x)).numpy().astype(np.float64)
+    assert losses.dtype == model.dtype and tuple(losses.shape) == (len(y),)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    np.testing.assert_allclose(losses.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("block", [1, 4])
@@ -354,6 +369,7 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(name, monkeyp
         warnings.simplefilter("ignore", RouteFallbackWarning)
         projected = model.project(model.from_numpy(projector), (c.x[:4], c.y[:4])).numpy()
     assert_products_close(projected, c.grads[:4], projector.T, "float64")
+    _check_project_and_losses(c, model, projector, "float64", rows=slice(0, 4))
     assert model.tracing_counts()["project"] == 0
 
 

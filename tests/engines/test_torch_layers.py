@@ -304,6 +304,19 @@ def test_projection_matches_per_example_gradients(name, dtype, route):
     assert_products_close(projected, c.grads, projector.T, dtype)
     kernel = "per_example_grads" if route == "gradients" else "project (jvp)"
     assert model.routes[kernel] == expected_route(name, dtype, kernel)
+    _check_project_and_losses(c, model, projector, dtype)
+
+
+def _check_project_and_losses(c: Case, model, projector: np.ndarray, dtype: str) -> None:
+    """``project_and_losses``: the projections of autograd's gradients, and the losses of
+    the module called directly (on the gradient routes they come from the gradient pass)."""
+    both, losses = _quietly(model.project_and_losses, torch.from_numpy(projector), (c.x, c.y))
+    assert_products_close(both.numpy(), c.grads, projector.T, dtype)
+    with torch.no_grad():
+        expected = cross_entropy(c.model(c.x), c.y).double().numpy()
+    assert losses.dtype == model.dtype and losses.shape == (NUM_EXAMPLES,)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    np.testing.assert_allclose(losses.double().numpy(), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
@@ -466,6 +479,7 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(name, monkeyp
         calls.clear()
         projected = _quietly(model.project, torch.from_numpy(projector), (c.x, c.y)).numpy()
         assert_products_close(projected, c.grads, projector.T, "float32")
+        _check_project_and_losses(c, model, projector, "float32")
     loops = model._operators["per_example_grads"].route != VECTORISED
     assert bool(calls) == loops == (name == "LSTM")
 
