@@ -287,8 +287,22 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
     def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         """Per-example gradients (B, p) times ``rowsᵀ``, and the losses (B,) of the pass."""
-        grads, losses = self._per_example(x, y)
+        grads, losses = self._example_grads(x, y)
         return tf.matmul(grads, rows, transpose_b=True), losses
+
+    def _example_grads(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """The per-example kernel: gradients (B, p) and losses (B,).
+
+        A batch of one runs as two copies of its example: once the kernel has been traced
+        for other batch sizes, ``pfor`` fails at run time on a batch of one through Keras's
+        recurrent layers ("Tried to append a tensor with incompatible shape to a list"), and
+        a training set of ``64 m + 1`` examples ends with one.
+        """
+        if self._count(x) != 1:
+            return self._per_example(x, y)
+        doubled = tf.nest.map_structure(lambda t: tf.concat([t, t], axis=0), (x, y))
+        grads, losses = self._per_example(*doubled)
+        return grads[:1], losses[:1]
 
     def _project_by_gradient_chunks(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
         """``project`` where JVPs cannot be vectorised: per-example gradients times ``Gᵀ``,
@@ -521,7 +535,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
     def per_example_grads(self, batch: Any) -> tf.Tensor:
         x, y = self._stage(batch)
         with tf.device(self._device):
-            return self._per_example(x, y)[0]
+            return self._example_grads(x, y)[0]
 
     def stage_batch(self, batch: Any) -> tuple[Any, int]:
         """``(staged batch, bytes of its tensors)``: tensors on the device, floats in dtype."""

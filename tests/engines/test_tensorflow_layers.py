@@ -362,15 +362,31 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(name, monkeyp
     p = model.num_parameters
     monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 2 * p * 8)
     projector = np.random.default_rng(6).standard_normal((3, p))
-    # Four examples, two chunks of two. (A chunk of one after chunks of two fails for the
-    # LSTM at run time inside pfor, "Tried to append a tensor with incompatible shape to a
-    # list", as any batch of one after larger ones does on the per-example route.)
+    # Five examples: chunks of two, two and one. (pfor fails at run time on a chunk of one
+    # through an LSTM once the kernel was traced for two, "Tried to append a tensor with
+    # incompatible shape to a list"; the engine runs a batch of one as two copies.)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RouteFallbackWarning)
-        projected = model.project(model.from_numpy(projector), (c.x[:4], c.y[:4])).numpy()
-    assert_products_close(projected, c.grads[:4], projector.T, "float64")
-    _check_project_and_losses(c, model, projector, "float64", rows=slice(0, 4))
+        projected = model.project(model.from_numpy(projector), (c.x, c.y)).numpy()
+    assert_products_close(projected, c.grads, projector.T, "float64")
+    _check_project_and_losses(c, model, projector, "float64")
     assert model.tracing_counts()["project"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_batch_of_one_after_larger_batches(dtype):
+    """A training set of ``B m + 1`` examples ends with a batch of one: per-example gradients
+    and projections of it, after larger batches, match the tape's (the LSTM used to fail
+    inside pfor)."""
+    c = case("LSTM", dtype)
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy)
+    projector = np.random.default_rng(7).standard_normal((3, model.num_parameters))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        for rows in (slice(0, 4), slice(1, 4), slice(4, 5), slice(0, 1)):
+            grads = model.per_example_grads((c.x[rows], c.y[rows])).numpy()
+            assert_products_close(grads, c.grads[rows], np.eye(grads.shape[1]), dtype)
+            _check_project_and_losses(c, model, projector, dtype, rows=rows)
 
 
 @pytest.mark.parametrize("name", ["Conv2D", "LSTM", "Embedding"])
