@@ -56,7 +56,8 @@ def fit(model: torch.nn.Module, data: dict[str, Any]) -> Any:
 def self_influence_of_batch(state: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``g_xᵀ V diag(1/(λ + δ)) Vᵀ g_x`` per example, as pyDVL's bilinear form computes it."""
     batch = state._create_batch(x, y)
-    total = torch.zeros(len(y), dtype=x.dtype)
+    # The parameters' dtype, not the inputs' (the transformer's inputs are token ids).
+    total = torch.zeros(len(y), dtype=next(state.model.parameters()).dtype)
     for _, block in state.block_mapper.items():
         op = block.op
         if op.exact:  # Woodbury mode (not used here): pyDVL's own pairwise path, diagonal
