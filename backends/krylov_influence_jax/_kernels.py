@@ -42,7 +42,7 @@ from jax import lax
 
 from krylov_influence_jax._params import ParameterLayout
 
-__all__ = ["Kernels", "Program", "finish", "kernels"]
+__all__ = ["Kernels", "Program", "kernels"]
 
 _HIGHEST = "highest"
 
@@ -143,8 +143,7 @@ def _hvps_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, vectors:
     return jax.vmap(one)(vectors)
 
 
-@jax.jit
-def finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
+def _finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
     """The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``."""
     return total / count + l2 * v
 
@@ -236,9 +235,11 @@ class Kernels:
     losses : ``(θ (p,), fixed, x, y, l2) -> (B,)``
         Per-example losses including ``½·l2·‖θ‖²``.
     hvp_sum : ``(θ, fixed, x, y, v (p,)) -> (p,)``
-        ``Σ_b ∇²ℓ_b v`` over the batch, without L2 (see :func:`finish`).
+        ``Σ_b ∇²ℓ_b v`` over the batch, without L2 (see ``finish``).
     hvps_sum : ``(θ, fixed, x, y, vectors (m, p)) -> (m, p)``
         ``hvp_sum`` of each row, vectorised.
+    finish : ``(total (p,) or (m, p), count, v, l2) -> same shape``
+        The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``.
     project : ``(θ, fixed, x, y, G (k, p), l2, *, chunk) -> (B, k)``
         ``G ∇ℓ_b`` by JVPs, ``chunk`` rows of ``G`` vectorised at once (static).
     gradient_project : ``(θ, fixed, x, y, G (k, p), l2) -> (B, k)``
@@ -251,6 +252,7 @@ class Kernels:
 
     __slots__ = (
         "__weakref__",
+        "finish",
         "gradient_project",
         "gradient_project_with_norms",
         "hvp_sum",
@@ -267,6 +269,10 @@ class Kernels:
         self.losses = jax.jit(bound(_losses, program))
         self.hvp_sum = jax.jit(bound(_hvp_sum, program))
         self.hvps_sum = jax.jit(bound(_hvps_sum, program))
+        # No program in it, but compiled per shape of θ, which the program fixes: a partial of
+        # its own, because JAX's tracing caches are keyed (weakly) by the function, and a
+        # module-level one would keep an entry per p for the life of the process.
+        self.finish = jax.jit(bound(_finish))
         self.project = jax.jit(bound(_project, program), static_argnames=("chunk",))
         self.gradient_project = jax.jit(bound(_gradient_project, program))
         self.gradient_project_with_norms = jax.jit(bound(_gradient_project_with_norms, program))

@@ -218,7 +218,7 @@ class JaxInfluenceModel(InfluenceModel):
             count += staged.size
         if total is None or count == 0:
             raise ValueError("batches: the Hessian data is empty")
-        return _kernels.finish(total, count, vector, self._l2_array)
+        return self._kernels.finish(total, count, vector, self._l2_array)
 
     def hvp(self, vector: Any, batches: Iterable[Any]) -> Any:
         """Hessian of the mean loss over ``batches`` times ``vector``; (p,) -> (p,)."""

@@ -38,6 +38,7 @@ OPERATORS = (
     "losses",
     "hvp_sum",
     "hvps_sum",
+    "finish",
     "project",
     "gradient_project",
     "gradient_project_with_norms",
