@@ -269,9 +269,9 @@ class Kernels:
         self.losses = jax.jit(bound(_losses, program))
         self.hvp_sum = jax.jit(bound(_hvp_sum, program))
         self.hvps_sum = jax.jit(bound(_hvps_sum, program))
-        # No program in it, but compiled per shape of θ, which the program fixes: a partial of
-        # its own, because JAX's tracing caches are keyed (weakly) by the function, and a
-        # module-level one would keep an entry per p for the life of the process.
+        # No program in it, but compiled per shape of θ, which the program fixes: a module-level
+        # jitted function would keep an executable per p for the life of the process. A partial
+        # of its own, since JAX's tracing caches are keyed (weakly) by the function object.
         self.finish = jax.jit(bound(_finish))
         self.project = jax.jit(bound(_project, program), static_argnames=("chunk",))
         self.gradient_project = jax.jit(bound(_gradient_project, program))
