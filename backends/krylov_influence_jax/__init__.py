@@ -9,7 +9,9 @@ or a Flax nnx or Equinox module directly, ``InfluenceModel(module, loss_fn)``. T
 inferred from ``params=`` holding JAX arrays, or from the nnx/Equinox module. Operators are
 ``jax.jit``-compiled once per bound model and input shape: HVPs forward-over-reverse (``jvp``
 of ``grad``), projections by ``vmap`` of the linearised per-example losses over the k
-directions, per-example gradients by ``vmap(grad)``. See ``docs/quickstart-jax.md`` and
+directions, per-example gradients by ``vmap(grad)``. The compiled programs are shared by the
+live models bound to the same functions and freed with the last of them (see
+:mod:`krylov_influence_jax._kernels`). See ``docs/quickstart-jax.md`` and
 :func:`krylov_influence_jax._model.bind_jax` for the options.
 
 Importing this package does not import JAX; binding does.

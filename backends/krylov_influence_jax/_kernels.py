@@ -1,12 +1,25 @@
 """The compiled operators: losses, HVPs, JVP projections, per-example gradients.
 
-Every operator is one module-level ``jax.jit`` function whose first argument is a static
-:class:`Program` (the user's ``apply_fn`` and ``loss_fn`` and the parameter layout). Programs
-compare by the identity of the two functions and the value of the layout, so a program is
-compiled once per distinct input shape, and rebinding the same functions (another dtype,
-device, or a perturbed copy of the parameters) reuses what was compiled. The parameters,
-fixed leaves, data and ``l2`` are arguments, never closed over, so large arrays are not baked
-into the compiled programs as constants.
+A bound model's static part is a :class:`Program`: the user's ``apply_fn`` and ``loss_fn`` and
+the parameter layout. Programs compare by the identity of the two functions and the value of
+the layout. Each program has one :class:`Kernels`, its operators as ``jax.jit`` closures over
+the program (never the program as a static argument of module-level functions: JAX keeps the
+static arguments of a module-level ``jax.jit`` in its cache for the life of the process, and
+with them the user's functions, whatever they close over and one compiled executable per
+shape, so a process binding many models grew without bound).
+
+:func:`kernels` hands out the :class:`Kernels` of a program from a weak cache: the models
+bound to the program hold it, the cache does not. So
+
+- rebinding the same functions while a model bound to them is alive (another dtype or device,
+  ``on_device``, a perturbed copy of the parameters, other ``l2``) reuses what was compiled
+  (a program is traced once per distinct input shape and dtype);
+- when the last such model is garbage-collected, its compiled executables go, and with them
+  the references to ``apply_fn``, ``loss_fn`` and the layout. Binding the functions again
+  afterwards compiles again.
+
+The parameters, fixed leaves, data and ``l2`` are arguments, never closed over, so large
+arrays are not baked into the compiled programs as constants.
 
 The L2 term is added analytically: ``+l2·v`` to HVPs, ``+l2·θ`` to gradients, ``+l2·(Gθ)`` to
 projections. Matrix products are traced under ``jax.default_matmul_precision("highest")`` so
@@ -17,6 +30,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,17 +42,21 @@ from jax import lax
 
 from krylov_influence_jax._params import ParameterLayout
 
-__all__ = [
-    "Program",
-    "finish",
-    "hvp_sum",
-    "hvps_sum",
-    "losses",
-    "per_example_grads",
-    "project",
-]
+__all__ = ["Kernels", "Program", "kernels"]
 
 _HIGHEST = "highest"
+
+
+def _identity(function: Callable[..., Any]) -> Any:
+    """What makes two callables the same for sharing compiled programs.
+
+    The object itself, except a bound method: ``module.apply`` is a new object on every
+    attribute access, so two of them are the same callable when they bind the same function
+    to the same object (both held by the program, so the ids stay theirs).
+    """
+    if isinstance(function, types.MethodType):
+        return ("method", id(function.__self__), id(function.__func__))
+    return id(function)
 
 
 class Program:
@@ -49,6 +69,9 @@ class Program:
     loss_fn : callable
         ``loss_fn(outputs, y) -> (B,)`` per-example losses.
     layout : ParameterLayout
+
+    Two programs are equal when their functions are the same objects (a bound method: the
+    same function bound to the same object) and their layouts are equal.
     """
 
     __slots__ = ("apply_fn", "layout", "loss_fn")
@@ -62,13 +85,13 @@ class Program:
         # Functions by identity: equal code in two closures may capture different constants.
         return (
             isinstance(other, Program)
-            and self.apply_fn is other.apply_fn
-            and self.loss_fn is other.loss_fn
+            and _identity(self.apply_fn) == _identity(other.apply_fn)
+            and _identity(self.loss_fn) == _identity(other.loss_fn)
             and self.layout == other.layout
         )
 
     def __hash__(self) -> int:
-        return hash((id(self.apply_fn), id(self.loss_fn), self.layout))
+        return hash((_identity(self.apply_fn), _identity(self.loss_fn), self.layout))
 
     def data_losses(self, theta: Any, fixed: Any, x: Any, y: Any) -> Any:
         """Per-example losses without the L2 term, shape (B,); checks the loss's shape."""
@@ -95,18 +118,12 @@ class Program:
         return values.astype(leaves[0].dtype)
 
 
-def _static(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``jax.jit`` with the program (first argument) static."""
-    return jax.jit(function, static_argnums=0)
-
-
 def _penalty(theta: Any, l2: Any) -> Any:
     with jax.default_matmul_precision(_HIGHEST):
         return 0.5 * l2 * jnp.vdot(theta, theta)
 
 
-@_static
-def losses(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+def _losses(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
     """Per-example losses including ``½·l2·‖θ‖²``, shape (B,)."""
     return program.data_losses(theta, fixed, x, y) + _penalty(theta, l2)
 
@@ -126,18 +143,12 @@ def _hvps_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, vectors:
     return jax.vmap(one)(vectors)
 
 
-hvp_sum = _static(_hvp_sum)
-hvps_sum = _static(_hvps_sum)
-
-
-@jax.jit
-def finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
+def _finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
     """The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``."""
     return total / count + l2 * v
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("chunk",))
-def project(
+def _project(
     program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any, *, chunk: int
 ) -> Any:
     """``(B, k)`` directional derivatives of each example's loss along the rows of ``G``."""
@@ -151,8 +162,7 @@ def project(
         return along + l2 * (G @ theta)[None, :]
 
 
-@_static
-def gradient_project(
+def _gradient_project(
     program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
 ) -> Any:
     """``(B, k)`` projections as per-example gradients times ``Gᵀ``, in one program.
@@ -175,8 +185,7 @@ def gradient_project(
         return projected
 
 
-@_static
-def gradient_project_with_norms(
+def _gradient_project_with_norms(
     program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
 ) -> tuple[Any, Any]:
     """``(B, k)`` projections and ``(B,)`` squared gradient norms, in one program."""
@@ -204,12 +213,96 @@ def _leaf_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> lis
 
 
 def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
+    """Per-example gradients including ``l2·θ``, shape (B, p), by ``vmap(grad)``."""
     grads = _leaf_grads(program, theta, fixed, x, y)
     size = grads[0].shape[0]
     flat = jnp.concatenate([g.reshape(size, -1) for g in grads], axis=1)
     return flat + l2 * theta[None, :]
 
 
-per_example_grads = _static(_per_example_grads)
-per_example_grads.__doc__ = """Per-example gradients including ``l2·θ``, shape (B, p), by
-``vmap(grad)``."""
+class Kernels:
+    """The compiled operators of one :class:`Program`; get it from :func:`kernels`.
+
+    Each operator is ``jax.jit`` of the module's function with the program bound by
+    ``functools.partial``, so the compiled executables live in the jitted callable's own cache
+    and go when this object does (JAX's global caches hold jitted functions weakly). The
+    callables close over the program and never over this object, so no reference cycle keeps
+    it alive past its last model.
+
+    Attributes
+    ----------
+    program : Program
+    losses : ``(θ (p,), fixed, x, y, l2) -> (B,)``
+        Per-example losses including ``½·l2·‖θ‖²``.
+    hvp_sum : ``(θ, fixed, x, y, v (p,)) -> (p,)``
+        ``Σ_b ∇²ℓ_b v`` over the batch, without L2 (see ``finish``).
+    hvps_sum : ``(θ, fixed, x, y, vectors (m, p)) -> (m, p)``
+        ``hvp_sum`` of each row, vectorised.
+    finish : ``(total (p,) or (m, p), count, v, l2) -> same shape``
+        The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``.
+    project : ``(θ, fixed, x, y, G (k, p), l2, *, chunk) -> (B, k)``
+        ``G ∇ℓ_b`` by JVPs, ``chunk`` rows of ``G`` vectorised at once (static).
+    gradient_project : ``(θ, fixed, x, y, G (k, p), l2) -> (B, k)``
+        The same by per-example gradients times ``Gᵀ``.
+    gradient_project_with_norms : ``(θ, fixed, x, y, G (k, p), l2) -> ((B, k), (B,))``
+        The projections and the squared gradient norms.
+    per_example_grads : ``(θ, fixed, x, y, l2) -> (B, p)``
+        Per-example gradients including ``l2·θ``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "finish",
+        "gradient_project",
+        "gradient_project_with_norms",
+        "hvp_sum",
+        "hvps_sum",
+        "losses",
+        "per_example_grads",
+        "program",
+        "project",
+    )
+
+    def __init__(self, program: Program):
+        self.program = program
+        bound = functools.partial
+        self.losses = jax.jit(bound(_losses, program))
+        self.hvp_sum = jax.jit(bound(_hvp_sum, program))
+        self.hvps_sum = jax.jit(bound(_hvps_sum, program))
+        # No program in it, but compiled per shape of θ, which the program fixes: a module-level
+        # jitted function would keep an executable per p for the life of the process. A partial
+        # of its own, since JAX's tracing caches are keyed (weakly) by the function object.
+        self.finish = jax.jit(bound(_finish))
+        self.project = jax.jit(bound(_project, program), static_argnames=("chunk",))
+        self.gradient_project = jax.jit(bound(_gradient_project, program))
+        self.gradient_project_with_norms = jax.jit(bound(_gradient_project_with_norms, program))
+        self.per_example_grads = jax.jit(bound(_per_example_grads, program))
+
+
+# Program -> its Kernels, held weakly: the models bound to a program keep its Kernels alive,
+# and when the last one goes the entry (and the key's strong references to the user's
+# functions) goes with it. A key is a Program compared by the identity of its functions,
+# which stay alive as long as the entry does, so an id is never reused while it is a key.
+_KERNELS: weakref.WeakValueDictionary[Program, Kernels] = weakref.WeakValueDictionary()
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernels(program: Program) -> Kernels:
+    """The :class:`Kernels` of ``program``: the live one of an equal program, else a new one.
+
+    Parameters
+    ----------
+    program : Program
+
+    Returns
+    -------
+    Kernels
+        Shared by every model bound to an equal program while one of them is alive; the
+        caller must hold it (the cache does not).
+    """
+    with _KERNELS_LOCK:  # two threads binding the same functions get one Kernels
+        found = _KERNELS.get(program)
+        if found is None:
+            found = Kernels(program)
+            _KERNELS[program] = found
+        return found

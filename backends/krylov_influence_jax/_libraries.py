@@ -18,14 +18,19 @@ model is turned into that pair here, with the set of leaves that may be differen
   module maps *one* example, so ``apply_fn`` is ``jax.vmap(eqx.combine(params, static))(x)``;
   ``batched=True`` says the module already takes a batch.
 
-``apply_fn`` is built once per architecture (nnx graphdef, Equinox static part) and reused, so
-two bindings of the same architecture share compiled programs (see :class:`~._kernels.Program`).
+``apply_fn`` is built once per architecture (nnx graphdef, Equinox static part) and reused
+while a model bound to it is alive, so two live bindings of the same architecture share compiled
+programs (see :mod:`~._kernels`). The cache holds the functions weakly, like the compiled
+programs: once no model holds an architecture's ``apply_fn``, it and the graphdef or static
+part it closes over (with any function the module keeps) are freed.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,9 +96,33 @@ def _under(collection: str) -> Callable[[str], bool]:
     return lambda name: name == collection or name.startswith(collection + "/")
 
 
+# Architecture (nnx graphdef, or Equinox static part and batched) -> its apply_fn, held weakly:
+# the bound models' programs hold the apply_fn, which closes over the key. Not an LRU cache:
+# that would keep up to its size of graphdefs and static parts (and the functions they hold)
+# for the life of the process, after every model using them is gone.
+_APPLY_FNS: weakref.WeakValueDictionary[Any, Callable[[Any, Any], Any]] = (
+    weakref.WeakValueDictionary()
+)
+_APPLY_FNS_LOCK = threading.Lock()
+
+
+def _shared_apply(
+    key: Any, build: Callable[[], Callable[[Any, Any], Any]]
+) -> Callable[[Any, Any], Any]:
+    """The live ``apply_fn`` built for an equal ``key``, else ``build()`` (cached weakly)."""
+    with _APPLY_FNS_LOCK:
+        try:
+            found = _APPLY_FNS.get(key)
+        except TypeError:  # a key that cannot be hashed: no sharing of compiled programs
+            return build()
+        if found is None:
+            found = build()
+            _APPLY_FNS[key] = found
+        return found
+
+
 # ------------------------------------------------------------------------------------ nnx
-@functools.lru_cache(maxsize=64)
-def _nnx_apply(graphdef: Any) -> Callable[[Any, Any], Any]:
+def _nnx_apply_uncached(graphdef: Any) -> Callable[[Any, Any], Any]:
     from flax import nnx
 
     def apply_fn(params: Any, x: Any) -> Any:
@@ -101,6 +130,10 @@ def _nnx_apply(graphdef: Any) -> Callable[[Any, Any], Any]:
         return nnx.merge(graphdef, params)(x)
 
     return apply_fn
+
+
+def _nnx_apply(graphdef: Any) -> Callable[[Any, Any], Any]:
+    return _shared_apply(("nnx", graphdef), lambda: _nnx_apply_uncached(graphdef))
 
 
 def _pure(state: Any) -> Any:
@@ -140,14 +173,10 @@ def _equinox_apply_uncached(static: Any, batched: bool) -> Callable[[Any, Any], 
     return apply_fn
 
 
-_equinox_apply_cached = functools.lru_cache(maxsize=64)(_equinox_apply_uncached)
-
-
 def _equinox_apply(static: Any, batched: bool) -> Callable[[Any, Any], Any]:
-    try:
-        return _equinox_apply_cached(static, batched)
-    except TypeError:  # a static part that cannot be hashed: no sharing of compiled programs
-        return _equinox_apply_uncached(static, batched)
+    return _shared_apply(
+        ("equinox", static, batched), lambda: _equinox_apply_uncached(static, batched)
+    )
 
 
 def _adapt_equinox(module: Any, batched: bool) -> Adapted:

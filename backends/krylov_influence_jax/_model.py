@@ -12,7 +12,7 @@ import numpy as np
 
 from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_jax import _batches, _kernels
-from krylov_influence_jax._kernels import Program
+from krylov_influence_jax._kernels import Kernels, Program
 from krylov_influence_jax._libraries import adapt
 from krylov_influence_jax._namespace import JAX_NAMESPACE
 from krylov_influence_jax._params import ParameterLayout, split_parameters
@@ -77,7 +77,7 @@ class JaxInfluenceModel(InfluenceModel):
 
     def __init__(
         self,
-        program: Program,
+        kernels: Kernels,
         theta: Any,
         fixed: tuple[Any, ...],
         *,
@@ -88,7 +88,10 @@ class JaxInfluenceModel(InfluenceModel):
         jvp_chunk_size: int | None,
         projection: str = "auto",
     ):
-        self._program = program
+        # The compiled operators, shared with every live model bound to the same functions
+        # and layout; this reference (with those models') is what keeps them compiled.
+        self._kernels = kernels
+        self._program: Program = kernels.program
         self._projection = projection
         self._l2 = float(l2)
         self._l2_array = jax.device_put(jnp.asarray(l2, dtype=dtype), device)
@@ -164,7 +167,7 @@ class JaxInfluenceModel(InfluenceModel):
         if target == self._device:
             return self
         return JaxInfluenceModel(
-            self._program,
+            self._kernels,
             jax.device_put(self._theta, target),
             tuple(jax.device_put(leaf, target) for leaf in self._fixed),
             l2=self._l2,
@@ -189,9 +192,7 @@ class JaxInfluenceModel(InfluenceModel):
 
     def losses(self, batch: Any) -> Any:
         staged = self._stage(batch)
-        return _kernels.losses(
-            self._program, self._theta, self._fixed, staged.x, staged.y, self._l2_array
-        )
+        return self._kernels.losses(self._theta, self._fixed, staged.x, staged.y, self._l2_array)
 
     # ------------------------------------------------------------------------ the operators
     def flat_parameters(self) -> Any:
@@ -212,22 +213,22 @@ class JaxInfluenceModel(InfluenceModel):
         total, count = None, 0
         for batch in batches:
             staged = self._stage(batch)
-            part = kernel(self._program, self._theta, self._fixed, staged.x, staged.y, vector)
+            part = kernel(self._theta, self._fixed, staged.x, staged.y, vector)
             total = part if total is None else total + part
             count += staged.size
         if total is None or count == 0:
             raise ValueError("batches: the Hessian data is empty")
-        return _kernels.finish(total, count, vector, self._l2_array)
+        return self._kernels.finish(total, count, vector, self._l2_array)
 
     def hvp(self, vector: Any, batches: Iterable[Any]) -> Any:
         """Hessian of the mean loss over ``batches`` times ``vector``; (p,) -> (p,)."""
         vector = self._vector(vector, 1, "vector")
-        return self._hessian_sum(_kernels.hvp_sum, vector, batches)
+        return self._hessian_sum(self._kernels.hvp_sum, vector, batches)
 
     def hvps(self, vectors: Any, batches: Iterable[Any]) -> Any:
         """``H @ vectors[i]`` for every row, in one vectorised pass; (m, p) -> (m, p)."""
         vectors = self._vector(vectors, 2, "vectors")
-        return self._hessian_sum(_kernels.hvps_sum, vectors, batches)
+        return self._hessian_sum(self._kernels.hvps_sum, vectors, batches)
 
     def _chunk(self, size: int, k: int) -> int:
         if self._jvp_chunk_size is not None:
@@ -258,9 +259,7 @@ class JaxInfluenceModel(InfluenceModel):
         if self._projection == "gradients" or (
             self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
         ):
-            return _kernels.gradient_project(
-                self._program, self._theta, self._fixed, x, y, G, self._l2_array
-            )
+            return self._kernels.gradient_project(self._theta, self._fixed, x, y, G, self._l2_array)
         if self._projection == "auto":
             # Per-example gradients over chunks of examples whose (chunk, p) block fits the
             # budget: memory as bounded as the JVPs', and one gradient pass cost 4.7x less
@@ -270,8 +269,7 @@ class JaxInfluenceModel(InfluenceModel):
             pieces = -(-size // max(1, self.GRADIENT_PROJECTION_BYTES // row))
             step = -(-size // pieces)
             parts = [
-                _kernels.gradient_project(
-                    self._program,
+                self._kernels.gradient_project(
                     self._theta,
                     self._fixed,
                     *jax.tree_util.tree_map(lambda leaf, s=start: leaf[s : s + step], (x, y)),
@@ -282,23 +280,21 @@ class JaxInfluenceModel(InfluenceModel):
             ]
             return jnp.concatenate(parts, axis=0)
         chunk = self._chunk(size, int(G.shape[0]))
-        return _kernels.project(
-            self._program, self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk
-        )
+        return self._kernels.project(self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk)
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one compiled per-example gradient program."""
         G = self._vector(projector, 2, "projector")
         staged = self._stage(batch)
-        return _kernels.gradient_project_with_norms(
-            self._program, self._theta, self._fixed, staged.x, staged.y, G, self._l2_array
+        return self._kernels.gradient_project_with_norms(
+            self._theta, self._fixed, staged.x, staged.y, G, self._l2_array
         )
 
     def per_example_grads(self, batch: Any) -> Any:
         """Per-example gradients (including ``l2·θ``), shape (B, p), by ``vmap(grad)``."""
         staged = self._stage(batch)
-        return _kernels.per_example_grads(
-            self._program, self._theta, self._fixed, staged.x, staged.y, self._l2_array
+        return self._kernels.per_example_grads(
+            self._theta, self._fixed, staged.x, staged.y, self._l2_array
         )
 
     # --------------------------------------------------------------------------- conversion
@@ -406,7 +402,7 @@ def bind_jax(
         what=_TRAINABLE[adapted.kind],
     )
     return JaxInfluenceModel(
-        Program(adapted.apply_fn, loss_fn, layout),
+        _kernels.kernels(Program(adapted.apply_fn, loss_fn, layout)),
         theta,
         fixed,
         l2=l2,

@@ -259,8 +259,6 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(rows, monkeyp
     """Above the gradient budget ``"auto"`` projects by per-example gradients over equal
     chunks of examples (``rows`` gradients fit the budget), never by JVPs; against the spec's
     NumPy backprop gradients times G."""
-    from krylov_influence_jax import _kernels
-
     spec = common_spec(17)
     model, batches = JaxEngine.from_neutral_spec(spec, dtype="float64")
     p = model.num_parameters
@@ -269,7 +267,7 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(rows, monkeyp
     def no_jvps(*args, **kwargs):
         raise AssertionError("projection='auto' took the JVP route")
 
-    monkeypatch.setattr(_kernels, "project", no_jvps)
+    monkeypatch.setattr(model._kernels, "project", no_jvps)
     G = np.random.default_rng(18).standard_normal((5, p))
     for batch, (x, y) in zip(batches, spec.numpy_batches()):
         expected = spec.gradients(x, y) @ G.T
@@ -434,8 +432,6 @@ def test_dict_batches_and_batch_keys():
 
 
 def test_compiled_programs_are_reused_across_calls_batches_and_bindings():
-    from krylov_influence_jax import _kernels
-
     def apply_fn(params, x):  # a fresh function: nothing compiled for it yet
         return x @ params[0][0] + params[0][1]
 
@@ -444,12 +440,13 @@ def test_compiled_programs_are_reused_across_calls_batches_and_bindings():
     x, y = rng.standard_normal((10, 3)), rng.integers(0, 2, 10)
     batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
 
+    model = ki.InfluenceModel(apply_fn, cross_entropy, params=params, l2=0.1)
+
     def sizes() -> tuple[int, int]:
         # The projection of this small model takes the gradients route (projection="auto").
-        return _kernels.hvp_sum._cache_size(), _kernels.gradient_project._cache_size()
+        return model._kernels.hvp_sum._cache_size(), model._kernels.gradient_project._cache_size()
 
     before = sizes()
-    model = ki.InfluenceModel(apply_fn, cross_entropy, params=params, l2=0.1)
     v = model.from_numpy(np.ones(model.num_parameters))
     for _ in range(3):
         model.hvp(v, batches)
@@ -457,10 +454,12 @@ def test_compiled_programs_are_reused_across_calls_batches_and_bindings():
     # Two batch shapes (4, and the short last batch of 2): two traces of the HVP, not one per
     # call; one of the projection.
     assert np.subtract(sizes(), before).tolist() == [2, 1]
-    # Rebinding the same functions (other values, other l2) compiles nothing new.
+    # Rebinding the same functions (other values, other l2) while the model is alive compiles
+    # nothing new (tests/engines/test_jax_kernel_lifetime.py: every operator, dtypes, devices).
     again = ki.InfluenceModel(
         apply_fn, cross_entropy, params=jax.tree_util.tree_map(lambda a: 2 * a, params), l2=0.5
     )
+    assert again._kernels is model._kernels
     again.hvp(v, batches)
     again.project(jnp.stack([v, v]), batches[1])
     assert np.subtract(sizes(), before).tolist() == [2, 1]
@@ -585,20 +584,19 @@ def test_every_matrix_product_is_traced_at_highest_precision():
     # the property is checked on the traced programs, including the transposed products.
     from jax.extend.core import jaxprs_in_params
 
-    from krylov_influence_jax import _kernels
-
     spec = common_spec(17)
     model, batches = JaxEngine.from_neutral_spec(spec, dtype="float32")
     x, y = batches[0]
-    args = (model._program, model._theta, model._fixed, x, y)
+    kernels = model._kernels
+    args = (model._theta, model._fixed, x, y)
     G = jnp.stack([model._theta] * 3)
     traced = [
-        _kernels.losses.trace(*args, model._l2_array),
-        _kernels.hvp_sum.trace(*args, model._theta),
-        _kernels.hvps_sum.trace(*args, G),
-        _kernels.project.trace(*args, G, model._l2_array, chunk=3),
-        _kernels.project.trace(*args, G, model._l2_array, chunk=2),
-        _kernels.per_example_grads.trace(*args, model._l2_array),
+        kernels.losses.trace(*args, model._l2_array),
+        kernels.hvp_sum.trace(*args, model._theta),
+        kernels.hvps_sum.trace(*args, G),
+        kernels.project.trace(*args, G, model._l2_array, chunk=3),
+        kernels.project.trace(*args, G, model._l2_array, chunk=2),
+        kernels.per_example_grads.trace(*args, model._l2_array),
     ]
 
     def dots(jaxpr):

@@ -250,6 +250,14 @@ def case(name: str, dtype: str) -> Case:
     return Case(module, x, y, oracle(loss, params, x, y), bound)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_the_cached_models():
+    """The cached cases hold bound models, and the JAX engine keeps a model's compiled programs
+    while it is alive: drop them when this module's tests are done, not at the session's end."""
+    yield
+    case.cache_clear()
+
+
 # -------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("route", ["gradients", "jvp"])
 @pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)

@@ -246,6 +246,16 @@ def bound(library: str, arch: str, projection: str = "auto") -> JaxInfluenceMode
 
 
 # -------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module", autouse=True)
+def _free_the_cached_models():
+    """The cached cases hold bound models, and the JAX engine keeps a model's compiled programs
+    while it is alive: drop them when this module's tests are done, not at the session's end."""
+    yield
+    scores.cache_clear()
+    bound.cache_clear()
+    case.cache_clear()
+
+
 def assert_rows_close(actual: Any, expected: np.ndarray) -> None:
     """Each row within ``4·sqrt(eps)`` of its largest entry (float64)."""
     assert_products_close(actual, expected, np.eye(expected.shape[1]), "float64")
