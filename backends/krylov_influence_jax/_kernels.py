@@ -148,31 +148,40 @@ def _finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
     return total / count + l2 * v
 
 
-def _project(
+def _project_and_losses(
     program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any, *, chunk: int
-) -> Any:
-    """``(B, k)`` directional derivatives of each example's loss along the rows of ``G``."""
+) -> tuple[Any, Any]:
+    """``(B, k)`` directional derivatives of each example's loss along the rows of ``G``, and
+    the ``(B,)`` losses (L2 included) of the same forward pass."""
     # linearize evaluates the forward pass once; only the tangent map is vectorised over k.
-    _, tangent = jax.linearize(lambda t: program.data_losses(t, fixed, x, y), theta)
+    values, tangent = jax.linearize(lambda t: program.data_losses(t, fixed, x, y), theta)
     if chunk >= G.shape[0]:
         along = jax.vmap(tangent, out_axes=1)(G)  # (B, k) directly, no transpose
     else:
         along = lax.map(tangent, G, batch_size=chunk).T
     with jax.default_matmul_precision(_HIGHEST):
-        return along + l2 * (G @ theta)[None, :]
+        return along + l2 * (G @ theta)[None, :], values + _penalty(theta, l2)
 
 
-def _gradient_project(
-    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
+def _project(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any, *, chunk: int
 ) -> Any:
-    """``(B, k)`` projections as per-example gradients times ``Gᵀ``, in one program.
+    """The projections of :func:`_project_and_losses` (XLA drops the unused losses)."""
+    return _project_and_losses(program, theta, fixed, x, y, G, l2, chunk=chunk)[0]
+
+
+def _gradient_project_and_losses(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
+) -> tuple[Any, Any]:
+    """``(B, k)`` projections as per-example gradients times ``Gᵀ``, and the ``(B,)`` losses
+    (L2 included) of the same pass, in one program.
 
     The gradients stay one array per parameter leaf, each multiplied by its columns of
     ``G`` (``Σ_l g_l (B, p_l) @ G_lᵀ``): no flat (B, p) block is assembled. On the benchmark
     CNN (batches of 500, k = 20, one CPU thread) this took 0.72 s a batch against 1.03 s for
     the flat block times ``Gᵀ``.
     """
-    gradients = _leaf_grads(program, theta, fixed, x, y)
+    gradients, values = _leaf_grads_and_losses(program, theta, fixed, x, y)
     size = gradients[0].shape[0]
     with jax.default_matmul_precision(_HIGHEST):
         projected = l2 * (G @ theta)[None, :]
@@ -182,7 +191,14 @@ def _gradient_project(
             block = G[:, offset : offset + width]
             projected = projected + gradient.reshape(size, width) @ block.T
             offset += width
-        return projected
+        return projected, values + _penalty(theta, l2)
+
+
+def _gradient_project(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any, G: Any, l2: Any
+) -> Any:
+    """The projections of :func:`_gradient_project_and_losses` (XLA drops the losses)."""
+    return _gradient_project_and_losses(program, theta, fixed, x, y, G, l2)[0]
 
 
 def _gradient_project_with_norms(
@@ -194,8 +210,11 @@ def _gradient_project_with_norms(
         return gradients @ G.T, jnp.sum(gradients * gradients, axis=1)
 
 
-def _leaf_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> list[Any]:
-    """Per-example gradients (no L2), one (B, *shape) array per selected leaf.
+def _leaf_grads_and_losses(
+    program: Program, theta: Any, fixed: Any, x: Any, y: Any
+) -> tuple[list[Any], Any]:
+    """Per-example gradients (no L2), one (B, *shape) array per selected leaf, and the (B,)
+    losses (no L2) they are the gradients of, by ``vmap(value_and_grad)``.
 
     Differentiated with respect to the leaves, not the flat θ: with an embedding table the
     gradient with respect to θ scattered every example's rows into a (B, p) buffer, 6x
@@ -207,9 +226,15 @@ def _leaf_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> lis
         # The model sees a batch of one: apply_fn and loss_fn keep their batched contract.
         xb = jax.tree_util.tree_map(lambda leaf: leaf[None], xi)
         yb = jax.tree_util.tree_map(lambda leaf: leaf[None], yi)
-        return jax.grad(lambda ls: program.leaf_losses(ls, fixed, xb, yb)[0])(leaves)
+        return jax.value_and_grad(lambda ls: program.leaf_losses(ls, fixed, xb, yb)[0])(leaves)
 
-    return list(jax.vmap(one)(x, y))
+    values, gradients = jax.vmap(one)(x, y)
+    return list(gradients), values
+
+
+def _leaf_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> list[Any]:
+    """The gradients of :func:`_leaf_grads_and_losses`."""
+    return _leaf_grads_and_losses(program, theta, fixed, x, y)[0]
 
 
 def _per_example_grads(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -> Any:
@@ -242,8 +267,12 @@ class Kernels:
         The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``.
     project : ``(θ, fixed, x, y, G (k, p), l2, *, chunk) -> (B, k)``
         ``G ∇ℓ_b`` by JVPs, ``chunk`` rows of ``G`` vectorised at once (static).
+    project_and_losses : ``(θ, fixed, x, y, G (k, p), l2, *, chunk) -> ((B, k), (B,))``
+        The same and the losses (L2 included) of its forward pass.
     gradient_project : ``(θ, fixed, x, y, G (k, p), l2) -> (B, k)``
         The same by per-example gradients times ``Gᵀ``.
+    gradient_project_and_losses : ``(θ, fixed, x, y, G (k, p), l2) -> ((B, k), (B,))``
+        The same and the losses (L2 included) of the gradient pass.
     gradient_project_with_norms : ``(θ, fixed, x, y, G (k, p), l2) -> ((B, k), (B,))``
         The projections and the squared gradient norms.
     per_example_grads : ``(θ, fixed, x, y, l2) -> (B, p)``
@@ -254,6 +283,7 @@ class Kernels:
         "__weakref__",
         "finish",
         "gradient_project",
+        "gradient_project_and_losses",
         "gradient_project_with_norms",
         "hvp_sum",
         "hvps_sum",
@@ -261,6 +291,7 @@ class Kernels:
         "per_example_grads",
         "program",
         "project",
+        "project_and_losses",
     )
 
     def __init__(self, program: Program):
@@ -274,7 +305,11 @@ class Kernels:
         # of its own, since JAX's tracing caches are keyed (weakly) by the function object.
         self.finish = jax.jit(bound(_finish))
         self.project = jax.jit(bound(_project, program), static_argnames=("chunk",))
+        self.project_and_losses = jax.jit(
+            bound(_project_and_losses, program), static_argnames=("chunk",)
+        )
         self.gradient_project = jax.jit(bound(_gradient_project, program))
+        self.gradient_project_and_losses = jax.jit(bound(_gradient_project_and_losses, program))
         self.gradient_project_with_norms = jax.jit(bound(_gradient_project_with_norms, program))
         self.per_example_grads = jax.jit(bound(_per_example_grads, program))
 

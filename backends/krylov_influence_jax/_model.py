@@ -252,14 +252,34 @@ class JaxInfluenceModel(InfluenceModel):
             instead: of the whole batch when the (B, p) block fits in
             :attr:`GRADIENT_PROJECTION_BYTES`, else of equal chunks of examples that do.
         """
+        return self._projected(projector, batch, with_losses=False)
+
+    def project_and_losses(self, projector: Any, batch: Any) -> tuple[Any, Any]:
+        """``(project(projector, batch), losses(batch))`` from one compiled program per
+        batch (or chunk of examples): the losses are the values of the per-example
+        ``value_and_grad`` pass, or the primal of the JVPs' ``linearize``.
+
+        Returns
+        -------
+        projected : jax.Array, shape (B, k)
+        losses : jax.Array, shape (B,)
+        """
+        return self._projected(projector, batch, with_losses=True)
+
+    def _projected(self, projector: Any, batch: Any, with_losses: bool) -> Any:
+        """:meth:`project` (``with_losses`` False) or :meth:`project_and_losses` (True)."""
         G = self._vector(projector, 2, "projector")
         staged = self._stage(batch)
         x, y, size = staged.x, staged.y, staged.size
+        kernels = self._kernels
         block = size * self.num_parameters * self._dtype.itemsize
+        gradient_kernel = (
+            kernels.gradient_project_and_losses if with_losses else kernels.gradient_project
+        )
         if self._projection == "gradients" or (
             self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
         ):
-            return self._kernels.gradient_project(self._theta, self._fixed, x, y, G, self._l2_array)
+            return gradient_kernel(self._theta, self._fixed, x, y, G, self._l2_array)
         if self._projection == "auto":
             # Per-example gradients over chunks of examples whose (chunk, p) block fits the
             # budget: memory as bounded as the JVPs', and one gradient pass cost 4.7x less
@@ -269,7 +289,7 @@ class JaxInfluenceModel(InfluenceModel):
             pieces = -(-size // max(1, self.GRADIENT_PROJECTION_BYTES // row))
             step = -(-size // pieces)
             parts = [
-                self._kernels.gradient_project(
+                gradient_kernel(
                     self._theta,
                     self._fixed,
                     *jax.tree_util.tree_map(lambda leaf, s=start: leaf[s : s + step], (x, y)),
@@ -278,9 +298,12 @@ class JaxInfluenceModel(InfluenceModel):
                 )
                 for start in range(0, size, step)
             ]
+            if with_losses:
+                return tuple(jnp.concatenate(list(part), axis=0) for part in zip(*parts))
             return jnp.concatenate(parts, axis=0)
         chunk = self._chunk(size, int(G.shape[0]))
-        return self._kernels.project(self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk)
+        jvp_kernel = kernels.project_and_losses if with_losses else kernels.project
+        return jvp_kernel(self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk)
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one compiled per-example gradient program."""

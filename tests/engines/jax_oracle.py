@@ -34,12 +34,13 @@ class Oracle:
     theta: np.ndarray  # (p,) the flat parameters
     grads: np.ndarray  # (B, p) per-example gradients (l2·θ included)
     hessian: np.ndarray  # (p, p) Hessian of the mean loss (l2·I included), symmetrised
+    losses: np.ndarray  # (B,) per-example losses (½·l2·‖θ‖² included)
 
 
 def oracle(
     loss: Callable[[Any, Any, Any], Any], params: Any, x: Any, y: Any, l2: float = 0.0
 ) -> Oracle:
-    """Per-example gradients and the dense Hessian of ``mean loss + ½·l2·‖θ‖²``.
+    """Per-example gradients and losses, and the dense Hessian of ``mean loss + ½·l2·‖θ‖²``.
 
     Parameters
     ----------
@@ -64,7 +65,8 @@ def oracle(
             [np.asarray(grad(theta, x[i : i + 1], y[i : i + 1])) for i in range(len(y))]
         )
         hessian = np.asarray(jax.jit(jax.hessian(mean))(theta), dtype=np.float64)
-    return Oracle(np.asarray(theta), grads, (hessian + hessian.T) / 2)
+        losses = np.asarray(loss(params, x, y) + 0.5 * l2 * theta @ theta)
+    return Oracle(np.asarray(theta), grads, (hessian + hessian.T) / 2, losses)
 
 
 def cross_entropy(logits: Any, labels: Any) -> Any:

@@ -273,6 +273,12 @@ def test_projection_matches_per_example_gradients(name, dtype, route):
     assert model.routes["per_example_grads"] == expected_route(name, dtype, "per_example_grads")
     if route == "jvp":
         assert model.routes["project (jvp)"] == expected_route(name, dtype, "project (jvp)")
+    # The pass a store records: the same projections, and the losses of the same program.
+    both, losses = model.project_and_losses(model.from_numpy(projector), (c.x, c.y))
+    assert_products_close(both, c.oracle.grads, projector.T, dtype)
+    assert losses.dtype == np.dtype(dtype) and losses.shape == (NUM_EXAMPLES,)
+    tol = {"float32": 1e-5, "float64": 1e-12}[dtype]
+    np.testing.assert_allclose(np.asarray(losses), c.oracle.losses, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("block", [1, 4])

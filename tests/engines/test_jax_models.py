@@ -275,6 +275,10 @@ def test_per_example_gradients_and_projections(library, arch):
         )
         projected = model.project(projector, (c.x, c.y))
         assert_products_close(projected, c.oracle.grads, projector.T, "float64")
+        # What a store records: the same projections and the losses, L2 term included.
+        both, losses = model.project_and_losses(projector, (c.x, c.y))
+        assert_products_close(both, c.oracle.grads, projector.T, "float64")
+        np.testing.assert_allclose(np.asarray(losses), c.oracle.losses, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("library", "arch"), CASES, ids=IDS)
