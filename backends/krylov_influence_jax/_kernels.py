@@ -129,12 +129,20 @@ def _losses(program: Program, theta: Any, fixed: Any, x: Any, y: Any, l2: Any) -
 
 
 def _hvp_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, v: Any) -> Any:
-    """``Σ_b ∇²ℓ_b v`` over the batch (no L2), forward-over-reverse."""
+    """``Σ_b ∇²ℓ_b v`` over the batch (no L2), forward-over-reverse.
 
-    def total_loss(t: Any) -> Any:
-        return jnp.sum(program.data_losses(t, fixed, x, y))
+    Differentiated with respect to the leaves, not the flat θ, as :func:`_leaf_grads_and_losses`
+    is: through the flat θ, the gradient of an embedding lookup was scattered into the (p,)
+    vector and its tangent with it (the benchmark transformer's HVP: 1.20x the same HVP over
+    the leaves, in one process, one CPU thread).
+    """
+    layout = program.layout
 
-    return jax.jvp(jax.grad(total_loss), (theta,), (v,))[1]
+    def total_loss(leaves: Any) -> Any:
+        return jnp.sum(program.leaf_losses(leaves, fixed, x, y))
+
+    product = jax.jvp(jax.grad(total_loss), (layout.unravel(theta),), (layout.unravel(v),))[1]
+    return jnp.concatenate([leaf.reshape(-1) for leaf in product])
 
 
 def _hvps_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, vectors: Any) -> Any:
