@@ -26,8 +26,12 @@ training set re-projected, then the queries) against the cheaper training pass p
 cheaper query pass.
 
 Every floor operation is called once to warm up (compile, trace) and then timed
-``--repeats`` times (median); every stage is run ``--stage-repeats`` times, the first
-reported as the first call and the median taken over the others. The process pins itself to
+``--repeats`` times; every stage is run ``--stage-repeats`` times, the first reported as the
+first call and the median taken over the others. Before every repeat of the stages, the
+HVPs and the per-example-gradient passes of the floor are timed once more, and their medians
+are over all their samples: the machine's speed drifts by 10-20 % within minutes, so a floor
+measured only before the stages gave ratios that moved by as much between runs. The process
+pins itself to
 one CPU (``--cpu``) and sets one thread per framework before importing any, as ``run.py``
 does for every peer.
 
@@ -64,16 +68,29 @@ def one_thread(cpu: int | None) -> None:
     ).strip()
 
 
-def timed(fn: Callable[[], Any], repeats: int, finish: Callable[[Any], Any]) -> dict[str, float]:
-    """Median wall and CPU seconds of ``finish(fn())`` over ``repeats`` calls, after one."""
+# The floor operations timed again before every repeat of the stages (the cheap ones: the
+# JVP passes cost 5-10 HVPs and are never the cheaper pass on these problems).
+INTERLEAVED_OPS = ("hvp_fwd_rev", "hvp_rev_rev", "grads_train", "grads_query")
+
+
+def timed(fn: Callable[[], Any], repeats: int, finish: Callable[[Any], Any]) -> dict[str, Any]:
+    """Median wall and CPU seconds of ``finish(fn())`` over ``repeats`` calls, after one, and
+    the samples (``wall``, ``cpu``) the medians are taken over."""
     finish(fn())
-    wall, cpu = [], []
+    timing: dict[str, Any] = {"wall": [], "cpu": []}
     for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        finish(fn())
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
-    return {"s": statistics.median(wall), "cpu_s": statistics.median(cpu)}
+        sample(fn, finish, timing)
+    return timing
+
+
+def sample(fn: Callable[[], Any], finish: Callable[[Any], Any], timing: dict[str, Any]) -> None:
+    """Time one more call of ``fn`` into ``timing`` and update its medians."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    finish(fn())
+    timing["wall"].append(time.perf_counter() - start)
+    timing["cpu"].append(time.process_time() - cpu_start)
+    timing["s"] = statistics.median(timing["wall"])
+    timing["cpu_s"] = statistics.median(timing["cpu"])
 
 
 # ------------------------------------------------------------------------------ floors
@@ -290,9 +307,15 @@ def finisher(engine: str) -> Callable[[Any], Any]:
 
 # ------------------------------------------------------------------------------ stages
 def stages(
-    problem: dict[str, Any], engine: str, n: int, repeats: int, options: dict[str, Any]
+    problem: dict[str, Any],
+    engine: str,
+    n: int,
+    repeats: int,
+    options: dict[str, Any],
+    before_repeat: Callable[[], None] = lambda: None,
 ) -> dict[str, dict[str, Any]]:
-    """Our calculator's fit, self-influence and re-projected scores, as ``peer_ours.py``."""
+    """Our calculator's fit, self-influence and re-projected scores, as ``peer_ours.py``;
+    ``before_repeat`` runs before each repeat (the interleaved floor samples)."""
     import krylov_influence as ki
     from bench_common import StageRecorder
     from bench_engines import batches, bind
@@ -328,6 +351,7 @@ def stages(
         return calc.model.to_numpy(calc.influence_matrix(queries, train))
 
     for _ in range(repeats):
+        before_repeat()
         calc = recorder.run("fit", fit)
         recorder.run("self_influence", lambda c=calc: self_influence(c))
         recorder.run("scores_cold", lambda c=calc: scores_cold(c))
@@ -345,7 +369,7 @@ def main() -> None:
     parser.add_argument("--projection", default="", help="auto, jvp or gradients (default auto)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--repeats", type=int, default=3, help="of each floor operation")
-    parser.add_argument("--stage-repeats", type=int, default=2)
+    parser.add_argument("--stage-repeats", type=int, default=3)
     parser.add_argument("--no-stages", action="store_true")
     parser.add_argument("--cpu", type=int, default=1, help="CPU to pin to (-1: no pinning)")
     parser.add_argument("--out")
@@ -360,15 +384,23 @@ def main() -> None:
     n = args.subspace_dim or config["subspace_dim"]
     load_before = os.getloadavg()
     build_floor = {"torch": torch_floor, "jax": jax_floor, "tensorflow": tf_floor}[args.engine]
-    floor = {}
+    floor: dict[str, dict[str, Any]] = {}
+    ops: dict[str, Callable[[], Any]] = {}
+    finish = finisher(args.engine)
     if args.floor:
         ops = build_floor(problem, k)
-        finish = finisher(args.engine)
         for name in FLOOR_OPS:
             floor[name] = timed(ops[name], args.repeats, finish)
             s, cpu = floor[name]["s"], floor[name]["cpu_s"]
             print(f"floor {name}: {s:.4f} s (CPU {cpu:.4f})", flush=True)
-        del ops
+
+    def interleave() -> None:
+        # This machine's speed drifts by 10-20 % within minutes, idle or not: the floor is
+        # sampled again beside every repeat of the stages, so that its medians and the
+        # stages' span the same minutes.
+        for name in INTERLEAVED_OPS if ops else ():
+            sample(ops[name], finish, floor[name])
+
     result: dict[str, Any] = {
         "engine": args.engine,
         "problem": args.problem,
@@ -386,7 +418,10 @@ def main() -> None:
     }
     if not args.no_stages:
         options = {"block_size": args.block_size, "projection": args.projection}
-        measured = stages(problem, args.engine, n, args.stage_repeats, options)
+        measured = stages(problem, args.engine, n, args.stage_repeats, options, interleave)
+        for name in INTERLEAVED_OPS if floor else ():
+            s, cpu = floor[name]["s"], floor[name]["cpu_s"]
+            print(f"floor {name}, interleaved: {s:.4f} s (CPU {cpu:.4f})", flush=True)
         result["routes"] = measured.pop("routes")
         result["stages"] = measured
         for name in ("fit", "self_influence", "scores_cold"):
