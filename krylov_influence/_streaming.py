@@ -478,6 +478,11 @@ class TrainingVectors:
         ``None``: recompute from ``train_set`` on every pass (``CACHE.NO_CACHE``).
     argument : str
         The argument the store came from, for error messages.
+    aligned : bool, default False
+        The store was computed from ``train_set`` in this call, or checked against it
+        (``open_checked_store``): :meth:`require_aligned` has nothing left to check. Vectors
+        kept across calls (``cache_training_vectors``) are not: a list of batches can change
+        in place between calls.
     """
 
     def __init__(
@@ -486,11 +491,13 @@ class TrainingVectors:
         train_set: Iterable[Any],
         store: InfluenceVectorStore | None,
         argument: str,
+        aligned: bool = False,
     ):
         self.placement = placement
         self.train_set = train_set
         self.store = store
         self.argument = argument
+        self.aligned = aligned
 
     @property
     def num_examples(self) -> int | None:
@@ -499,6 +506,7 @@ class TrainingVectors:
 
     @property
     def num_batches(self) -> int | None:
+        """Number of training batches when known (from the store or the dataset)."""
         if self.store is not None:
             return len(self.store.batch_sizes)
         return dataset_length(self.train_set)
@@ -512,12 +520,31 @@ class TrainingVectors:
         if self.store is None:
             yield from self.placement.vector_stream(self.train_set, "train_set")
             return
+        blocks = self.store.blocks(self.placement.model.from_numpy)
+        # The batches first: after the last block, their check for a surplus batch runs.
+        yield from zip(self._checked_batches(), blocks)
+
+    def require_aligned(self) -> None:
+        """Refuse a store whose batches no longer line up with ``train_set``.
+
+        One pass over ``train_set`` reading batch sizes only, for callers that score from
+        the vectors alone (:meth:`indexed_blocks`) and so never see the batches; nothing to
+        do when the store is :attr:`aligned` already.
+        """
+        if self.store is None or self.aligned:
+            return
+        for _ in self._checked_batches():
+            pass
+        self.aligned = True
+
+    def _checked_batches(self) -> Iterator[Any]:
+        """The batches of ``train_set``, each as large as its stored block, and no more."""
+        assert self.store is not None
         model = self.placement.model
         batches = iter(self.train_set)
         sentinel = object()
-        for index, vectors in enumerate(self.store.blocks(model.from_numpy)):
+        for index, expected in enumerate(self.store.batch_sizes):
             batch = next(batches, sentinel)
-            expected = int(vectors.shape[0])
             if batch is sentinel or model.batch_size(batch) != expected:
                 got = "no batch" if batch is sentinel else f"{model.batch_size(batch)} examples"
                 raise IncompatibleStoreError(
@@ -525,7 +552,7 @@ class TrainingVectors:
                     f"influence-vector store has {expected}; the store was computed on another "
                     "training set"
                 )
-            yield batch, vectors
+            yield batch
         if next(batches, sentinel) is not sentinel:
             raise IncompatibleStoreError(
                 f"{self.argument}: train_set has more batches than the influence-vector store "
@@ -587,8 +614,8 @@ def prepare_training_vectors(
                 loaded = write_disk_store(target, key, pairs, argument=save_argument)
         if cache is CACHE.MEMORY:
             memory = MemoryStore(key, list(loaded.blocks(model.from_numpy)))
-            return TrainingVectors(placement, train_set, memory, load_argument)
-        return TrainingVectors(placement, train_set, loaded, load_argument)
+            return TrainingVectors(placement, train_set, memory, load_argument, aligned=True)
+        return TrainingVectors(placement, train_set, loaded, load_argument, aligned=True)
     require_data(train_set, "train_set")
     if kept is not None or cache is CACHE.MEMORY:
         if kept is not None:
@@ -602,12 +629,13 @@ def prepare_training_vectors(
             target = resolve_path(save_path, "influence_vectors")
             write_kept_store(model, arrays, losses, target, saved_key, save_argument)
         memory = MemoryStore(saved_key, arrays)
-        return TrainingVectors(placement, train_set, memory, save_argument)
+        # Vectors computed now are aligned by construction; kept ones are checked on use.
+        return TrainingVectors(placement, train_set, memory, save_argument, aligned=kept is None)
     if save_path is not None or cache is CACHE.DISK:
         scratch = save_path is None
         target = scratch_path() if scratch else resolve_path(save_path, "influence_vectors")
         store = write_vector_store(placement, train_set, target, store_key(), save_argument)
-        training = TrainingVectors(placement, train_set, store, save_argument)
+        training = TrainingVectors(placement, train_set, store, save_argument, aligned=True)
         if scratch:  # a scratch store lives as long as the streams that read it
             weakref.finalize(training, _remove_quietly, target)
         return training

@@ -1109,16 +1109,46 @@ class ArnoldiInfluenceCalculator:
         self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
         self._scoring_data(train_set, "train_set")
         placement = self._placed(device)
-        xp = placement.xp
-        training = self._training_vectors(
+        stream = self._score_stream(
             placement,
-            train_set,
-            cache,
-            load_influence_vector_path,
-            save_influence_vector_path,
-            ("load_influence_vector_path", "save_influence_vector_path"),
-            device,
+            dataset_to_evaluate,
+            self._training_vectors(
+                placement,
+                train_set,
+                cache,
+                load_influence_vector_path,
+                save_influence_vector_path,
+                ("load_influence_vector_path", "save_influence_vector_path"),
+                device,
+            ),
+            with_train_batches=True,
         )
+        if save_influence_value_path is None:
+            return stream
+        return save_scores(
+            placement,
+            stream,
+            save_influence_value_path,
+            dataset_to_evaluate,
+            train_set,
+            self._provenance(placement),
+        )
+
+    def _score_stream(
+        self,
+        placement: Placement,
+        dataset_to_evaluate: Iterable[Any],
+        training: TrainingVectors,
+        with_train_batches: bool,
+    ) -> BatchStream:
+        """``(query batch, BatchStream of (train batch or None, scores (B_query, B_train)))``.
+
+        Without ``with_train_batches`` (and without the spectral complement, which needs
+        them) the training set is not iterated again for its batches: the scores come from
+        the training vectors alone, which saves a pass over ``train_set`` per query batch.
+        Both datasets are checked by the caller (``_scoring_data``).
+        """
+        xp = placement.xp
 
         def scores_against_training(projected: Any, query_grads: Any) -> BatchStream:
             def run() -> Iterator[tuple[Any, Any]]:
@@ -1131,7 +1161,12 @@ class ArnoldiInfluenceCalculator:
                             ),
                         )
                     return
-                for index, (batch, vectors) in enumerate(training.paired()):
+                pairs = (
+                    training.paired()
+                    if with_train_batches
+                    else ((None, vectors) for _, vectors in training.indexed_blocks(lambda v: v))
+                )
+                for index, (batch, vectors) in enumerate(pairs):
                     scores = xp.matmul(projected, xp.permute_dims(vectors, (1, 0)))
                     yield batch, require_finite(xp, scores, "scores", "train_set", index)
 
@@ -1141,19 +1176,7 @@ class ArnoldiInfluenceCalculator:
             projected, query_grads = placement.query_side(query, index)
             return query, scores_against_training(projected, query_grads)
 
-        stream = batch_stream(
-            dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress
-        )
-        if save_influence_value_path is None:
-            return stream
-        return save_scores(
-            placement,
-            stream,
-            save_influence_value_path,
-            dataset_to_evaluate,
-            train_set,
-            self._provenance(placement),
-        )
+        return batch_stream(dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress)
 
     # ------------------------------------------------------------------------------ top-k
     def top_k(
@@ -1271,6 +1294,8 @@ class ArnoldiInfluenceCalculator:
                     "nearest_neighbors=None"
                 )
         else:
+            # The search reads the vectors alone: kept ones are checked against train_set here.
+            training.require_aligned()
             nearest_neighbors.build(
                 lambda: training.indexed_blocks(convert), num_examples=num_examples, xp=xp
             )
@@ -1348,10 +1373,26 @@ class ArnoldiInfluenceCalculator:
         self, dataset_to_evaluate: Iterable[Any], train_set: Iterable[Any], device: Any = None
     ) -> np.ndarray:
         """All scores as one host matrix, shape (N_queries, N_train), float64 (small data)."""
+        # The scores alone: the training set is iterated once (for its vectors), not once
+        # more per query batch for batches that this matrix does not return.
+        self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
+        self._scoring_data(train_set, "train_set")
+        placement = self._placed(device)
+        training = self._training_vectors(
+            placement,
+            train_set,
+            CACHE.MEMORY,
+            None,
+            None,
+            ("load_influence_vector_path", "save_influence_vector_path"),
+            device,
+        )
+        training.require_aligned()  # kept vectors: checked once, not once per query batch
+        stream = self._score_stream(
+            placement, dataset_to_evaluate, training, with_train_batches=False
+        )
         rows = []
-        for _, per_train in self.estimate_influence_values_in_batches(
-            dataset_to_evaluate, train_set, device=device
-        ):
+        for _, per_train in stream:
             rows.append(np.concatenate([self.model.to_numpy(s) for _, s in per_train], axis=1))
         return np.concatenate(rows, axis=0).astype(np.float64)
 

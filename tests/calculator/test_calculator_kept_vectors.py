@@ -108,6 +108,56 @@ def test_changed_batches_are_refused(numpy_problem: Problem) -> None:
     train[0] = train[-1]  # a batch of another size (the partial last one) in its place
     with pytest.raises(IncompatibleStoreError, match="batch 0 of train_set"):
         calc.influence_matrix(numpy_problem.queries, train)
+    # The search scores from the vectors alone; it checks the batches all the same.
+    with pytest.raises(IncompatibleStoreError, match="batch 0 of train_set"):
+        top_k_of(numpy_problem, calc.top_k(numpy_problem.queries, train, k=2))
+    train[0] = numpy_problem.train[0]
+    train.append(train[0])
+    with pytest.raises(IncompatibleStoreError, match="more batches"):
+        top_k_of(numpy_problem, calc.top_k(numpy_problem.queries, train, k=2))
+
+
+class PassCounter:
+    """A re-iterable of batches that counts the passes which read at least one batch."""
+
+    def __init__(self, batches: list[Any]):
+        self.batches = batches
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        for index, batch in enumerate(self.batches):
+            self.passes += index == 0
+            yield batch
+
+
+def test_the_score_matrix_reads_the_training_set_once(numpy_problem: Problem) -> None:
+    """Whatever the number of query batches: once for the vectors, or once to check kept ones.
+
+    The public stream yields the training batches, so it reads them once per query batch.
+    """
+    problem = numpy_problem
+    calc = problem.calc
+    queries = list(problem.queries) * 2  # several query batches
+    train = PassCounter(list(problem.train))
+    expected = np.concatenate([problem.scores] * 2)
+    np.testing.assert_allclose(
+        calc.influence_matrix(queries, train), expected, rtol=problem.rtol, atol=0
+    )
+    assert train.passes == 1
+    train.passes = 0
+    stream = calc.estimate_influence_values_in_batches(queries, train)
+    np.testing.assert_allclose(scores_of(problem, stream), expected, rtol=problem.rtol, atol=0)
+    assert train.passes == 1 + len(queries)
+
+    calc.cache_training_vectors(train)
+    train.passes = 0
+    np.testing.assert_allclose(
+        calc.influence_matrix(queries, train), expected, rtol=problem.rtol, atol=0
+    )
+    assert train.passes == 1  # the batch-size check of the kept vectors
 
 
 def test_saving_writes_the_kept_vectors(numpy_problem: Problem, tmp_path: Any) -> None:
