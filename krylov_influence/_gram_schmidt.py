@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "cgs2_for",
     "fresh_direction",
+    "fused_step_for",
     "orthogonalise",
     "orthogonality_loss",
     "padded_rows",
@@ -68,16 +69,50 @@ def cgs2_for(xp: Any, compiled: bool = True) -> Callable[[Any, Any], tuple[Any, 
     """
 
     def step(basis: Any, w: Any) -> tuple[Any, Any]:
-        product_norm = xp.linalg.vector_norm(w)
-        first = xp.matmul(basis, w)
-        w = w - xp.matmul(first, basis)
-        second = xp.matmul(basis, w)
-        w = w - xp.matmul(second, basis)
-        beta = xp.linalg.vector_norm(w)
-        return w, xp.concat([first, second, xp.stack([product_norm, beta])])
+        return _cgs2(xp, basis, w)
 
     compile_hook = getattr(xp, "compile_function", None) if compiled else None
     return step if compile_hook is None else compile_hook(step)
+
+
+def _cgs2(xp: Any, basis: Any, w: Any) -> tuple[Any, Any]:
+    """``w`` orthogonalised twice against ``basis``; packed ``[first, second, ‖w‖, β]``."""
+    product_norm = xp.linalg.vector_norm(w)
+    first = xp.matmul(basis, w)
+    w = w - xp.matmul(first, basis)
+    second = xp.matmul(basis, w)
+    w = w - xp.matmul(second, basis)
+    beta = xp.linalg.vector_norm(w)
+    return w, xp.concat([first, second, xp.stack([product_norm, beta])])
+
+
+@functools.cache
+def fused_step_for(xp: Any, active_rows: int) -> Callable[[Any, Any, Any], Any] | None:
+    """One compiled program per Arnoldi step: CGS2 against the first ``active_rows`` rows of
+    the basis, then ``w / β`` written as row ``index``; ``None`` where it does not pay.
+
+    ``step(basis, w, index) -> (basis, w, row, packed)``, ``packed`` as :func:`cgs2_for`'s.
+    Eagerly a step is a dozen dispatches (two slices, the CGS2 products, the scaling, the row
+    update), which cost more than the arithmetic of a small model where each dispatch takes
+    tens of microseconds (TensorFlow, JAX): one program replaces them. Needs the namespace's
+    ``compile_function`` hook to accept ``donate_argnums`` (JAX then updates the basis in its
+    own buffer; a copy of the (n, p) basis per step would cost more than it saves) and a
+    ``set_row`` hook that takes a traced index; ``None`` otherwise. The row is written
+    whatever ``β``: the caller replaces it when the step breaks down.
+    """
+    compile_hook = getattr(xp, "compile_function", None)
+    if compile_hook is None or getattr(xp, "set_row", None) is None:
+        return None
+
+    def step(basis: Any, w: Any, index: Any) -> tuple[Any, Any, Any, Any]:
+        w, packed = _cgs2(xp, basis[:active_rows, ...], w)
+        row = w * (1.0 / packed[-1])
+        return xp.set_row(basis, index, row), w, row, packed
+
+    try:
+        return compile_hook(step, donate_argnums=(0,))
+    except TypeError:  # a hook without donation
+        return None
 
 
 def fresh_direction(

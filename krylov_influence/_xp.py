@@ -24,9 +24,10 @@ has no compatible namespace (TensorFlow) supplies an object with exactly these n
 - optional hooks: ``to_numpy(x)`` (host copy), ``set_row(matrix, i, row) -> matrix``
   (row assignment, in place where the framework allows it) and
   ``stable_smallest_k(keys, k)`` (the first ``k`` positions of a stable ascending sort of
-  every row; see :func:`krylov_influence.topk.stable_smallest_k`) and ``compile_function(fn)``
-  (a tracing compiler for pure functions of arrays, such as ``jax.jit``, applied to the
-  Arnoldi orthogonalisation step).
+  every row; see :func:`krylov_influence.topk.stable_smallest_k`) and
+  ``compile_function(fn, donate_argnums=())`` (a tracing compiler for pure functions of
+  arrays, such as ``jax.jit``, applied to the Arnoldi step; see
+  :func:`krylov_influence._gram_schmidt.fused_step_for`).
 
 Small dense algebra (the Hessenberg matrix and its eigen-decomposition) happens on the host in
 float64 NumPy, never in the engine's namespace.

@@ -42,6 +42,7 @@ import numpy as np
 from krylov_influence import _xp
 from krylov_influence._gram_schmidt import (
     fresh_direction,
+    fused_step_for,
     orthogonalise,
     orthogonality_loss,
     padded_rows,
@@ -382,7 +383,7 @@ def arnoldi_iteration(
             rows_store.set(j + 1, rows_store.fresh_direction(j + 1, rng))
         else:
             hessenberg[j + 1, j] = beta
-            rows_store.set(j + 1, w * (1.0 / beta))
+            rows_store.accept(j + 1, w, beta)
         if due(j + 1):
             assert checkpoint is not None
             checkpoint(
@@ -456,17 +457,24 @@ class _Rows(Protocol):
     def orthogonalise(self, rows: int, w: Any) -> tuple[Any, np.ndarray, float, float]: ...
     def fresh_direction(self, rows: int, rng: np.random.Generator) -> Any: ...
     def set(self, index: int, row: Any) -> None: ...
+    def accept(self, index: int, w: Any, beta: float) -> None: ...
     def host_rows(self, rows: int) -> np.ndarray: ...
     def orthogonality_loss(self) -> float: ...
     def result(self) -> Any: ...
 
 
 class _DeviceRows:
-    """The basis as an (n, p) array of the operator's namespace: CGS2 as compiled products."""
+    """The basis as an (n, p) array of the operator's namespace: CGS2 as compiled products.
+
+    Where the namespace compiles a whole step (:func:`fused_step_for`), :meth:`orthogonalise`
+    also writes the normalised vector as the next row and keeps it at hand for :meth:`row`;
+    :meth:`accept` then has nothing left to do, and a breakdown overwrites the row.
+    """
 
     def __init__(self, zeros: Any, xp: Any, host: Callable[[Any], np.ndarray], to_device: Any):
         self.basis, self.xp, self.host, self.to_device = zeros, xp, host, to_device
         self.n = int(zeros.shape[0])
+        self._written: tuple[int, Any] | None = None  # (index, row) of the last fused step
 
     def start(self, vector: np.ndarray) -> None:
         self.set(0, self.to_device(vector))
@@ -479,16 +487,40 @@ class _DeviceRows:
         return self.basis[: padded_rows(rows, self.n), ...]
 
     def row(self, index: int) -> Any:
+        if self._written is not None and self._written[0] == index:
+            return self._written[1]
         return self.basis[index, ...]
 
     def orthogonalise(self, rows: int, w: Any) -> tuple[Any, np.ndarray, float, float]:
-        w, coeffs, product_norm, beta = orthogonalise(self.xp, self._active(rows), w, self.host)
-        return w, coeffs[:rows], product_norm, beta
+        self._written = None
+        active = padded_rows(rows, self.n)
+        step = fused_step_for(self.xp, active) if rows < self.n else None
+        if step is None:
+            w, coeffs, product_norm, beta = orthogonalise(self.xp, self._active(rows), w, self.host)
+            return w, coeffs[:rows], product_norm, beta
+        index = self.xp.asarray(rows, dtype=self.xp.int32, device=_xp.device_of(w))
+        self.basis, w, row, packed = step(self.basis, w, index)
+        self._written = (rows, row)
+        host = self.host(packed).astype(np.float64)
+        coeffs = host[:active] + host[active : 2 * active]
+        return w, coeffs[:rows], float(host[-2]), float(host[-1])
+
+    def accept(self, index: int, w: Any, beta: float) -> None:
+        """Row ``index`` becomes ``w / beta`` (written already by a fused step)."""
+        if self._written is None or self._written[0] != index:
+            self.set(index, w * (1.0 / beta))
 
     def fresh_direction(self, rows: int, rng: np.random.Generator) -> Any:
+        if self._written is not None and self._written[0] == rows:
+            # A fused step wrote w / β there (inf or NaN when β = 0); the rows past the basis
+            # must be exact zeros, since the padded slices include them.
+            row = self._written[1]
+            zeros = self.xp.zeros(row.shape, dtype=row.dtype, device=_xp.device_of(row))
+            self.set(rows, zeros)
         return fresh_direction(self.xp, self._active(rows), rng, self.to_device, self.host)
 
     def set(self, index: int, row: Any) -> None:
+        self._written = None
         self.basis = _xp.set_row(self.xp, self.basis, index, row)
 
     def host_rows(self, rows: int) -> np.ndarray:
@@ -526,6 +558,9 @@ class _HostRows:
 
     def set(self, index: int, row: Any) -> None:
         self.basis.array[index] = np.asarray(row, dtype=self.basis.dtype)
+
+    def accept(self, index: int, w: Any, beta: float) -> None:
+        self.set(index, w * (1.0 / beta))
 
     def host_rows(self, rows: int) -> np.ndarray:
         return np.array(self.basis.array[:rows], copy=True)

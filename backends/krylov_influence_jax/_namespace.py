@@ -50,9 +50,10 @@ class JaxNamespace:
         return _set_row_donated(matrix, index, row)
 
     @staticmethod
-    def compile_function(function: Any) -> Any:
-        """The core's ``compile_function`` hook: ``jax.jit`` (for pure functions of arrays)."""
-        return jax.jit(function)
+    def compile_function(function: Any, donate_argnums: tuple[int, ...] = ()) -> Any:
+        """The core's ``compile_function`` hook: ``jax.jit`` (for pure functions of arrays);
+        the arguments at ``donate_argnums`` are consumed (their buffers reused)."""
+        return jax.jit(function, donate_argnums=donate_argnums)
 
     @staticmethod
     def stable_smallest_k(keys: jax.Array, k: int) -> jax.Array:

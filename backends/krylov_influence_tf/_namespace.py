@@ -250,8 +250,12 @@ class TensorFlowNamespace:
         return tf.cast(order, tf.int64)
 
     @staticmethod
-    def compile_function(function: Any) -> Any:
-        """The core's ``compile_function`` hook: a ``tf.function`` (one graph per shape)."""
+    def compile_function(function: Any, donate_argnums: tuple[int, ...] = ()) -> Any:
+        """The core's ``compile_function`` hook: a ``tf.function`` (one graph per shape).
+
+        ``donate_argnums`` is accepted and ignored: TensorFlow has no buffer donation (a
+        donated argument is simply not reused by the core).
+        """
         return tf.function(function, reduce_retracing=False)
 
     @staticmethod
@@ -305,10 +309,12 @@ class TensorFlowNamespace:
         return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
     @staticmethod
-    def set_row(matrix: Any, index: int, row: Any) -> tf.Tensor:
-        """``matrix`` with row ``index`` replaced by ``row`` (functional update)."""
+    def set_row(matrix: Any, index: Any, row: Any) -> tf.Tensor:
+        """``matrix`` with row ``index`` (an int or a scalar tensor, also inside a
+        ``tf.function``) replaced by ``row`` (functional update)."""
         row = tf.cast(row, matrix.dtype)
-        return tf.tensor_scatter_nd_update(matrix, [[int(index)]], tf.expand_dims(row, 0))
+        position = tf.reshape(tf.cast(index, tf.int64), (1, 1))
+        return tf.tensor_scatter_nd_update(matrix, position, tf.expand_dims(row, 0))
 
 
 #: The namespace object the TensorFlow engine hands to the core as ``model.xp``.
