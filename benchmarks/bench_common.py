@@ -37,6 +37,33 @@ TOP_K = 10
 INPUT_FORMS = ("prebatched", "dataloader")
 
 
+def tf_data_autotuned() -> bool:
+    """Whether the benchmark's ``tf.data`` pipelines keep tf.data's autotuning (the default).
+
+    Not in a process confined to one CPU (the like-for-like runs pin every process to one):
+    there tf.data's autotuning has no parallelism to tune, yet its model thread makes every
+    pass over a pipeline wait about 20 ms, idle, when the pass ends (TensorFlow 2.21, a
+    200-example pipeline: 21 ms a pass with autotuning, 0.5 ms without; on two CPUs 0.9 ms).
+    There the pipeline runs as a one-CPU user would run it, with
+    ``options.autotune.enabled = False``; ``BENCH_TF_DATA_AUTOTUNE=1`` keeps the default for
+    comparison. The batches are the same either way. (influenciae keeps the default: it
+    reads ``_batch_size`` of a ``BatchDataset`` and refuses the options wrapper; its stages
+    take seconds.)
+    """
+    one_cpu = hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
+    return not one_cpu or os.environ.get("BENCH_TF_DATA_AUTOTUNE") == "1"
+
+
+def tf_data_pipeline(tf: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> Any:
+    """``tf.data.Dataset.from_tensor_slices((x, y)).batch(B)``, autotuned or not (above)."""
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    if tf_data_autotuned():
+        return dataset
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def rss_mb() -> float:
     """Resident set size of this process now, in MiB (Linux /proc)."""
     with open("/proc/self/statm") as f:

@@ -39,6 +39,8 @@ from bench_common import (
     dry_run_report,
     load_problem,
     peer_arguments,
+    tf_data_autotuned,
+    tf_data_pipeline,
     write_result,
 )
 
@@ -129,13 +131,10 @@ def neutral_side(
         )
     import tensorflow as tf
 
-    def dataset(x: np.ndarray, y: np.ndarray, batch_size: int) -> Any:
-        return tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64))).batch(batch_size)
-
     return (
         model,
-        dataset(x_train, y_train, config["batch_size"]),
-        dataset(x_query, y_query, config["query_batch_size"]),
+        tf_data_pipeline(tf, x_train, y_train.astype(np.int64), config["batch_size"]),
+        tf_data_pipeline(tf, x_query, y_query.astype(np.int64), config["query_batch_size"]),
     )
 
 
@@ -158,9 +157,7 @@ def engine_side(
         return model, *(NumpyBatches(x, y.astype(np.int32), b) for x, y, b in pairs)
     import tensorflow as tf
 
-    return model, *(
-        tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64))).batch(b) for x, y, b in pairs
-    )
+    return model, *(tf_data_pipeline(tf, x, y.astype(np.int64), b) for x, y, b in pairs)
 
 
 def block_size_of(engine: str) -> tuple[str, int]:
@@ -278,6 +275,9 @@ def main() -> None:
         return calc.self_influence(train)
 
     model, train, queries = build(problem, "clean", args.engine, args.threads, args.input_form)
+    if engine == "tensorflow" and args.input_form == "dataloader":
+        state = "on (the default)" if tf_data_autotuned() else "off (one CPU, see bench_common)"
+        notes.append(f"tf.data autotuning: {state}")
     if args.dry_run:
         dry_run_report(args, f"ours-{args.engine}", {"train": train, "query": queries})
         return
