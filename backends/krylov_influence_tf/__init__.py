@@ -56,7 +56,8 @@ class TensorFlowEngine(Engine):
 
     Options of :meth:`bind` beyond the common ones: ``l2`` (float, default 0), ``params``
     (the parameter nest of an ``apply_fn``), ``chunk_size`` (projector rows per vectorised
-    JVP call, default 128) and ``projection`` (``"auto"``, ``"jvp"`` or ``"gradients"``).
+    JVP call, default 128), ``projection`` (``"auto"``, ``"jvp"`` or ``"gradients"``) and
+    ``hvp_mode`` (``"reverse-over-reverse"``, the default, or ``"forward-over-reverse"``).
     """
 
     name = "tensorflow"
@@ -106,6 +107,7 @@ class TensorFlowEngine(Engine):
         params: Any = None,
         chunk_size: int = 128,
         projection: str = "auto",
+        hvp_mode: str = "reverse-over-reverse",
         **options: Any,
     ) -> InfluenceModel:
         """Bind ``model`` and ``loss_fn``; see ``docs/quickstart-tensorflow.md``.
@@ -136,6 +138,9 @@ class TensorFlowEngine(Engine):
         projection : {"auto", "jvp", "gradients"}
             ``project`` by vectorised JVPs or by per-example gradients times ``Gᵀ``;
             ``"auto"`` takes gradients when the (B, p) block fits 64 MiB.
+        hvp_mode : {"reverse-over-reverse", "forward-over-reverse"}
+            The route of a single Hessian-vector product tried first (the other is its
+            fallback); see :class:`~krylov_influence_tf._model.TensorFlowInfluenceModel`.
 
         Returns
         -------
@@ -180,6 +185,7 @@ class TensorFlowEngine(Engine):
             l2=l2,
             chunk_size=chunk_size,
             projection=projection,
+            hvp_mode=hvp_mode,
         )
 
     @classmethod

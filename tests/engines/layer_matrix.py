@@ -43,14 +43,15 @@ def routes_table(
 ) -> str:
     """A markdown table: one row per (layer, dtype), the route of each column, fallbacks bold.
 
-    ``route(layer, dtype, i)`` is the route the tests assert for column ``i``.
+    ``route(layer, dtype, i)`` is the route the tests assert for column ``i``; ``fast[i]`` is
+    that column's first route (any other is a fallback).
     """
     header = f"| {first_column} | dtype | " + " | ".join(columns) + " |\n"
     header += "|---" * (len(columns) + 2) + "|\n"
     rows = []
     for name, dtype in cases:
         cells = [route(name, dtype, i) for i in range(len(columns))]
-        marked = [cell if cell in fast else f"**{cell}**" for cell in cells]
+        marked = [cell if cell == first else f"**{cell}**" for cell, first in zip(cells, fast)]
         rows.append(f"| {name} | {dtype} | " + " | ".join(marked) + " |\n")
     return header + "".join(rows)
 

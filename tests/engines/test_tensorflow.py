@@ -284,6 +284,29 @@ def test_hvp_symmetry_linearity_and_projection(dtype, spec, seed, k):
             close(projected, spec.gradients(x, y) @ projector.T, dtype, tolerance)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_both_hvp_modes_give_the_hessian_and_say_which_route_they_took(dtype):
+    spec = random_mlp_spec(np.random.default_rng(4), (4, 3), num_examples=9, batch_size=4)
+    model, batches = TensorFlowEngine.from_neutral_spec(spec, dtype=dtype)
+    forward = type(model)(
+        model._functional,
+        model._loss,
+        dtype=dtype,
+        device=model.device,
+        l2=spec.l2,
+        hvp_mode="forward-over-reverse",
+    )
+    hessian = exact.dense_hessian(*NumpyEngine.from_neutral_spec(spec))  # the NumPy oracle
+    v = np.random.default_rng(5).standard_normal(spec.num_parameters)
+    for bound, route in ((model, "reverse-over-reverse"), (forward, "forward-over-reverse")):
+        close(bound.hvp(bound.from_numpy(v), batches).numpy(), hessian @ v, dtype, 4.0)
+        assert bound.routes["hvp"] == route
+    with pytest.raises(ValueError, match="hvp_mode='reverse'"):
+        type(model)(
+            model._functional, model._loss, dtype=dtype, device=model.device, hvp_mode="reverse"
+        )
+
+
 def test_unknown_projection_route_is_refused():
     spec = random_mlp_spec(np.random.default_rng(1), (3, 2), num_examples=4, batch_size=4)
     model, _ = TensorFlowEngine.from_neutral_spec(spec)

@@ -145,28 +145,37 @@ LAYERS: dict[str, Layer] = {
     ),
 }
 
-# The route each operator takes, per layer: (per_example_grads, project (jvp), hvp, hvps).
-# Layers not listed take the fast routes everywhere.
-FAST = (VECTORISED, JVP_VECTORISED, FORWARD_OVER_REVERSE, f"{FORWARD_OVER_REVERSE}, {VECTORISED}")
+# The route each operator takes, per layer: (per_example_grads, project (jvp), hvp, hvps,
+# hvp with hvp_mode="forward-over-reverse"). Layers not listed take the fast routes everywhere.
+FAST = (
+    VECTORISED,
+    JVP_VECTORISED,
+    REVERSE_OVER_REVERSE,
+    f"{FORWARD_OVER_REVERSE}, {VECTORISED}",
+    FORWARD_OVER_REVERSE,
+)
 _CONV_FILTER_TANGENT = (
     VECTORISED,
     GRADIENTS_IN_CHUNKS,
-    FORWARD_OVER_REVERSE,
+    REVERSE_OVER_REVERSE,
     f"{FORWARD_OVER_REVERSE}, {VECTORISED_LOOP_FALLBACK}",
+    FORWARD_OVER_REVERSE,
 )
 _NO_PFOR_RULE = (
     VECTORISED_LOOP_FALLBACK,
     GRADIENTS_IN_CHUNKS,
-    FORWARD_OVER_REVERSE,
+    REVERSE_OVER_REVERSE,
     f"{FORWARD_OVER_REVERSE}, {VECTORISED_LOOP_FALLBACK}",
+    FORWARD_OVER_REVERSE,
 )
 _RECURRENT = (
     VECTORISED,
     GRADIENTS_IN_CHUNKS,
     REVERSE_OVER_REVERSE,
     f"{REVERSE_OVER_REVERSE}, {LOOP}",
+    REVERSE_OVER_REVERSE,  # forward mode cannot enter Keras's recurrent while_loop
 )
-ROUTES: dict[tuple[str, str], tuple[str, str, str, str]] = {
+ROUTES: dict[tuple[str, str], tuple[str, str, str, str, str]] = {
     ("Conv1D", "float64"): _CONV_FILTER_TANGENT,
     ("Conv1D", "float32"): _CONV_FILTER_TANGENT,
     ("Conv2D", "float64"): _CONV_FILTER_TANGENT,
@@ -186,7 +195,7 @@ ROUTES: dict[tuple[str, str], tuple[str, str, str, str]] = {
     ("GRU", "float64"): _RECURRENT,
     ("GRU", "float32"): _RECURRENT,
 }
-KERNELS = ("per_example_grads", "project (jvp)", "hvp", "hvps")
+KERNELS = ("per_example_grads", "project (jvp)", "hvp", "hvps", "hvp (forward-over-reverse)")
 
 
 def expected_route(layer: str, dtype: str, kernel: str) -> str:
@@ -272,6 +281,9 @@ def case(name: str, dtype: str) -> Case:
         route: krylov_influence.InfluenceModel(model, cross_entropy, projection=route)
         for route in ("gradients", "jvp")
     }
+    bound["forward-over-reverse"] = krylov_influence.InfluenceModel(
+        model, cross_entropy, hvp_mode="forward-over-reverse"
+    )
     return Case(model, x, y, _oracle_gradients(model, x, y), _oracle_hessian(model, x, y), bound)
 
 
@@ -308,18 +320,21 @@ def _check_project_and_losses(c: Case, model, projector: np.ndarray, dtype: str,
     np.testing.assert_allclose(losses.numpy().astype(np.float64), expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize(
+    ("block", "mode"), [(1, "reverse-over-reverse"), (1, "forward-over-reverse"), (4, None)]
+)
 @pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
-def test_hvps_match_the_dense_hessian(name, dtype, block):
+def test_hvps_match_the_dense_hessian(name, dtype, block, mode):
     c = case(name, dtype)
-    model = c.bound["jvp"]
+    model = c.bound["forward-over-reverse" if mode == "forward-over-reverse" else "jvp"]
     vectors = np.random.default_rng(2).standard_normal((block, model.num_parameters))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RouteFallbackWarning)
         products = model.hvps(model.from_numpy(vectors), [(c.x, c.y)]).numpy()
     assert_products_close(products, vectors, c.hessian, dtype)
     kernel = "hvp" if block == 1 else "hvps"
-    assert model.routes[kernel] == expected_route(name, dtype, kernel)
+    expected = "hvp (forward-over-reverse)" if mode == "forward-over-reverse" else kernel
+    assert model.routes[kernel] == expected_route(name, dtype, expected)
 
 
 def test_a_fallback_is_noted_once_and_a_fast_route_not_at_all():
@@ -434,6 +449,7 @@ def routes_table() -> str:
             '`projection="jvp"`',
             "`hvps`, block 1",
             "`hvps`, block ≥ 2",
+            '`hvps`, block 1, `hvp_mode="forward-over-reverse"`',
         ],
         CASES,
         lambda name, dtype, i: expected_route(name, dtype, KERNELS[i]),
