@@ -22,6 +22,7 @@ __all__ = [
     "orthogonalise",
     "orthogonality_loss",
     "padded_rows",
+    "unpack",
 ]
 
 
@@ -53,10 +54,16 @@ def orthogonalise(
     column), ``‖w‖`` before and after. One host transfer per call.
     """
     w, packed = cgs2_for(xp)(basis, w)
-    packed = host(packed).astype(np.float64)
-    m = int(basis.shape[0])
-    coeffs = packed[:m] + packed[m : 2 * m]
-    return w, coeffs, float(packed[-2]), float(packed[-1])
+    return (w, *unpack(packed, int(basis.shape[0]), host))
+
+
+def unpack(
+    packed: Any, rows: int, host: Callable[[Any], np.ndarray]
+) -> tuple[np.ndarray, float, float]:
+    """The summed coefficients (float64, ``rows``), ``‖w‖`` and ``β`` of a CGS2 ``packed``
+    result: one host transfer."""
+    values = host(packed).astype(np.float64)
+    return values[:rows] + values[rows : 2 * rows], float(values[-2]), float(values[-1])
 
 
 @functools.cache

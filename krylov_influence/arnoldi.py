@@ -46,6 +46,7 @@ from krylov_influence._gram_schmidt import (
     orthogonalise,
     orthogonality_loss,
     padded_rows,
+    unpack,
 )
 from krylov_influence._host_basis import HostBasis
 from krylov_influence.errors import NonFiniteError
@@ -501,9 +502,8 @@ class _DeviceRows:
         index = self.xp.asarray(rows, dtype=self.xp.int32, device=_xp.device_of(w))
         self.basis, w, row, packed = step(self.basis, w, index)
         self._written = (rows, row)
-        host = self.host(packed).astype(np.float64)
-        coeffs = host[:active] + host[active : 2 * active]
-        return w, coeffs[:rows], float(host[-2]), float(host[-1])
+        coeffs, product_norm, beta = unpack(packed, active, self.host)
+        return w, coeffs[:rows], product_norm, beta
 
     def accept(self, index: int, w: Any, beta: float) -> None:
         """Row ``index`` becomes ``w / beta`` (written already by a fused step)."""
