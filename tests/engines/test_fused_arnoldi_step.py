@@ -99,3 +99,24 @@ def test_fused_steps_give_the_step_by_step_basis(engine_xp: Any, case: str, monk
     # The exact algebra: orthonormal rows and H = Q A Qᵀ, whatever path wrote them.
     np.testing.assert_allclose(q @ q.T, np.eye(dim), rtol=0, atol=1e-12)
     np.testing.assert_allclose(fused.hessenberg, q @ matrix @ q.T, rtol=0, atol=1e-11 * scale)
+
+
+@pytest.mark.parametrize("case", ["generic", "rank 5"])
+def test_a_resumed_fit_continues_the_fused_steps_exactly(engine_xp: Any, case: str):
+    """A checkpoint taken between fused steps (rows written by the compiled program, the next
+    row kept at hand) and resumed gives the uninterrupted basis and Hessenberg matrix."""
+    matrix = MATRICES[case]()
+    dim = 36
+    states: list[Any] = []
+    whole = arnoldi_iteration(
+        DenseOperator(engine_xp, matrix), dim, seed=5, checkpoint=states.append, checkpoint_every=7
+    )
+    assert [state.products for state in states] == [7, 14, 21, 28, 35]
+    resumed = arnoldi_iteration(DenseOperator(engine_xp, matrix), dim, seed=5, resume=states[2])
+
+    def host(result: Any) -> np.ndarray:
+        return np.asarray(_xp.to_numpy(result.basis, engine_xp), dtype=np.float64)
+
+    assert resumed.restarts == whole.restarts
+    np.testing.assert_array_equal(host(resumed), host(whole))
+    np.testing.assert_array_equal(resumed.hessenberg, whole.hessenberg)
