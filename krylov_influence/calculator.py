@@ -1105,22 +1105,12 @@ class ArnoldiInfluenceCalculator:
         IncompatibleStoreError
             If a store to load belongs to another model, fit, dtype or training set.
         """
-        cache = as_cache(influence_vector_in_cache, "influence_vector_in_cache")
-        self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
-        self._scoring_data(train_set, "train_set")
-        placement = self._placed(device)
-        stream = self._score_stream(
-            placement,
+        placement, stream = self._score_stream(
             dataset_to_evaluate,
-            self._training_vectors(
-                placement,
-                train_set,
-                cache,
-                load_influence_vector_path,
-                save_influence_vector_path,
-                ("load_influence_vector_path", "save_influence_vector_path"),
-                device,
-            ),
+            train_set,
+            as_cache(influence_vector_in_cache, "influence_vector_in_cache"),
+            (load_influence_vector_path, save_influence_vector_path),
+            device,
             with_train_batches=True,
         )
         if save_influence_value_path is None:
@@ -1136,18 +1126,35 @@ class ArnoldiInfluenceCalculator:
 
     def _score_stream(
         self,
-        placement: Placement,
         dataset_to_evaluate: Iterable[Any],
-        training: TrainingVectors,
+        train_set: Iterable[Any],
+        cache: CACHE,
+        store_paths: tuple[Any, Any],
+        device: Any,
         with_train_batches: bool,
-    ) -> BatchStream:
-        """``(query batch, BatchStream of (train batch or None, scores (B_query, B_train)))``.
+    ) -> tuple[Placement, BatchStream]:
+        """The placement, and ``(query batch, BatchStream of (train batch or None, scores
+        (B_query, B_train)))``.
 
-        Without ``with_train_batches`` (and without the spectral complement, which needs
-        them) the training set is not iterated again for its batches: the scores come from
-        the training vectors alone, which saves a pass over ``train_set`` per query batch.
-        Both datasets are checked by the caller (``_scoring_data``).
+        Both datasets are checked first; the training vectors come as ``cache`` and the store
+        paths (load, save) say. Without ``with_train_batches`` (and without the spectral
+        complement, which needs them) the training set is not iterated again for its batches:
+        the scores come from the training vectors alone, which saves a pass over
+        ``train_set`` per query batch, and kept vectors are checked against it once here.
         """
+        self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
+        self._scoring_data(train_set, "train_set")
+        placement = self._placed(device)
+        training = self._training_vectors(
+            placement,
+            train_set,
+            cache,
+            *store_paths,
+            ("load_influence_vector_path", "save_influence_vector_path"),
+            device,
+        )
+        if not with_train_batches:
+            training.require_aligned()
         xp = placement.xp
 
         def scores_against_training(projected: Any, query_grads: Any) -> BatchStream:
@@ -1176,7 +1183,9 @@ class ArnoldiInfluenceCalculator:
             projected, query_grads = placement.query_side(query, index)
             return query, scores_against_training(projected, query_grads)
 
-        return batch_stream(dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress)
+        return placement, batch_stream(
+            dataset_to_evaluate, "dataset_to_evaluate", produce, self.show_progress
+        )
 
     # ------------------------------------------------------------------------------ top-k
     def top_k(
@@ -1375,21 +1384,8 @@ class ArnoldiInfluenceCalculator:
         """All scores as one host matrix, shape (N_queries, N_train), float64 (small data)."""
         # The scores alone: the training set is iterated once (for its vectors), not once
         # more per query batch for batches that this matrix does not return.
-        self._scoring_data(dataset_to_evaluate, "dataset_to_evaluate")
-        self._scoring_data(train_set, "train_set")
-        placement = self._placed(device)
-        training = self._training_vectors(
-            placement,
-            train_set,
-            CACHE.MEMORY,
-            None,
-            None,
-            ("load_influence_vector_path", "save_influence_vector_path"),
-            device,
-        )
-        training.require_aligned()  # kept vectors: checked once, not once per query batch
-        stream = self._score_stream(
-            placement, dataset_to_evaluate, training, with_train_batches=False
+        _, stream = self._score_stream(
+            dataset_to_evaluate, train_set, CACHE.MEMORY, (None, None), device, False
         )
         rows = []
         for _, per_train in stream:
