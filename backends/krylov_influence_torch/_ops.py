@@ -165,37 +165,26 @@ class Functional:
         reverse-over-reverse: one backward pass that keeps its graph, then one backward pass
         of that graph per chunk of vectors (``is_grads_batched``), or per vector with
         ``loop`` (no ``vmap`` at all)."""
+        graph = self.gradient_graph(theta, batch)
+        if graph is None:
+            return torch.zeros_like(vectors)
+        return products_through(*graph, vectors, chunk, loop=loop)
+
+    def gradient_graph(
+        self, theta: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(leaf, ∇_θ Σ_b ℓ_b)`` with the gradient's autograd graph, for
+        :func:`products_through`; ``None`` when the loss is constant or linear in θ (its
+        Hessian is zero)."""
         with torch.enable_grad():
             leaf = theta.detach().requires_grad_(True)
             loss = self._loss_sum(leaf, batch)
             if not loss.requires_grad:  # the loss does not depend on θ at all
-                return torch.zeros_like(vectors)
+                return None
             (gradient,) = torch.autograd.grad(loss, leaf, create_graph=True)
             if not gradient.requires_grad:  # the loss is linear in θ
-                return torch.zeros_like(vectors)
-            if vectors.ndim == 1:
-                pieces = [vectors]
-            elif loop:
-                pieces = list(vectors)
-            else:
-                step = vectors.shape[0] if chunk is None else chunk
-                pieces = list(torch.split(vectors, step))
-            products = []
-            for index, piece in enumerate(pieces):
-                (product,) = torch.autograd.grad(
-                    gradient,
-                    leaf,
-                    piece,
-                    retain_graph=index < len(pieces) - 1,
-                    is_grads_batched=piece.ndim == 2,
-                    materialize_grads=True,
-                )
-                products.append(product.detach())
-        if vectors.ndim == 1:
-            return products[0]
-        if loop:
-            return torch.stack(products)
-        return products[0] if len(products) == 1 else torch.cat(products)
+                return None
+        return leaf, gradient
 
     def directional(
         self, theta: torch.Tensor, projector: torch.Tensor, batch: Batch, chunk: int | None
@@ -308,3 +297,41 @@ def _unsqueeze(leaf: torch.Tensor | None) -> torch.Tensor | None:
 
 def _batch_axis(leaf: torch.Tensor | None) -> int | None:
     return None if leaf is None else 0
+
+
+def products_through(
+    leaf: torch.Tensor,
+    gradient: torch.Tensor,
+    vectors: torch.Tensor,
+    chunk: int | None,
+    *,
+    loop: bool = False,
+    keep_graph: bool = False,
+) -> torch.Tensor:
+    """``H v`` for ``vectors`` (p,) or each row of (m, p), by backward passes of the
+    gradient's graph (:meth:`Functional.gradient_graph`): one per chunk of rows
+    (``is_grads_batched``), or per row with ``loop``. The graph is freed after the last
+    pass unless ``keep_graph`` (a linearised batch keeps it for the next products)."""
+    if vectors.ndim == 1:
+        pieces = [vectors]
+    elif loop:
+        pieces = list(vectors)
+    else:
+        step = vectors.shape[0] if chunk is None else chunk
+        pieces = list(torch.split(vectors, step))
+    products = []
+    for index, piece in enumerate(pieces):
+        (product,) = torch.autograd.grad(
+            gradient,
+            leaf,
+            piece,
+            retain_graph=keep_graph or index < len(pieces) - 1,
+            is_grads_batched=piece.ndim == 2,
+            materialize_grads=True,
+        )
+        products.append(product.detach())
+    if vectors.ndim == 1:
+        return products[0]
+    if loop:
+        return torch.stack(products)
+    return products[0] if len(products) == 1 else torch.cat(products)
