@@ -18,7 +18,8 @@ our calculator's stages in the same process and prints each as a ratio to its fl
   ``pfor`` cannot vectorise).
 
 Stages of ``ArnoldiInfluenceCalculator`` (the engine's defaults, ``block_size``
-from ``--block-size``), as ``peer_ours.py`` times them:
+from ``--block-size``, ``linearize_hessian_data`` from ``--[no-]linearize-hessian-data``), as
+``peer_ours.py`` times them:
 **fit** (``--subspace-dim`` HVPs, default the problem's n) against n × the cheaper HVP;
 **self_influence** (``cache_training_vectors`` + ``self_influence``, one projection pass over
 the training set) against the cheaper of grads_train and jvp_train; **scores_cold** (the
@@ -337,6 +338,7 @@ def stages(
             config["dtype"],
             damping=config["damping"] + config["l2"],
             block_size=block_size,
+            linearize_hessian_data=options.get("linearize_hessian_data", True),
             show_progress=False,
         )
         calc.model.to_numpy(calc.G)
@@ -367,6 +369,12 @@ def main() -> None:
     parser.add_argument("--subspace-dim", type=int, default=0, help="n of the fit (0: problem's)")
     parser.add_argument("--block-size", type=int, default=1)
     parser.add_argument("--projection", default="", help="auto, jvp or gradients (default auto)")
+    parser.add_argument(
+        "--linearize-hessian-data",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the calculator's option of that name (default: on, the calculator's default)",
+    )
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--repeats", type=int, default=3, help="of each floor operation")
     parser.add_argument("--stage-repeats", type=int, default=3)
@@ -412,12 +420,17 @@ def main() -> None:
         "subspace_dim": n,
         "block_size": args.block_size,
         "projection": args.projection or "auto",
+        "linearize_hessian_data": args.linearize_hessian_data,
         "floor": floor,
         "load_before": load_before,
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
     if not args.no_stages:
-        options = {"block_size": args.block_size, "projection": args.projection}
+        options = {
+            "block_size": args.block_size,
+            "projection": args.projection,
+            "linearize_hessian_data": args.linearize_hessian_data,
+        }
         measured = stages(problem, args.engine, n, args.stage_repeats, options, interleave)
         for name in INTERLEAVED_OPS if floor else ():
             s, cpu = floor[name]["s"], floor[name]["cpu_s"]

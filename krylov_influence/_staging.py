@@ -35,6 +35,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_STAGE_BYTES",
+    "HeldBatches",
     "StagedBatches",
     "format_bytes",
     "resolve_stage_budget",
@@ -60,8 +61,11 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 
-def resolve_stage_budget(value: Any, name: str = "stage_hessian_data") -> int:
-    """The budget in bytes (0: never stage) for ``True``, ``False``, bytes or ``"512MiB"``.
+def resolve_stage_budget(
+    value: Any, name: str = "stage_hessian_data", default: int = DEFAULT_STAGE_BYTES
+) -> int:
+    """The budget in bytes (0: never stage) for ``True`` (``default``), ``False``, bytes or
+    ``"512MiB"``.
 
     Raises
     ------
@@ -72,7 +76,7 @@ def resolve_stage_budget(value: Any, name: str = "stage_hessian_data") -> int:
     """
     expected = "True, False, a number of bytes >= 0, or a size such as '512MiB' or '2GB'"
     if isinstance(value, bool):
-        return DEFAULT_STAGE_BYTES if value else 0
+        return default if value else 0
     if isinstance(value, numbers.Real):
         size = float(value)
         if not (math.isfinite(size) and size >= 0):
@@ -97,16 +101,8 @@ def format_bytes(size: float) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class StagedBatches:
-    """Batches already converted by the engine, re-iterable, with their total size.
-
-    Attributes
-    ----------
-    batches : tuple
-        The staged batches, in the order of the pass that staged them.
-    nbytes : int
-        Their total size as the engine reported it.
-    """
+class HeldBatches:
+    """A re-iterable tuple of batches the engine prepared, with the bytes they hold."""
 
     __slots__ = ("batches", "nbytes")
 
@@ -119,6 +115,20 @@ class StagedBatches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class StagedBatches(HeldBatches):
+    """Batches already converted by the engine, re-iterable, with their total size.
+
+    Attributes
+    ----------
+    batches : tuple
+        The staged batches, in the order of the pass that staged them.
+    nbytes : int
+        Their total size as the engine reported it.
+    """
+
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"StagedBatches({len(self.batches)} batches, {format_bytes(self.nbytes)})"

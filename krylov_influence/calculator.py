@@ -56,6 +56,7 @@ from krylov_influence._data import (
 )
 from krylov_influence._host_basis import HostBasis, HostProjector
 from krylov_influence._identity import require_fixed_order
+from krylov_influence._linearizing import linearize_hessian_data, resolve_linearize_budget
 from krylov_influence._staging import resolve_stage_budget, stage_hessian_data
 from krylov_influence._streaming import (
     Placement,
@@ -158,6 +159,17 @@ class ArnoldiInfluenceCalculator:
         above the budget is streamed on every product. The results are the same either
         way; the Arnoldi progress bar (and the ``krylov_influence`` logger, at INFO) says
         which happened.
+    linearize_hessian_data : bool, int or str, keyword-only, default True
+        Memory budget for linearising the staged Hessian data: before the Arnoldi loop the
+        engine runs the forward and gradient passes of each staged batch once and keeps
+        what the second-order pass needs (PyTorch: the gradient's autograd graph; JAX: the
+        residuals of ``jax.linearize``), so that each Hessian-vector product costs only its
+        vector-dependent part (0.5-0.85 of a full product on the benchmark CNN and
+        transformer). The same forms as ``stage_hessian_data`` (``True``: up to 1 GiB);
+        batches are linearised in order while they fit, the rest recomputed on every
+        product. The products are the engine's own to rounding (PyTorch: bit for bit);
+        engines that do not linearise (TensorFlow, NumPy) and data that is not staged are
+        unaffected (:mod:`krylov_influence._linearizing`).
     checkpoint_path : str or os.PathLike, optional, keyword-only
         Make the fit resumable: every ``checkpoint_every`` Hessian-vector products the basis
         so far, the Hessenberg matrix and the restart generator's state are written to this
@@ -234,6 +246,7 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str = "magnitude",
         show_progress: bool | None = None,
         stage_hessian_data: bool | int | str = True,
+        linearize_hessian_data: bool | int | str = True,
         complement: str | float = "none",
         complement_probes: int = 10,
         checkpoint_path: Any = None,
@@ -270,6 +283,7 @@ class ArnoldiInfluenceCalculator:
             eigenvalue_selection=eigenvalue_selection,
             show_progress=show_progress,
             stage_hessian_data=stage_hessian_data,
+            linearize_hessian_data=linearize_hessian_data,
             complement=complement,
             complement_probes=complement_probes,
         )
@@ -296,6 +310,7 @@ class ArnoldiInfluenceCalculator:
         eigenvalue_selection: str,
         show_progress: bool | None,
         stage_hessian_data: bool | int | str = True,
+        linearize_hessian_data: bool | int | str = True,
         complement: str | float = "none",
         complement_probes: int = 10,
     ) -> None:
@@ -329,6 +344,7 @@ class ArnoldiInfluenceCalculator:
         self.eigenvalue_selection = eigenvalue_selection
         self.show_progress = resolve_show_progress(show_progress)
         self.stage_hessian_data = resolve_stage_budget(stage_hessian_data)
+        self.linearize_hessian_data = resolve_linearize_budget(linearize_hessian_data)
         self.complement = resolve_complement(complement)
         self.complement_probes = _positive_int(complement_probes, "complement_probes")
         if self.dtype == "float64" and not self.model.capabilities.float64:
@@ -422,7 +438,11 @@ class ArnoldiInfluenceCalculator:
             operator = data.hessian_operator(model)
         else:
             data, staging = stage_hessian_data(model, self.hessian_dataset, self.stage_hessian_data)
-            operator = model.hessian_operator(data)
+            # The operator alone gets the linearised batches; everything else (checkpoint
+            # identity, culprit search) iterates the staged data.
+            linearized, note = linearize_hessian_data(model, data, self.linearize_hessian_data)
+            staging = f"{staging}, {note}" if note else staging
+            operator = model.hessian_operator(linearized)
         resume, checkpoint, target = self._checkpointing(data, subspace_dim)
         self.resumed_from = None if resume is None else resume.products
         host_basis = self._host_basis(subspace_dim)

@@ -401,6 +401,32 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
         """
         return None
 
+    def linearize_batch(self, batch: Any, max_bytes: int) -> tuple[Any, int] | None:
+        """A staged batch whose vector-independent passes have run once, kept for products.
+
+        A Hessian-vector product runs the forward pass and the gradient's backward pass,
+        which do not depend on the vector, then a second-order pass that does. The
+        calculator calls this hook on each batch staged by :meth:`stage_batch`, in order,
+        while what they keep fits its ``linearize_hessian_data`` budget (see
+        :mod:`krylov_influence._linearizing`); ``hvp`` and ``hvps`` must then accept the
+        returned object as a batch, and compute from it the same product as from ``batch``
+        with only the vector-dependent pass. No other operator is given it.
+
+        Parameters
+        ----------
+        batch : a batch returned by :meth:`stage_batch`
+        max_bytes : int
+            What the engine may keep for this batch. An engine that cannot tell before
+            running the passes runs them and returns ``None`` when they keep more.
+
+        Returns
+        -------
+        (linearized_batch, nbytes) or None
+            ``None`` (the default): the engine does not linearise (or not within
+            ``max_bytes``); the batch is used as staged.
+        """
+        return None
+
     def hessian_operator(self, batches: Iterable[Any]) -> HessianOperator:
         """The Hessian of the mean loss over ``batches`` as an operator with ``mv``.
 

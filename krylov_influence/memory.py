@@ -114,6 +114,7 @@ def estimate_memory(
     num_train: int | None = None,
     block_size: int = 1,
     hessian_data_bytes: int = 0,
+    linearized_bytes: int = 0,
     complement: bool = False,
     checkpoint: bool = False,
     basis_location: str = "device",
@@ -141,6 +142,11 @@ def estimate_memory(
     hessian_data_bytes : int
         Size of the Hessian data as the engine's arrays; staged on the device when it is at
         most the default 1 GiB budget (``stage_hessian_data``).
+    linearized_bytes : int
+        What linearising the staged Hessian data keeps on the device during the fit
+        (``linearize_hessian_data``; PyTorch and JAX): about one training step's activations
+        and gradient intermediates per batch, capped by the budget (1 GiB by default). The
+        fit's progress bar and the ``krylov_influence`` logger report the figure.
     complement : bool
         ``complement != "none"``: per-example gradient blocks replace projections.
     checkpoint : bool
@@ -207,6 +213,10 @@ def estimate_memory(
     add("fit", "Hessenberg matrix (float64)", (n, n), "host", 8)
     if 0 < hessian_data_bytes <= 2**30:
         items.append(MemoryItem("fit", "staged Hessian data", (), hessian_data_bytes, "device"))
+    if linearized_bytes > 0:
+        items.append(
+            MemoryItem("fit", "linearised Hessian data", (), int(linearized_bytes), "device")
+        )
     if checkpoint:
         add("fit", "checkpoint copy of the basis", (n, p), "host")
     if basis_location == "device":

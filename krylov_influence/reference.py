@@ -89,9 +89,18 @@ class ReferenceModel(abc.ABC):
     def data_losses(self, z: np.ndarray, y: np.ndarray, theta: np.ndarray) -> np.ndarray:
         """Per-example losses without the L2 term, shape (B,)."""
 
-    @abc.abstractmethod
     def curvature(self, z: np.ndarray, theta: np.ndarray, directions: np.ndarray) -> np.ndarray:
         """``(∂²ℓ/∂s²) u`` for score directions ``u`` of shape (m, B, c); same shape."""
+        return self.curvature_from(self.curvature_state(z, theta), directions)
+
+    def curvature_state(self, z: np.ndarray, theta: np.ndarray) -> np.ndarray | None:
+        """What :meth:`curvature` needs of the batch at θ, computed once (``None``: nothing,
+        the curvature is constant)."""
+        return None
+
+    @abc.abstractmethod
+    def curvature_from(self, state: np.ndarray | None, directions: np.ndarray) -> np.ndarray:
+        """:meth:`curvature` from :meth:`curvature_state`'s result."""
 
 
 class LinearRegression(ReferenceModel):
@@ -113,7 +122,7 @@ class LinearRegression(ReferenceModel):
     def data_losses(self, z: np.ndarray, y: np.ndarray, theta: np.ndarray) -> np.ndarray:
         return 0.5 * self.residuals(z, y, theta)[:, 0] ** 2
 
-    def curvature(self, z: np.ndarray, theta: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    def curvature_from(self, state: np.ndarray | None, directions: np.ndarray) -> np.ndarray:
         return directions
 
 
@@ -154,8 +163,11 @@ class SoftmaxRegression(ReferenceModel):
         log_norm = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
         return log_norm - scores[np.arange(len(y)), y]
 
-    def curvature(self, z: np.ndarray, theta: np.ndarray, directions: np.ndarray) -> np.ndarray:
-        probs = self._probabilities(z, theta)  # (diag(p) − p pᵀ) u, per example
+    def curvature_state(self, z: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        return self._probabilities(z, theta)  # (B, c)
+
+    def curvature_from(self, state: np.ndarray | None, directions: np.ndarray) -> np.ndarray:
+        probs = state  # (diag(p) − p pᵀ) u, per example
         weighted = probs * directions
         return weighted - probs * weighted.sum(axis=-1, keepdims=True)
 
@@ -232,6 +244,15 @@ class NumpyInfluenceModel(InfluenceModel):
         x, y = np.asarray(batch[0], dtype=self._dtype), np.asarray(batch[1])
         return (x, y), x.nbytes + y.nbytes
 
+    def linearize_batch(self, batch: Any, max_bytes: int) -> tuple[Any, int] | None:
+        """``(batch with its curvature at θ, bytes)``: the softmax probabilities (B, c)."""
+        z, _ = self._unpack(batch)
+        state = self.model.curvature_state(z, self._theta)
+        nbytes = z.nbytes + (0 if state is None else state.nbytes)
+        if nbytes > max_bytes:
+            return None
+        return _LinearizedBatch(z, state), nbytes
+
     def losses(self, batch: Any) -> np.ndarray:
         z, y = self._unpack(batch)
         penalty = 0.5 * self._l2 * float(np.sum(self._theta.astype(np.float64) ** 2))
@@ -255,9 +276,13 @@ class NumpyInfluenceModel(InfluenceModel):
         total = np.zeros_like(mats)
         count = 0
         for batch in batches:
-            z, _ = self._unpack(batch)
+            if isinstance(batch, _LinearizedBatch):
+                z, state = batch.z, batch.state
+            else:
+                z, _ = self._unpack(batch)
+                state = self.model.curvature_state(z, self._theta)
             directions = np.einsum("bd,mdc->mbc", z, mats)
-            total += np.einsum("bd,mbc->mdc", z, self.model.curvature(z, self._theta, directions))
+            total += np.einsum("bd,mbc->mdc", z, self.model.curvature_from(state, directions))
             count += z.shape[0]
         if count == 0:
             raise ValueError("batches: the Hessian data is empty")
@@ -270,6 +295,16 @@ class NumpyInfluenceModel(InfluenceModel):
         resid = self.model.residuals(z, y, self._theta)  # (B, c)
         along = np.einsum("bd,kdc,bc->bk", z, rows, resid, optimize=True)
         return along + self._l2 * (projector @ self._theta.reshape(-1))[None, :]
+
+
+class _LinearizedBatch:
+    """A batch as ``z = [x, 1]`` and its curvature state at θ."""
+
+    __slots__ = ("state", "z")
+
+    def __init__(self, z: np.ndarray, state: np.ndarray | None):
+        self.z = z
+        self.state = state
 
 
 class NumpyEngine(Engine):

@@ -142,6 +142,8 @@ def test_operator_and_fit_equal_the_single_process_ones(engine, tmp_path):
     rng = np.random.default_rng(1)
     with RayHessianData(factory, shards) as data:
         assert data.shard_sizes == [32, 21]
+        # Each actor staged and linearised its shard (products through the kept state).
+        assert all(", linearised " in info["staging"] for info in data.description)
         operator = data.hessian_operator(model)
         local = model.hessian_operator(batches)
         vector = model.from_numpy(rng.standard_normal(p))

@@ -151,6 +151,32 @@ def _hvps_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any, vectors:
     return jax.vmap(one)(vectors)
 
 
+def _linearize_sum(program: Program, theta: Any, fixed: Any, x: Any, y: Any) -> Any:
+    """The linear map ``v ↦ Σ_b ∇²ℓ_b v`` over the batch, as ``jax.linearize`` of the
+    gradient leaves it: a ``jax.tree_util.Partial`` holding the residuals of the forward and
+    gradient passes, applied by :func:`_linear_apply`. Its function is part of the output's
+    tree structure, which ``jax.jit`` traces once per shape, so every batch of that shape
+    returns the same function and the application compiles once."""
+    layout = program.layout
+
+    def total_loss(leaves: Any) -> Any:
+        return jnp.sum(program.leaf_losses(leaves, fixed, x, y))
+
+    return jax.linearize(jax.grad(total_loss), layout.unravel(theta))[1]
+
+
+def _linear_apply(program: Program, linear: Any, v: Any) -> Any:
+    """``linear`` of :func:`_linearize_sum` applied to ``v`` (p,): ``_hvp_sum`` of its batch."""
+    with jax.default_matmul_precision(_HIGHEST):  # as the passes it continues
+        product = linear(program.layout.unravel(v))
+    return jnp.concatenate([leaf.reshape(-1) for leaf in product])
+
+
+def _linear_apply_many(program: Program, linear: Any, vectors: Any) -> Any:
+    """:func:`_linear_apply` of each row of ``vectors`` (m, p), vectorised."""
+    return jax.vmap(functools.partial(_linear_apply, program, linear))(vectors)
+
+
 def _finish(total: Any, count: Any, v: Any, l2: Any) -> Any:
     """The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``."""
     return total / count + l2 * v
@@ -271,6 +297,12 @@ class Kernels:
         ``Σ_b ∇²ℓ_b v`` over the batch, without L2 (see ``finish``).
     hvps_sum : ``(θ, fixed, x, y, vectors (m, p)) -> (m, p)``
         ``hvp_sum`` of each row, vectorised.
+    linearize_sum : ``(θ, fixed, x, y) -> linear``
+        The batch's ``v ↦ Σ_b ∇²ℓ_b v`` with its residuals (a ``jax.tree_util.Partial``).
+    linear_apply : ``(linear, v (p,)) -> (p,)``
+        ``hvp_sum`` of that batch from its residuals alone.
+    linear_apply_many : ``(linear, vectors (m, p)) -> (m, p)``
+        ``linear_apply`` of each row, vectorised.
     finish : ``(total (p,) or (m, p), count, v, l2) -> same shape``
         The mean Hessian product from the sum over ``count`` examples, plus ``l2·v``.
     project : ``(θ, fixed, x, y, G (k, p), l2, *, chunk) -> (B, k)``
@@ -295,6 +327,9 @@ class Kernels:
         "gradient_project_with_norms",
         "hvp_sum",
         "hvps_sum",
+        "linear_apply",
+        "linear_apply_many",
+        "linearize_sum",
         "losses",
         "per_example_grads",
         "program",
@@ -308,6 +343,9 @@ class Kernels:
         self.losses = jax.jit(bound(_losses, program))
         self.hvp_sum = jax.jit(bound(_hvp_sum, program))
         self.hvps_sum = jax.jit(bound(_hvps_sum, program))
+        self.linearize_sum = jax.jit(bound(_linearize_sum, program))
+        self.linear_apply = jax.jit(bound(_linear_apply, program))
+        self.linear_apply_many = jax.jit(bound(_linear_apply_many, program))
         # No program in it, but compiled per shape of θ, which the program fixes: a module-level
         # jitted function would keep an executable per p for the life of the process. A partial
         # of its own, since JAX's tracing caches are keyed (weakly) by the function object.

@@ -212,13 +212,41 @@ class JaxInfluenceModel(InfluenceModel):
         # against 0.5 s per HVP), and the scanned program compiled for seconds.
         total, count = None, 0
         for batch in batches:
-            staged = self._stage(batch)
-            part = kernel(self._theta, self._fixed, staged.x, staged.y, vector)
+            if isinstance(batch, _LinearizedBatch):
+                apply = (
+                    self._kernels.linear_apply
+                    if vector.ndim == 1
+                    else (self._kernels.linear_apply_many)
+                )
+                part, size = apply(batch.linear, vector), batch.size
+            else:
+                staged = self._stage(batch)
+                part = kernel(self._theta, self._fixed, staged.x, staged.y, vector)
+                size = staged.size
             total = part if total is None else total + part
-            count += staged.size
+            count += size
         if total is None or count == 0:
             raise ValueError("batches: the Hessian data is empty")
         return self._kernels.finish(total, count, vector, self._l2_array)
+
+    def linearize_batch(self, batch: Any, max_bytes: int) -> tuple[Any, int] | None:
+        """``(batch linearised, bytes of its residuals)``, or ``None`` above ``max_bytes``.
+
+        ``jax.linearize`` of the batch's gradient: the forward and gradient passes run once
+        and their residuals are kept, so each product over the batch is one compiled
+        application of the linear map (the forward-over-reverse product, to rounding). The
+        residuals are sized (``jax.eval_shape``) before anything is computed.
+        """
+        staged = self._stage(batch)
+        args = (self._theta, self._fixed, staged.x, staged.y)
+        shapes = jax.eval_shape(self._kernels.linearize_sum, *args)
+        nbytes = sum(
+            math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+            for leaf in jax.tree_util.tree_leaves(shapes)
+        )
+        if nbytes > max_bytes:
+            return None
+        return _LinearizedBatch(self._kernels.linearize_sum(*args), staged.size), nbytes
 
     def hvp(self, vector: Any, batches: Iterable[Any]) -> Any:
         """Hessian of the mean loss over ``batches`` times ``vector``; (p,) -> (p,)."""
@@ -435,3 +463,13 @@ def bind_jax(
         jvp_chunk_size=jvp_chunk_size,
         projection=projection,
     )
+
+
+class _LinearizedBatch:
+    """A staged batch as the linear map of its Hessian (``Kernels.linearize_sum``)."""
+
+    __slots__ = ("linear", "size")
+
+    def __init__(self, linear: Any, size: int):
+        self.linear = linear
+        self.size = int(size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import sys
 import warnings
@@ -17,14 +18,17 @@ import torch
 from krylov_influence.engine import EngineCapabilities, InfluenceModel
 from krylov_influence_torch._data import Batch, batch_size, map_leaves, prepare_batch
 from krylov_influence_torch._factors import FactoredGradients, GradientFactoring, linear_sites
+from krylov_influence_torch._linearized import LinearizedBatch, linearize
 from krylov_influence_torch._ops import Functional
 from krylov_influence_torch._order import random_sampler
 from krylov_influence_torch._params import select_parameters
-from krylov_influence_torch._routes import Operator, composite_kernels
+from krylov_influence_torch._routes import Operator, composite_kernels, never_retried
 
 __all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
 
 # Route names, as ``model.routes`` reports them (and docs/layers.md lists them).
+logger = logging.getLogger("krylov_influence")
+
 VECTORISED = "vectorised"
 COMPOSITE = "composite kernels"
 LOOP_OVER_EXAMPLES = "loop over examples"
@@ -173,6 +177,8 @@ class TorchInfluenceModel(InfluenceModel):
         self._functional = Functional(module, loss_fn, names, self._shapes, self._fixed)
         self._factoring = GradientFactoring(self._functional, linear_sites(module, names), self._l2)
         self._operators = self._build_operators()
+        self._operators_linear = self._build_linear_operators()
+        self._linearizable = True
         if module.training:
             warnings.warn(
                 "the module is in training mode; influence computations run it in eval mode "
@@ -314,7 +320,7 @@ class TorchInfluenceModel(InfluenceModel):
                 "[(x, y)] or a DataLoader"
             )
         for batch in batches:
-            yield self.prepare(batch)
+            yield batch if isinstance(batch, LinearizedBatch) else self.prepare(batch)
 
     def hvp(self, vector: Any, batches: Iterable[Any]) -> torch.Tensor:
         """Hessian of the mean loss over ``batches`` times ``vector``.
@@ -333,7 +339,10 @@ class TorchInfluenceModel(InfluenceModel):
         count = 0
         with self._evaluating():
             for batch in self._prepared(batches):
-                total += self._operators["hvp"](self._theta, vector, batch)
+                if isinstance(batch, LinearizedBatch):
+                    total += batch.products(vector, None, False)
+                else:
+                    total += self._operators["hvp"](self._theta, vector, batch)
                 count += batch.size
         return self._mean(total, count).add_(vector, alpha=self._l2)
 
@@ -351,13 +360,82 @@ class TorchInfluenceModel(InfluenceModel):
         count = 0
         with self._evaluating():
             for batch in self._prepared(batches):
-                if vectors.shape[0] == 1:
+                if isinstance(batch, LinearizedBatch):
+                    chunk = self._chunk(vectors.shape[0], batch.size)
+                    total += self._linearized_products(batch, vectors, chunk)
+                elif vectors.shape[0] == 1:
                     total[0] += self._operators["hvp"](self._theta, vectors[0], batch)
                 else:
                     chunk = self._chunk(vectors.shape[0], batch.size)
                     total += self._operators["hvps"](self._theta, vectors, batch, chunk)
                 count += batch.size
         return self._mean(total, count).add_(vectors, alpha=self._l2)
+
+    def linearize_batch(self, batch: Any, max_bytes: int) -> tuple[LinearizedBatch, int] | None:
+        """``(batch with its gradient's autograd graph, bytes the graph keeps)``, or ``None``
+        when that is more than ``max_bytes`` or the graph cannot be differentiated again.
+
+        Every product over the returned batch is one backward pass of the kept graph, the
+        engine's reverse-over-reverse product bit for bit
+        (:mod:`krylov_influence_torch._linearized`). The first batch a model linearises is
+        checked by one product through its graph; a model whose graph fails it, with and
+        without composite kernels, is not linearised (its products take their usual route).
+        """
+        if not self._linearizable:
+            return None
+        prepared = self.prepare(batch)
+        try:
+            with self._evaluating():
+                item = self._operators_linear["linearize"](self._theta, prepared)
+        except Exception as error:
+            if never_retried(error):
+                raise
+            self._linearizable = False
+            logger.info("torch engine: the Hessian data is not linearised (%s)", error)
+            return None
+        if item.nbytes > max_bytes:
+            return None
+        return item, item.nbytes
+
+    def _linearized_products(
+        self, batch: LinearizedBatch, vectors: torch.Tensor, chunk: int | None
+    ) -> torch.Tensor:
+        if vectors.shape[0] == 1:
+            return batch.products(vectors[0], None, False)[None, :]
+        return self._operators_linear["hvps"](batch, vectors, chunk)
+
+    def _build_linear_operators(self) -> dict[str, Operator]:
+        """Building a linearised batch (its graph checked once by a product through it) and
+        products of blocks through it (vectorised by ``is_grads_batched``, else a loop)."""
+        checked = False
+
+        def build(kernels: Callable[[], Any] | None) -> Callable[..., LinearizedBatch]:
+            def linearized(theta: torch.Tensor, batch: Batch) -> LinearizedBatch:
+                nonlocal checked
+                item = linearize(self._functional, theta, batch, kernels and kernels())
+                if not checked:  # the second backward fails here, not in the iteration
+                    item.products(torch.zeros_like(theta), None, False)
+                    checked = True
+                return item
+
+            return linearized
+
+        return {
+            "linearize": Operator(
+                "linearize",
+                [
+                    (REVERSE_OVER_REVERSE, build(None)),
+                    (f"{REVERSE_OVER_REVERSE}, {COMPOSITE}", build(composite_kernels)),
+                ],
+            ),
+            "hvps": Operator(
+                "hvps (linearised)",
+                [
+                    (f"{REVERSE_OVER_REVERSE}, batched", _linearized_block(loop=False)),
+                    (f"{REVERSE_OVER_REVERSE}, {LOOP_OVER_VECTORS}", _linearized_block(loop=True)),
+                ],
+            ),
+        }
 
     @staticmethod
     def _mean(total: torch.Tensor, count: int) -> torch.Tensor:
@@ -670,6 +748,13 @@ class TorchInfluenceModel(InfluenceModel):
 
 
 # -------------------------------------------------------------------------------- routes
+def _linearized_block(*, loop: bool) -> Callable[..., torch.Tensor]:
+    def products(batch: LinearizedBatch, vectors: torch.Tensor, chunk: int | None) -> Any:
+        return batch.products(vectors, chunk, loop)
+
+    return products
+
+
 def _composite(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` run under :func:`composite_kernels`."""
 

@@ -46,6 +46,7 @@ __all__ = [
     "Operator",
     "RouteFallbackWarning",
     "composite_kernels",
+    "never_retried",
 ]
 
 
@@ -108,7 +109,9 @@ def composite_kernels() -> Iterator[None]:
             mha.set_fastpath_enabled(fastpath)
 
 
-def _never_retried(error: BaseException) -> bool:
+def never_retried(error: BaseException) -> bool:
+    """Errors that no other route would avoid (out of memory, an interrupt, the engine's own
+    refusals): raised at once, not taken as a reason to fall back."""
     return isinstance(error, (EngineError, torch.OutOfMemoryError, MemoryError, KeyboardInterrupt))
 
 
@@ -150,7 +153,7 @@ class Operator:
             try:
                 result, passed_on = self._try(self._routes[self._index][1], args, not last)
             except Exception as error:  # any failure on the first call: take the next route
-                if _never_retried(error):
+                if never_retried(error):
                     raise
                 failures.append((self.route, error))
                 if last:

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from krylov_influence._data import require_reiterable
+from krylov_influence._linearizing import linearize_hessian_data, resolve_linearize_budget
 from krylov_influence._staging import resolve_stage_budget, stage_hessian_data
 from krylov_influence.engine import InfluenceModel, ShardedHessianData
 from krylov_influence.errors import NonFiniteError
@@ -89,11 +90,20 @@ def split_batches(batches: Iterable[Any], num_shards: int) -> list[list[Any]]:
 class _HessianShard:
     """A Ray actor: one model built by the factory, one shard of the Hessian data."""
 
-    def __init__(self, model_factory: Callable[[], Any], batches: Iterable[Any], budget: int):
+    def __init__(
+        self,
+        model_factory: Callable[[], Any],
+        batches: Iterable[Any],
+        budget: int,
+        linearize_budget: int = 0,
+    ):
         self.model = bind_model(model_factory())
         data = require_reiterable(batches, "shards[i]")
         self.data, self.staging = stage_hessian_data(self.model, data, budget)
-        self.operator = self.model.hessian_operator(self.data)
+        # The operator alone gets the linearised batches (the losses read the staged data).
+        linearized, note = linearize_hessian_data(self.model, self.data, linearize_budget)
+        self.staging = f"{self.staging}, {note}" if note else self.staging
+        self.operator = self.model.hessian_operator(linearized)
         self.sizes = [int(self.model.batch_size(batch)) for batch in self.data]
         self.count = sum(self.sizes)
 
@@ -172,6 +182,10 @@ class RayHessianData(ActorGroup, ShardedHessianData):
         in order, is the Hessian data.
     stage_hessian_data : bool, int or str, default True
         Each actor's staging budget (as the calculator's option of that name).
+    linearize_hessian_data : bool, int or str, default True
+        Each actor's budget for linearising its staged shard (as the calculator's option of
+        that name): kept for the actor's life, so every fit over these actors gets products
+        at their vector-dependent cost.
     max_restarts, max_task_retries : int, default 3
         Ray's actor options: how often a dead actor is rebuilt, and how often a product in
         flight on it is resubmitted; a product that still fails is resubmitted here up to
@@ -206,6 +220,7 @@ class RayHessianData(ActorGroup, ShardedHessianData):
         shards: Sequence[Iterable[Any]],
         *,
         stage_hessian_data: bool | int | str = True,
+        linearize_hessian_data: bool | int | str = True,
         max_restarts: int = 3,
         max_task_retries: int = 3,
         num_cpus: float | None = None,
@@ -224,6 +239,7 @@ class RayHessianData(ActorGroup, ShardedHessianData):
         for index, shard in enumerate(shards):
             require_reiterable(shard, f"shards[{index}]")
         budget = resolve_stage_budget(stage_hessian_data)
+        linearize_budget = resolve_linearize_budget(linearize_hessian_data)
         self.max_task_retries = int(max_task_retries)
         options: dict[str, Any] = {
             "max_restarts": int(max_restarts),
@@ -236,7 +252,9 @@ class RayHessianData(ActorGroup, ShardedHessianData):
         # must stay in scope for as long as the actors may restart.
         self._factory = ray.put(model_factory)
         self._shards = [ray.put(shard) for shard in shards]
-        self.actors = [actor_class.remote(self._factory, ref, budget) for ref in self._shards]
+        self.actors = [
+            actor_class.remote(self._factory, ref, budget, linearize_budget) for ref in self._shards
+        ]
         self._described = self._call_all("describe")
         self.shard_sizes = [int(info["count"]) for info in self._described]
         self.num_examples = sum(self.shard_sizes)
@@ -279,7 +297,8 @@ class RayHessianData(ActorGroup, ShardedHessianData):
     # ------------------------------------------------------------------------ the actors
     @property
     def description(self) -> list[dict[str, Any]]:
-        """Per actor: examples, batches, parameters, dtype, engine, staging note, pid."""
+        """Per actor: examples, batches, parameters, dtype, engine, staging note (with what
+        linearising kept), pid."""
         return [dict(info) for info in self._described]
 
     def _call_all(self, method: str, *args: Any) -> list[Any]:

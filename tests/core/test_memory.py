@@ -100,3 +100,21 @@ def test_off_the_device_the_basis_is_counted_where_it_lives():
     assert blocks.peak("fit", "host") == plan.peak("fit", "host") + 4 * 20_000_000 * 4
     with pytest.raises(ValueError, match="basis_location='gpu'"):
         estimate_memory(100, 20, 5, basis_location="gpu")
+
+
+def test_the_linearised_hessian_data_is_an_item_of_the_fit():
+    # What a real linearisation keeps, as the engine reports it (the reference engine keeps
+    # each batch's z and softmax probabilities).
+    from krylov_influence._linearizing import linearize_hessian_data
+    from krylov_influence._staging import stage_hessian_data
+
+    spec = random_mlp_spec(np.random.default_rng(0), (6, 4), num_examples=40, batch_size=16)
+    model, train = NumpyEngine.from_neutral_spec(spec)
+    staged, _ = stage_hessian_data(model, train, 2**30)
+    linearized, _ = linearize_hessian_data(model, staged, 2**30)
+    assert linearized.nbytes == 40 * (6 + 1) * 8 + 40 * 4 * 8
+    plan = estimate_memory(model.num_parameters, 20, 5, linearized_bytes=linearized.nbytes)
+    assert _item(plan, "fit", "linearised Hessian data").nbytes == linearized.nbytes
+    without = estimate_memory(model.num_parameters, 20, 5)
+    assert not [item for item in without.items if item.name.startswith("linearised")]
+    assert plan.peak("fit") == without.peak("fit") + linearized.nbytes
