@@ -349,6 +349,22 @@ def test_hvps_match_the_dense_hessian(name, dtype, block, mode):
     assert model.routes[kernel.split(",")[0]] == expected_route(name, dtype, kernel)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
+def test_linearised_hvps_match_the_dense_hessian(name, dtype, block):
+    """Products through the kept autograd graph (``linearize_batch``): MultiheadAttention's
+    fused kernels have no second derivative, so its graph is recorded with composite kernels."""
+    c = case(name, dtype)
+    model = c.bound["jvp"]
+    staged, _ = model.stage_batch((c.x, c.y))
+    linearized, nbytes = _quietly(model.linearize_batch, staged, 2**30)
+    assert nbytes > 0
+    vectors = np.random.default_rng(3).standard_normal((block, model.num_parameters))
+    for _ in range(2):  # the graph is kept for every product
+        products = _quietly(model.hvps, torch.from_numpy(vectors), [linearized]).numpy()
+        assert_products_close(products, vectors, c.hessian, dtype)
+
+
 def test_a_fallback_is_noted_once_and_a_fast_route_not_at_all():
     c = case("LSTM", "float64")
     model = krylov_influence.InfluenceModel(c.model, cross_entropy, projection="gradients")
