@@ -26,9 +26,9 @@ from krylov_influence_torch._routes import Operator, composite_kernels, never_re
 
 __all__ = ["TorchInfluenceModel", "available_devices", "torch_dtype"]
 
-# Route names, as ``model.routes`` reports them (and docs/layers.md lists them).
 logger = logging.getLogger("krylov_influence")
 
+# Route names, as ``model.routes`` reports them (and docs/layers.md lists them).
 VECTORISED = "vectorised"
 COMPOSITE = "composite kernels"
 LOOP_OVER_EXAMPLES = "loop over examples"

@@ -157,3 +157,26 @@ def test_a_bad_budget_is_a_clear_error_naming_the_argument(value: Any):
     model, train = build(get_engine("numpy"), training_spec())
     with pytest.raises((TypeError, ValueError), match=r"linearize_hessian_data=.*expected"):
         ArnoldiInfluenceCalculator(model, train, 5, True, 5, linearize_hessian_data=value)
+
+
+def test_what_a_fit_linearised_is_freed_when_the_fit_ends(monkeypatch: Any):
+    import gc
+    import weakref
+
+    import krylov_influence.calculator as calculator_module
+
+    engine = engine_class("torch")
+    model, train = build(engine, KINDS["mlp"].spec())
+    kept: list[Any] = []
+
+    def recording(*args: Any) -> Any:
+        result = linearize_hessian_data(*args)
+        kept.extend(weakref.ref(item.gradient) for item in result[0].batches)
+        return result
+
+    monkeypatch.setattr(calculator_module, "linearize_hessian_data", recording)
+    p = model.num_parameters
+    calc = ArnoldiInfluenceCalculator(model, train, p, True, p, "float64")
+    gc.collect()
+    assert len(kept) == 5 and calc.eig_vals is not None
+    assert all(ref() is None for ref in kept)  # no graph outlives the fit
