@@ -127,6 +127,9 @@ class Kernel:
         self._routes = list(routes) + ([fallback] if fallback is not None else [])
         self._index = 0
         self._compiled = [tf.function(fn, reduce_retracing=True) for _, fn in routes]
+        # After a call has succeeded, calls skip the tracing check (a second signature
+        # lookup, ~90 us); a failing call goes through the check again.
+        self._settled = False
 
     @property
     def route(self) -> str:
@@ -138,6 +141,21 @@ class Kernel:
         return sum(fn.experimental_get_tracing_count() for fn in self._compiled)
 
     def __call__(self, *args: Any) -> Any:
+        if self._settled:
+            try:
+                return self._call_route(args)
+            except Exception:
+                self._settled = False  # a new signature that fails to trace takes the next route
+        result = self._checked_call(args)
+        self._settled = True
+        return result
+
+    def _call_route(self, args: tuple[Any, ...]) -> Any:
+        if self._index == len(self._compiled):
+            return self._routes[self._index][1](*args)
+        return self._compiled[self._index](*args)
+
+    def _checked_call(self, args: tuple[Any, ...]) -> Any:
         failures: list[tuple[str, BaseException]] = []
         while True:
             if self._index == len(self._compiled):  # the Python-level fallback
@@ -159,7 +177,7 @@ class Kernel:
                     f"'{failures[-1][0]}' for this model ({_reason(error)}); it takes "
                     f"'{self.route}' instead, which is correct but may be slower",
                     RouteFallbackWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 continue
             return function(*args)
