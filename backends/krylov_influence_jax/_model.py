@@ -213,11 +213,8 @@ class JaxInfluenceModel(InfluenceModel):
         total, count = None, 0
         for batch in batches:
             if isinstance(batch, _LinearizedBatch):
-                apply = (
-                    self._kernels.linear_apply
-                    if vector.ndim == 1
-                    else (self._kernels.linear_apply_many)
-                )
+                kernels = self._kernels
+                apply = kernels.linear_apply if vector.ndim == 1 else kernels.linear_apply_many
                 part, size = apply(batch.linear, vector), batch.size
             else:
                 staged = self._stage(batch)
