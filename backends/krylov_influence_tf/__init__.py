@@ -56,8 +56,9 @@ class TensorFlowEngine(Engine):
 
     Options of :meth:`bind` beyond the common ones: ``l2`` (float, default 0), ``params``
     (the parameter nest of an ``apply_fn``), ``chunk_size`` (projector rows per vectorised
-    JVP call, default 128), ``projection`` (``"auto"``, ``"jvp"`` or ``"gradients"``) and
-    ``hvp_mode`` (``"reverse-over-reverse"``, the default, or ``"forward-over-reverse"``).
+    JVP call, default 128), ``projection`` (``"auto"``, ``"jvp"`` or ``"gradients"``),
+    ``hvp_mode`` (``"reverse-over-reverse"``, the default, or ``"forward-over-reverse"``) and
+    ``jit_compile`` (``False``, the default, ``"auto"`` or ``True``: XLA for the single HVP).
     """
 
     name = "tensorflow"
@@ -108,6 +109,7 @@ class TensorFlowEngine(Engine):
         chunk_size: int = 128,
         projection: str = "auto",
         hvp_mode: str = "reverse-over-reverse",
+        jit_compile: bool | str = False,
         **options: Any,
     ) -> InfluenceModel:
         """Bind ``model`` and ``loss_fn``; see ``docs/quickstart-tensorflow.md``.
@@ -141,6 +143,10 @@ class TensorFlowEngine(Engine):
         hvp_mode : {"reverse-over-reverse", "forward-over-reverse"}
             The route of a single Hessian-vector product tried first (the other is its
             fallback); see :class:`~krylov_influence_tf._model.TensorFlowInfluenceModel`.
+        jit_compile : {False, "auto", True}
+            Compile the single HVP with XLA (``"auto"``: on a CPU unless the model has
+            convolutions, which XLA:CPU runs slower). It pays after its compilation only for
+            many products; see ``TensorFlowInfluenceModel``.
 
         Returns
         -------
@@ -186,6 +192,7 @@ class TensorFlowEngine(Engine):
             chunk_size=chunk_size,
             projection=projection,
             hvp_mode=hvp_mode,
+            jit_compile=jit_compile,
         )
 
     @classmethod

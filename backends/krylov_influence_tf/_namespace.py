@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from krylov_influence_tf._dispatch import ConcreteCalls
+
 __all__ = ["TensorFlowNamespace", "canonical_device", "namespace", "same_device"]
 
 _DEVICE = re.compile(r"^/?(?:device:)?(cpu|gpu|tpu)(?::(\d+))?$", re.IGNORECASE)
@@ -254,9 +256,11 @@ class TensorFlowNamespace:
         """The core's ``compile_function`` hook: a ``tf.function`` (one graph per shape).
 
         ``donate_argnums`` is accepted and ignored: TensorFlow has no buffer donation (a
-        donated argument is simply not reused by the core).
+        donated argument is simply not reused by the core). Called through its concrete
+        functions (:class:`~krylov_influence_tf._dispatch.ConcreteCalls`): an Arnoldi step
+        on a small model costs less than ``tf.function``'s own dispatch.
         """
-        return tf.function(function, reduce_retracing=False)
+        return ConcreteCalls(tf.function(function, reduce_retracing=False))
 
     @staticmethod
     def stable_smallest_k(keys: Any, k: int) -> tf.Tensor:

@@ -18,6 +18,13 @@ routes, fastest first:
 
 Errors the engine raises on purpose (:class:`EngineError`, e.g. a loss of the wrong shape) are
 never retried.
+
+A route may be compiled by XLA (:attr:`Route.jit_compile`). XLA compiles on the first *run*,
+not at tracing, so that run is part of the try: an error that names XLA or its compilation
+moves the kernel to the next route, like a failed trace (any other error propagates). A route
+may also *decline* a traced graph (:attr:`Route.declines`, e.g. XLA before convolutions, which
+XLA:CPU runs slower than TensorFlow's own kernels): the next route is taken without a warning,
+since nothing failed.
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["EngineError", "Kernel", "RouteFallbackWarning"]
+from krylov_influence_tf._dispatch import ConcreteCalls
+
+__all__ = ["EngineError", "Kernel", "Route", "RouteFallbackWarning"]
 
 
 class RouteFallbackWarning(UserWarning):
@@ -42,7 +52,32 @@ class EngineError(ValueError):
     """An error the engine raises on purpose while tracing; never a reason to fall back."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """One way to compute a kernel.
+
+    Attributes
+    ----------
+    name : str
+        The name :attr:`Kernel.route` reports.
+    function : callable
+        The Python function, compiled with ``tf.function(reduce_retracing=True)``.
+    jit_compile : bool
+        Compile it with XLA (``tf.function(jit_compile=True)``).
+    declines : callable, optional
+        ``declines(concrete_function) -> str | None``: a reason not to take this route for the
+        traced graph (the next one is taken, silently), or ``None`` to take it.
+    """
+
+    name: str
+    function: Callable[..., Any]
+    jit_compile: bool = False
+    declines: Callable[[Any], str | None] | None = None
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What XLA's errors say when it cannot compile a graph (unsupported ops, dynamic shapes).
+_XLA_FAILURE = re.compile(r"XLA|compil|jit", re.IGNORECASE)
 # The line that says why a trace failed: pfor's own messages, else the exception's last line.
 _REASONS = re.compile(
     r"(No pfor vectorization defined for \w+"
@@ -107,9 +142,8 @@ class Kernel:
     ----------
     name : str
         The operator's name in notes and :attr:`route` reports (``"hvps"``).
-    routes : sequence of (str, callable)
-        ``(route name, python function)`` pairs, fastest first; each function takes the
-        kernel's arguments and is compiled with ``tf.function(reduce_retracing=True)``.
+    routes : sequence of Route or (str, callable)
+        The routes, fastest first; a ``(name, function)`` pair is a plain :class:`Route`.
     fallback : (str, callable), optional
         A last route that is called as it is, not traced here: a Python function that composes
         other kernels (e.g. per-example gradients in chunks of examples).
@@ -118,15 +152,23 @@ class Kernel:
     def __init__(
         self,
         name: str,
-        routes: Sequence[tuple[str, Callable[..., Any]]],
+        routes: Sequence[Route | tuple[str, Callable[..., Any]]],
         fallback: tuple[str, Callable[..., Any]] | None = None,
     ):
         if not routes:
             raise ValueError("routes: expected at least one route")
         self.name = name
-        self._routes = list(routes) + ([fallback] if fallback is not None else [])
+        traced = [r if isinstance(r, Route) else Route(*r) for r in routes]
+        self._routes = traced + ([Route(*fallback)] if fallback is not None else [])
         self._index = 0
-        self._compiled = [tf.function(fn, reduce_retracing=True) for _, fn in routes]
+        self._compiled = [
+            ConcreteCalls(
+                tf.function(
+                    r.function, reduce_retracing=True, jit_compile=True if r.jit_compile else None
+                )
+            )
+            for r in traced
+        ]
         # After a call has succeeded, calls skip the tracing check (a second signature
         # lookup, ~90 us); a failing call goes through the check again.
         self._settled = False
@@ -134,7 +176,7 @@ class Kernel:
     @property
     def route(self) -> str:
         """The name of the route this kernel takes (the first one until a trace fails)."""
-        return self._routes[self._index][0]
+        return self._routes[self._index].name
 
     def experimental_get_tracing_count(self) -> int:
         """Traces of every route so far (for tests of retracing)."""
@@ -152,35 +194,51 @@ class Kernel:
 
     def _call_route(self, args: tuple[Any, ...]) -> Any:
         if self._index == len(self._compiled):
-            return self._routes[self._index][1](*args)
+            return self._routes[self._index].function(*args)
         return self._compiled[self._index](*args)
 
     def _checked_call(self, args: tuple[Any, ...]) -> Any:
         failures: list[tuple[str, BaseException]] = []
         while True:
+            route = self._routes[self._index]
             if self._index == len(self._compiled):  # the Python-level fallback
-                return self._routes[self._index][1](*args)
+                return route.function(*args)
             function = self._compiled[self._index]
             try:
                 with _quiet_tensorflow_logger(self._index + 1 < len(self._routes)):
-                    function.get_concrete_function(*args)  # traces once per input signature
+                    concrete = function.get_concrete_function(*args)  # once per signature
             except Exception as error:  # any failure to trace means "take the next route"
                 own = _engine_error(error)
                 if own is not None:  # the engine's own error (e.g. the loss shape): no retry
                     raise own from None
-                failures.append((self.route, error))
-                if self._index + 1 == len(self._routes):
-                    raise self._exhausted(failures) from None
-                self._index += 1
-                warnings.warn(
-                    f"krylov_influence tensorflow engine: {self.name} cannot take the route "
-                    f"'{failures[-1][0]}' for this model ({_reason(error)}); it takes "
-                    f"'{self.route}' instead, which is correct but may be slower",
-                    RouteFallbackWarning,
-                    stacklevel=4,
-                )
+                self._next_route(failures, error)
                 continue
-            return function(*args)
+            if route.declines is not None and route.declines(concrete) is not None:
+                self._index += 1  # a choice, not a failure: no warning
+                continue
+            if not route.jit_compile:
+                return function(*args)
+            try:
+                return function(*args)  # XLA compiles on the first run
+            except Exception as error:
+                if _engine_error(error) is not None or not _XLA_FAILURE.search(str(error)):
+                    raise
+                self._next_route(failures, error)
+
+    def _next_route(self, failures: list[tuple[str, BaseException]], error: Exception) -> None:
+        """Record the current route's failure and move to the next route, with a warning
+        (or raise the first failure when no route is left)."""
+        failures.append((self.route, error))
+        if self._index + 1 == len(self._routes):
+            raise self._exhausted(failures) from None
+        self._index += 1
+        warnings.warn(
+            f"krylov_influence tensorflow engine: {self.name} cannot take the route "
+            f"'{failures[-1][0]}' for this model ({_reason(error)}); it takes "
+            f"'{self.route}' instead, which is correct but may be slower",
+            RouteFallbackWarning,
+            stacklevel=5,
+        )
 
     def _exhausted(self, failures: list[tuple[str, BaseException]]) -> BaseException:
         first = failures[0][1]

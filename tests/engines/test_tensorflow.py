@@ -604,3 +604,24 @@ def test_frameworks_import_in_any_order(order):
         env=env,
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_concrete_calls_run_the_traces_of_the_tf_function():
+    """``ConcreteCalls`` (the engine's dispatch without ``tf.function``'s per-call binding):
+    the same values as calling the function, one trace per signature as the function keys
+    them (Python scalars by value, nests by structure), and variables through the function."""
+    from krylov_influence_tf._dispatch import ConcreteCalls
+
+    def scaled(x, factor, extra):
+        return x * factor + extra["shift"]
+
+    plain, calls = tf.function(scaled), ConcreteCalls(tf.function(scaled))
+    x = tf.constant(np.arange(4.0))
+    for factor in (2.0, 3.0, 2.0):
+        for shift in (tf.constant(1.0, tf.float64), tf.constant([1.0, 2, 3, 4], tf.float64)):
+            got = calls(x, factor, {"shift": shift}).numpy()
+            np.testing.assert_array_equal(got, plain(x, factor, {"shift": shift}).numpy())
+            np.testing.assert_array_equal(got, np.arange(4.0) * factor + shift.numpy())
+    assert calls.experimental_get_tracing_count() == plain.experimental_get_tracing_count() == 4
+    variable = tf.Variable(np.ones(4))
+    np.testing.assert_array_equal(calls(variable, 2.0, {"shift": x}).numpy(), 2 + np.arange(4.0))

@@ -337,6 +337,45 @@ def test_hvps_match_the_dense_hessian(name, dtype, block, mode):
     assert model.routes[kernel] == expected_route(name, dtype, expected)
 
 
+# XLA (``jit_compile``) for the single HVP: a dense layer, the layers whose graphs differ most
+# (a gather, recurrent while_loop, attention, exact layer-norm moments) and a convolution.
+XLA_CASES = [
+    ("Dense", "float64"),
+    ("Dense", "float32"),
+    ("Embedding", "float64"),
+    ("LSTM", "float32"),
+    ("MultiHeadAttention", "float32"),
+    ("LayerNormalization", "float64"),
+    ("Conv2D", "float64"),
+]
+
+
+@pytest.mark.parametrize("jit", [True, "auto"])
+@pytest.mark.parametrize(("name", "dtype"), XLA_CASES, ids=[f"{n}-{d}" for n, d in XLA_CASES])
+def test_xla_hvps_match_the_dense_hessian(name, dtype, jit):
+    c = case(name, dtype)
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy, jit_compile=jit)
+    vector = np.random.default_rng(2).standard_normal((1, model.num_parameters))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RouteFallbackWarning)  # XLA compiles every one of these
+        product = model.hvp(model.from_numpy(vector[0]), [(c.x, c.y)]).numpy()
+    assert_products_close(product[None, :], vector, c.hessian, dtype)
+    graph = expected_route(name, dtype, "hvp")
+    # "auto" leaves XLA out before convolutions (XLA:CPU runs them slower), without a warning.
+    convolves = jit == "auto" and name.startswith("Conv")
+    assert model.routes["hvp"] == (graph if convolves else f"{graph}, XLA")
+
+
+def test_jit_compile_is_checked():
+    c = case("Dense", "float64")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=f"jit_compile={bad!r}: expected True, False or"):
+            krylov_influence.InfluenceModel(c.model, cross_entropy, jit_compile=bad)
+    assert krylov_influence.InfluenceModel(c.model, cross_entropy).routes["hvp"] == (
+        expected_route("Dense", "float64", "hvp")  # no XLA unless asked for
+    )
+
+
 def test_a_fallback_is_noted_once_and_a_fast_route_not_at_all():
     c = case("Conv2D", "float64")
     model = krylov_influence.InfluenceModel(c.model, cross_entropy, projection="jvp")
