@@ -187,9 +187,11 @@ class ArnoldiInfluenceCalculator:
         model's device; in host memory; or in a memory-mapped file in ``basis_dir`` (removed
         after the fit). Off the device, Gram–Schmidt runs on the host over blocks of parameter
         columns and each step moves one p-vector each way; the results agree with the device
-        basis to round-off. ``"auto"``: the device when the basis fits ``basis_memory``, else
-        disk. With ``block_size = b > 1`` each step moves b rows to the device and b products
-        back, orthogonalised one by one on the host.
+        basis to round-off. ``"auto"``: past ``basis_memory``, disk; else host memory when the
+        device is the host's (a CPU; ``G`` then goes to the device after the fit: NumPy's
+        Gram–Schmidt is cheaper than a framework's there), the device otherwise. With
+        ``block_size = b > 1`` each step moves b rows to the device and b products back,
+        orthogonalised one by one on the host.
     basis_memory : int or str, keyword-only, default "auto"
         The budget of ``"auto"``: bytes, or a size (``"8GiB"``); ``"auto"`` is a quarter of the
         machine's physical memory.
@@ -229,6 +231,7 @@ class ArnoldiInfluenceCalculator:
     basis_memory: int | None = None  # None: a quarter of physical memory
     basis_dir: str | None = None
     basis_placement: str = "device"
+    _projector_to_device: bool = False
 
     def __init__(
         self,
@@ -463,9 +466,20 @@ class ArnoldiInfluenceCalculator:
         p = int(model.num_parameters)
         nbytes = subspace_dim * p * np.dtype(self.dtype).itemsize
         location = self.basis_location
+        # A basis "auto" put in host memory because the device is the host's: G goes to the
+        # device after the fit, as if the basis had been there.
+        self._projector_to_device = False
         if location == "auto":
             budget = _physical_memory() // 4 if self.basis_memory is None else self.basis_memory
-            location = "device" if nbytes <= budget else "disk"
+            if nbytes > budget:
+                location = "disk"
+            elif model.host_memory:
+                # The same memory, and NumPy's blocked CGS2 costs 0.4x a framework's steps on
+                # the digits MLP (no dispatch per step) and 0.8x on the 525 828-parameter
+                # transformer (one CPU thread; docs/benchmarks.md).
+                location, self._projector_to_device = "host", True
+            else:
+                location = "device"
         self.basis_placement = location
         if location == "device":
             return None
@@ -532,6 +546,9 @@ class ArnoldiInfluenceCalculator:
             device=model.device,
         )
         projector = basis.projector
+        if isinstance(projector, HostProjector) and self._projector_to_device:
+            rows = model.xp.asarray(projector.rows, device=model.device)
+            return dataclasses.replace(basis, projector=rows)
         if isinstance(projector, HostProjector) and projector.path is not None:
             # G's file lives as long as the eigenbasis (and goes at exit or on SIGTERM).
             register_for_cleanup(projector.path)
@@ -654,8 +671,8 @@ class ArnoldiInfluenceCalculator:
     def G(self) -> Any:
         """The projector, shape (k, p), in the working dtype on the model's device.
 
-        With the basis off the device (``basis_placement`` ``"host"`` or ``"disk"``), ``G``
-        stays there too: a NumPy array, or a read-only memory map of its file.
+        With ``basis_location`` ``"host"`` or ``"disk"`` (or ``"auto"`` past ``basis_memory``),
+        ``G`` stays where the basis was: a NumPy array, or a read-only memory map of its file.
         """
         projector = self.eigenbasis.projector
         return projector.view() if isinstance(projector, HostProjector) else projector

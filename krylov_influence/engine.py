@@ -199,6 +199,16 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
         """The device of parameters and operator outputs, as ``xp`` understands it."""
 
     @property
+    def host_memory(self) -> bool:
+        """Whether :attr:`device` keeps its arrays in host memory (a CPU device).
+
+        The calculator then orthogonalises the Krylov basis with NumPy on the host
+        (``basis_location="auto"``): the same memory, without a framework dispatch per step.
+        Default ``False`` (the basis stays on the device).
+        """
+        return False
+
+    @property
     @abc.abstractmethod
     def num_parameters(self) -> int:
         """``p``: the length of the flat parameter vector."""

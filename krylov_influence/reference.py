@@ -197,6 +197,10 @@ class NumpyInfluenceModel(InfluenceModel):
         return "cpu"
 
     @property
+    def host_memory(self) -> bool:
+        return True
+
+    @property
     def num_parameters(self) -> int:
         return int(self._theta.size)
 

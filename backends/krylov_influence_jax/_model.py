@@ -116,6 +116,10 @@ class JaxInfluenceModel(InfluenceModel):
         return self._device
 
     @property
+    def host_memory(self) -> bool:
+        return self._device.platform == "cpu"
+
+    @property
     def num_parameters(self) -> int:
         return int(self._theta.shape[0])
 

@@ -211,6 +211,10 @@ class TorchInfluenceModel(InfluenceModel):
         return self._device
 
     @property
+    def host_memory(self) -> bool:
+        return self._device.type == "cpu"
+
+    @property
     def num_parameters(self) -> int:
         """``p``: the number of chosen scalars."""
         return int(self._theta.numel())

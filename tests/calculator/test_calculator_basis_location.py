@@ -186,7 +186,7 @@ def test_auto_takes_the_disk_above_the_budget_and_resumes_there(tmp_path):
     small = ArnoldiInfluenceCalculator(
         model, train, 12, True, 6, "float64", basis_memory=12 * 15 * 8, basis_dir=tmp_path
     )
-    assert small.basis_placement == "device"
+    assert small.basis_placement == "host"  # the numpy engine's device is the host's
     over = ArnoldiInfluenceCalculator(
         model, train, 12, True, 6, "float64", basis_memory="1KiB", basis_dir=tmp_path
     )
@@ -207,6 +207,40 @@ def test_auto_takes_the_disk_above_the_budget_and_resumes_there(tmp_path):
         checkpoint_every=4,
     )
     assert resumed.resumed_from is None and not checkpoint.exists()
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch", "jax", "tensorflow"])
+def test_auto_orthogonalises_a_cpu_basis_on_the_host_and_keeps_g_on_the_device(engine, tmp_path):
+    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
+    n = 30
+    if engine == "numpy":
+        spec, n = training_spec(), 9
+    model, train = build(engine_class(engine), spec)
+    assert model.host_memory  # every engine's CPU
+    device = _fit(model, train, "device", tmp_path, n=n)
+    auto = _fit(model, train, "auto", tmp_path, n=n)
+    assert auto.basis_placement == "host" and device.basis_placement == "device"
+    # G is the model's array on its device, as with the basis there, not a NumPy copy.
+    assert type(auto.G) is type(device.G)
+    assert str(model.xp.asarray(auto.G).device) == str(model.xp.asarray(device.G).device)
+    np.testing.assert_allclose(
+        auto.eigenbasis.ritz.spectrum, device.eigenbasis.ritz.spectrum, rtol=1e-12, atol=1e-14
+    )
+    np.testing.assert_allclose(auto.self_influence(train), device.self_influence(train), rtol=1e-10)
+
+
+def test_auto_keeps_the_basis_on_a_device_that_is_not_the_hosts(tmp_path):
+    engine = engine_class("numpy")
+    model, train = build(engine, training_spec())
+
+    class Accelerated(type(model)):
+        """The reference model, declared as on a device with its own memory."""
+
+        host_memory = False
+
+    model.__class__ = Accelerated
+    auto = _fit(model, train, "auto", tmp_path, n=9)
+    assert auto.basis_placement == "device"
 
 
 def test_bad_basis_settings(tmp_path):
