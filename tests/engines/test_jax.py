@@ -268,10 +268,25 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(rows, monkeyp
         raise AssertionError("projection='auto' took the JVP route")
 
     monkeypatch.setattr(model._kernels, "project", no_jvps)
+    chunks: list[int] = []  # rows of every chunk the kernels see
+    for name in ("gradient_project", "gradient_project_and_losses"):
+        kernel = getattr(model._kernels, name)
+
+        def counted(theta, fixed, x, *rest, kernel=kernel):
+            chunks.append(int(x.shape[0]))
+            return kernel(theta, fixed, x, *rest)
+
+        monkeypatch.setattr(model._kernels, name, counted)
     G = np.random.default_rng(18).standard_normal((5, p))
     for batch, (x, y) in zip(batches, spec.numpy_batches()):
         expected = spec.gradients(x, y) @ G.T
+        chunks.clear()
         assert_close(model.project(model.from_numpy(G), batch), expected, rtol_of("float64"))
+        projected, losses = model.project_and_losses(model.from_numpy(G), batch)
+        assert_close(projected, expected, rtol_of("float64"))
+        assert_close(losses, spec.losses(x, y), rtol_of("float64"))
+        # Equal chunks (the last one padded, its extra rows dropped): one compiled shape.
+        assert len(set(chunks)) == 1 and chunks[0] <= rows
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
