@@ -214,7 +214,10 @@ class Kernel:
                 self._next_route(failures, error)
                 continue
             if route.declines is not None and route.declines(concrete) is not None:
-                self._index += 1  # a choice, not a failure: no warning
+                # A choice, not a failure: no warning. The routes after it that share the test
+                # are skipped untraced (it asks about the model, e.g. its convolutions).
+                while self._routes[self._index].declines is route.declines:
+                    self._index += 1
                 continue
             if not route.jit_compile:
                 return function(*args)
