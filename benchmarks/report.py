@@ -163,6 +163,12 @@ def table(
         if args.peer_repeats
         else ""
     )
+    rounds = getattr(args, "rounds", 1)
+    if rounds > 1:
+        repeats += (
+            f" in each of {rounds} rounds, every peer once per round in alternating order "
+            "(the medians pool the rounds' repeats after each round's first)"
+        )
     lines = [f"Problem `{args.problem}`: {info['problem']}.", ""]
     if info.get("provisional"):
         lines += [f"**Provisional figures**: {info['provisional']}.", ""]

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -340,6 +341,45 @@ def run_peer(peer: str, form: str, args: argparse.Namespace, out_dir: Path) -> d
     return result
 
 
+def pool_rounds(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """One peer and form over two rounds: every repeat of both, the medians over each
+    round's steady repeats (all but its first, a fresh process's first call, when it made two
+    or more), the first call of the first round. A failed round fails the pair."""
+    if "stages" not in earlier or "stages" not in later:
+        return earlier if "stages" not in earlier else later
+    pooled = dict(earlier)
+    pooled["rounds"] = earlier.get("rounds", 1) + 1
+    pooled["max_rss_mb"] = max(earlier.get("max_rss_mb", 0), later.get("max_rss_mb", 0))
+    pooled["subprocess_s"] = earlier.get("subprocess_s", 0) + later.get("subprocess_s", 0)
+    stages = {}
+    for name, first in earlier["stages"].items():
+        second = later["stages"].get(name)
+        if second is None:
+            stages[name] = first
+            continue
+        steady = first.get("steady", first["seconds"][1:] or first["seconds"])
+        steady_cpu = first.get("steady_cpu", first["cpu_seconds"][1:] or first["cpu_seconds"])
+        steady = steady + (second["seconds"][1:] or second["seconds"])
+        steady_cpu = steady_cpu + (second["cpu_seconds"][1:] or second["cpu_seconds"])
+        stages[name] = {
+            **first,
+            "seconds": first["seconds"] + second["seconds"],
+            "cpu_seconds": first["cpu_seconds"] + second["cpu_seconds"],
+            "steady": steady,
+            "steady_cpu": steady_cpu,
+            "median_s": statistics.median(steady),
+            "median_cpu_s": statistics.median(steady_cpu),
+            "median_of": f"the steady repeats of {pooled['rounds']} rounds",
+            "round_medians_s": [
+                *first.get("round_medians_s", [first["median_s"]]),
+                second["median_s"],
+            ],
+            "peak_mb": max(first["peak_mb"], second["peak_mb"]),
+        }
+    pooled["stages"] = stages
+    return pooled
+
+
 def run_floor(args: argparse.Namespace, out_dir: Path) -> dict[str, Any] | None:
     out = out_dir / f"{args.problem}-floor.json"
     if "floor" in args.reuse and out.exists():
@@ -425,6 +465,14 @@ def main() -> None:
         default="",
         help="per-peer repeats overriding --repeats, e.g. influenciae=2",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every peer this many times, in alternating order (ABBA), and pool their "
+        "repeats: this machine's speed drifts by 10-40 %% over minutes, which a single pass "
+        "charges to whichever peer ran during a slow spell",
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per peer and form")
     parser.add_argument(
         "--reuse",
@@ -460,6 +508,8 @@ def main() -> None:
         parser.error(f"--peer-repeats={args.peer_repeats!r}: expected peer=int[,peer=int...]")
     if args.repeats < 1 or any(n < 1 for n in args.peer_repeats.values()):
         parser.error("repeats must be at least 1")
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds}: expected at least 1")
     args.input_forms = list(INPUT_FORMS) if args.input_form == "both" else [args.input_form]
     args.cpus = pin_cpus(args.pin_cpu, args.threads)
     args.reuse = {p.strip() for p in args.reuse.split(",") if p.strip()}
@@ -512,25 +562,29 @@ def main() -> None:
             ),
         }
     floor = None if args.no_floor else run_floor(args, out_dir)
-    results = []
-    info["not_run"] = []
-    for peer in peers:
-        skipped = [f for f in args.input_forms if f not in forms_of(peer, args)]
-        if skipped:
-            info["not_run"].append(
-                f"{peer}: {', '.join(skipped)} (it accepts {', '.join(ACCEPTS[peer])} only)"
-            )
-        for form in forms_of(peer, args):
-            result = run_peer(peer, form, args, out_dir)
-            loads.append(os.getloadavg()[0])
-            if "error" in result and not result.get("reused"):
-                # Kept so that a later --reuse reports the same reason.
-                (out_dir / f"{args.problem}-{peer}-{form}.json").write_text(json.dumps(result))
-            if "stages" in result:
-                result["accuracy"] = accuracy(result, oracle, problem)
-            else:
-                print(f"   {peer} ({form}): {result['error']}", flush=True)
-            results.append(result)
+    pooled: dict[tuple[str, str], dict[str, Any]] = {}
+    info["not_run"] = [
+        f"{peer}: {', '.join(skipped)} (it accepts {', '.join(ACCEPTS[peer])} only)"
+        for peer in peers
+        if (skipped := [f for f in args.input_forms if f not in forms_of(peer, args)])
+    ]
+    info["rounds"] = args.rounds
+    for round_index in range(args.rounds):
+        for peer in peers if round_index % 2 == 0 else peers[::-1]:
+            for form in forms_of(peer, args):
+                result = run_peer(peer, form, args, out_dir)
+                loads.append(os.getloadavg()[0])
+                if "error" in result and not result.get("reused"):
+                    # Kept so that a later --reuse reports the same reason.
+                    (out_dir / f"{args.problem}-{peer}-{form}.json").write_text(json.dumps(result))
+                if "stages" in result and (peer, form) not in pooled:
+                    result["accuracy"] = accuracy(result, oracle, problem)
+                elif "stages" not in result:
+                    print(f"   {peer} ({form}): {result['error']}", flush=True)
+                earlier = pooled.get((peer, form))
+                pooled[(peer, form)] = result if earlier is None else pool_rounds(earlier, result)
+    # In the first round's order (dicts keep insertion order).
+    results = list(pooled.values())
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     info["load_max"] = max(loads)
     if info["load_max"] > (os.cpu_count() or 1):
