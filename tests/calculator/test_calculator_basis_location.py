@@ -35,6 +35,22 @@ def tiny_blocks(monkeypatch):
     assert host_basis_module.DEFAULT_BLOCK_BYTES > 0
 
 
+def _small_model(engine):
+    """``(model, batches, n)``: a small MLP in ``engine`` and the Krylov dimension to fit.
+
+    The NumPy engine's spec is softmax regression, whose Hessian has a 5-fold eigenvalue
+    (l2): a Krylov space of one vector stops at 11 of p = 15, and near that the next row is
+    round-off amplified and differs between any two summation orders. Below it (n = 9), both
+    paths are well determined.
+    """
+    if engine == "numpy":
+        model, train = build(engine_class(engine), training_spec())
+        return model, train, 9
+    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
+    model, train = build(engine_class(engine), spec)
+    return model, train, 30
+
+
 def _fit(model, train, location, tmp_path, dtype="float64", **options):
     return ArnoldiInfluenceCalculator(
         model,
@@ -54,14 +70,7 @@ def _fit(model, train, location, tmp_path, dtype="float64", **options):
 @pytest.mark.parametrize("engine", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("location", ["host", "disk"])
 def test_the_fit_off_the_device_equals_the_fit_on_it(engine, location, tmp_path):
-    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
-    if engine == "numpy":
-        spec = training_spec()
-    model, train = build(engine_class(engine), spec)
-    # Softmax regression's Hessian has a 5-fold eigenvalue (l2), so a Krylov space of one
-    # vector stops at 11 of p = 15; near that, the next row is round-off amplified and differs
-    # between any two summation orders. Below it, both paths are well determined.
-    n = 9 if engine == "numpy" else 30
+    model, train, n = _small_model(engine)
     device = _fit(model, train, "device", tmp_path, n=n, complement="mean")
     off = _fit(model, train, location, tmp_path, n=n, complement="mean")
     assert device.basis_placement == "device" and off.basis_placement == location
@@ -165,11 +174,7 @@ def test_block_arnoldi_off_the_device_takes_the_same_steps_and_resumes(rank):
 
 @pytest.mark.parametrize("engine", ["numpy", "torch", "jax"])
 def test_a_block_fit_on_disk_equals_the_block_fit_on_the_device(engine, tmp_path):
-    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
-    n = 30
-    if engine == "numpy":
-        spec, n = training_spec(), 9
-    model, train = build(engine_class(engine), spec)
+    model, train, n = _small_model(engine)
     device = _fit(model, train, "device", tmp_path, n=n, block_size=3, complement="mean")
     disk = _fit(model, train, "disk", tmp_path, n=n, block_size=3, complement="mean")
     assert disk.basis_placement == "disk"
@@ -211,11 +216,7 @@ def test_auto_takes_the_disk_above_the_budget_and_resumes_there(tmp_path):
 
 @pytest.mark.parametrize("engine", ["numpy", "torch", "jax", "tensorflow"])
 def test_auto_orthogonalises_a_cpu_basis_on_the_host_and_keeps_g_on_the_device(engine, tmp_path):
-    spec = random_mlp_spec(np.random.default_rng(5), (4, 5, 3), num_examples=23, batch_size=5)
-    n = 30
-    if engine == "numpy":
-        spec, n = training_spec(), 9
-    model, train = build(engine_class(engine), spec)
+    model, train, n = _small_model(engine)
     assert model.host_memory  # every engine's CPU
     device = _fit(model, train, "device", tmp_path, n=n)
     auto = _fit(model, train, "auto", tmp_path, n=n)
