@@ -231,7 +231,6 @@ class ArnoldiInfluenceCalculator:
     basis_memory: int | None = None  # None: a quarter of physical memory
     basis_dir: str | None = None
     basis_placement: str = "device"
-    _projector_to_device: bool = False
 
     def __init__(
         self,
@@ -466,9 +465,6 @@ class ArnoldiInfluenceCalculator:
         p = int(model.num_parameters)
         nbytes = subspace_dim * p * np.dtype(self.dtype).itemsize
         location = self.basis_location
-        # A basis "auto" put in host memory because the device is the host's: G goes to the
-        # device after the fit, as if the basis had been there.
-        self._projector_to_device = False
         if location == "auto":
             budget = _physical_memory() // 4 if self.basis_memory is None else self.basis_memory
             if nbytes > budget:
@@ -477,7 +473,7 @@ class ArnoldiInfluenceCalculator:
                 # The same memory, and NumPy's blocked CGS2 costs 0.4x a framework's steps on
                 # the digits MLP (no dispatch per step) and 0.8x on the 525 828-parameter
                 # transformer (one CPU thread; docs/benchmarks.md).
-                location, self._projector_to_device = "host", True
+                location = "host"  # G goes to the device after the fit (_built_eigenbasis)
             else:
                 location = "device"
         self.basis_placement = location
@@ -546,7 +542,9 @@ class ArnoldiInfluenceCalculator:
             device=model.device,
         )
         projector = basis.projector
-        if isinstance(projector, HostProjector) and self._projector_to_device:
+        if self.basis_location == "auto" and self.basis_placement == "host":
+            # "auto" put the basis in host memory because the device is the host's: G goes to
+            # the device, as if the basis had been there.
             rows = model.xp.asarray(projector.rows, device=model.device)
             return dataclasses.replace(basis, projector=rows)
         if isinstance(projector, HostProjector) and projector.path is not None:
