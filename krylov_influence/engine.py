@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,7 @@ __all__ = [
     "EngineCapabilities",
     "HessianOperator",
     "InfluenceModel",
+    "LastArrayCache",
     "ShardedHessianData",
 ]
 
@@ -467,6 +469,55 @@ class InfluenceModel(abc.ABC, metaclass=_DispatchingMeta):
         digest.update(str(values.size).encode())
         digest.update(values.tobytes())
         return digest.hexdigest()[:32]
+
+
+class LastArrayCache:
+    """``derive(array)`` for the last array given, kept while that array lives.
+
+    For an operator called with the same large argument many times, e.g. ``project(G, batch)``
+    over every batch of a training set with one projector, whose engine first rearranges
+    ``G`` (per parameter, transposed). The entry is keyed by the array's identity and dropped
+    when the array is garbage-collected (a weak reference), so a new array that happens to
+    reuse a freed one's ``id`` never meets its derived value. Identity is only equality for
+    **immutable** arrays (``jax.Array``, TensorFlow's eager tensors): an engine must not
+    pass arrays that can change in place (NumPy, torch).
+
+    Parameters
+    ----------
+    derive : callable
+        ``derive(array) -> value``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> calls = []
+    >>> cache = LastArrayCache(lambda a: calls.append(1) or a.T.copy())
+    >>> a = np.ones((2, 3))  # a NumPy array for the example only: it could change in place
+    >>> cache(a).shape, cache(a).shape, len(calls)
+    ((3, 2), (3, 2), 1)
+    """
+
+    def __init__(self, derive: Callable[[Any], Any]):
+        self._derive = derive
+        self._entry: tuple[weakref.ref[Any], Any] | None = None
+
+    def __call__(self, array: Any) -> Any:
+        entry = self._entry  # one read: another thread may replace it meanwhile
+        if entry is not None and entry[0]() is array:
+            return entry[1]
+        value = self._derive(array)
+        try:
+            reference = weakref.ref(array, self._forget)
+        except TypeError:  # no weak references to this type: nothing is kept
+            return value
+        self._entry = (reference, value)
+        return value
+
+    def _forget(self, reference: weakref.ref[Any]) -> None:
+        """The array of ``reference`` is gone: drop its value (unless replaced already)."""
+        entry = self._entry
+        if entry is not None and entry[0] is reference:
+            self._entry = None
 
 
 class Engine(abc.ABC):

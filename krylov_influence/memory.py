@@ -225,10 +225,15 @@ def estimate_memory(
     else:
         add("eigen-reduction", "projector G = Yᵀ Q, built over column blocks", (k, p), "host")
         add("eigen-reduction", "projector G", (k, p))
+    # JAX and TensorFlow split G per parameter and transpose it once per projector, and keep
+    # that copy while the projector lives (torch and NumPy project with G as it is).
+    split = "G split per parameter and transposed (JAX, TensorFlow)"
     add("projection", "projector G", (k, p))
+    add("projection", split, (k, p))
     add("projection", *_projection_block(batch, p, k, size, complement))
     add("projection", "projections and influence vectors", (2, batch, k))
     add("scores", "projector G", (k, p))
+    add("scores", split, (k, p))
     add("scores", *_projection_block(queries, p, k, size, complement, "query "))
     if complement:
         add("scores", "training batch's per-example gradients", (batch, p))

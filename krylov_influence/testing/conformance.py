@@ -182,14 +182,21 @@ class EngineConformance:
         self, spec: MLPSpec, dtype: str, k: int, seed: int
     ) -> None:
         model, batches = self._build(spec, dtype)
-        projector = np.random.default_rng(seed).standard_normal((k, spec.num_parameters))
-        projector /= np.linalg.norm(projector, axis=1, keepdims=True)
+        rng = np.random.default_rng(seed)
+        # Two projectors held as engine arrays and used in turn on every batch: an engine
+        # that keeps what it derived from a projector (split, transposed) must never serve
+        # it for the other one.
+        projectors = [rng.standard_normal((k, spec.num_parameters)) for _ in range(2)]
+        projectors = [g / np.linalg.norm(g, axis=1, keepdims=True) for g in projectors]
+        held = [model.from_numpy(g) for g in projectors]
         for batch, index in zip(batches, spec.batch_slices()):
-            projected = self._host(model, model.project(model.from_numpy(projector), batch))
-            expected = spec.gradients(spec.x[index], spec.y[index]) @ projector.T
-            _close(projected, expected, dtype, "projection", scale=2.0)
+            grads = spec.gradients(spec.x[index], spec.y[index])
+            for projector, array in zip(projectors * 2, held * 2):
+                projected = self._host(model, model.project(array, batch))
+                _close(projected, grads @ projector.T, dtype, "projection", scale=2.0)
             # The pass a store records: the same projections and the batch's losses.
-            both, losses = model.project_and_losses(model.from_numpy(projector), batch)
+            both, losses = model.project_and_losses(model.from_numpy(projectors[0]), batch)
+            expected = grads @ projectors[0].T
             _close(self._host(model, both), expected, dtype, "project_and_losses", scale=2.0)
             expected_losses = spec.losses(spec.x[index], spec.y[index])
             _close(self._host(model, losses), expected_losses, dtype, "project_and_losses")
