@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylov_influence.engine import EngineCapabilities, InfluenceModel
+from krylov_influence.engine import EngineCapabilities, InfluenceModel, LastArrayCache
 from krylov_influence_jax import _batches, _kernels
 from krylov_influence_jax._kernels import Kernels, Program
 from krylov_influence_jax._libraries import adapt
@@ -116,6 +116,8 @@ class JaxInfluenceModel(InfluenceModel):
         self._device = device
         self._batch_keys = batch_keys
         self._jvp_chunk_size = jvp_chunk_size
+        # The last projector's blocks, kept while that projector lives (see _projected).
+        self._split_projector = LastArrayCache(self._projector_blocks)
 
     # ----------------------------------------------------------------- placement and precision
     @property
@@ -315,42 +317,47 @@ class JaxInfluenceModel(InfluenceModel):
         G = self._vector(projector, 2, "projector")
         staged = self._stage(batch)
         x, y, size = staged.x, staged.y, staged.size
-        kernels = self._kernels
-        block = size * self.num_parameters * self._dtype.itemsize
-        gradient_kernel = (
-            kernels.gradient_project_and_losses if with_losses else kernels.gradient_project
-        )
+        row = self.num_parameters * self._dtype.itemsize
         if self._projection == "gradients" or (
-            self._projection == "auto" and block <= self.GRADIENT_PROJECTION_BYTES
+            self._projection == "auto" and size * row <= self.GRADIENT_PROJECTION_BYTES
         ):
-            return gradient_kernel(self._theta, self._fixed, x, y, G, self._l2_array)
-        if self._projection == "auto":
+            pieces = 1
+        elif self._projection == "auto":
             # Per-example gradients over chunks of examples whose (chunk, p) block fits the
             # budget: memory as bounded as the JVPs', and one gradient pass cost 4.7x less
-            # CPU than k = 20 JVPs on the benchmark CNN (benchmarks/engine_floor.py). Equal
-            # chunks, the last one padded with copies of the batch's last example (rows
-            # dropped after): one compiled shape per batch size, where a shorter last chunk
-            # was a second compilation (4.7 s for the transformer's, against 1.1 s for the
-            # whole projection pass once compiled).
-            row = self.num_parameters * self._dtype.itemsize
+            # CPU than k = 20 JVPs on the benchmark CNN (benchmarks/engine_floor.py).
             pieces = -(-size // max(1, self.GRADIENT_PROJECTION_BYTES // row))
-            step = -(-size // pieces)
-            parts = [
-                gradient_kernel(
-                    self._theta,
-                    self._fixed,
-                    *_padded_rows((x, y), start, step, size),
-                    G,
-                    self._l2_array,
-                )
-                for start in range(0, size, step)
-            ]
-            if with_losses:
-                return tuple(jnp.concatenate(list(part), axis=0)[:size] for part in zip(*parts))
-            return jnp.concatenate(parts, axis=0)[:size]
-        chunk = self._chunk(size, int(G.shape[0]))
-        jvp_kernel = kernels.project_and_losses if with_losses else kernels.project
-        return jvp_kernel(self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk)
+        else:
+            kernel = self._kernels.project_and_losses if with_losses else self._kernels.project
+            chunk = self._chunk(size, int(G.shape[0]))
+            return kernel(self._theta, self._fixed, x, y, G, self._l2_array, chunk=chunk)
+        # A jax.Array cannot change in place, so the blocks built for it serve every batch
+        # it projects (a self-influence pass); another input is converted anew at each call.
+        blocks = self._split_projector(projector if isinstance(projector, jax.Array) else G)
+        # Equal chunks, the last one padded with copies of the batch's last example (rows
+        # dropped after): one compiled shape per batch size, where a shorter last chunk was
+        # a second compilation (4.7 s for the transformer's, against 1.1 s for the whole
+        # projection pass once compiled).
+        step = -(-size // pieces)
+        parts = [
+            self._kernels.gradient_project_and_losses(
+                self._theta,
+                self._fixed,
+                *((x, y) if pieces == 1 else _padded_rows((x, y), start, step, size)),
+                *blocks,
+            )
+            for start in range(0, size, step)
+        ]
+        if pieces == 1:
+            projected, losses = parts[0]
+        else:
+            projected, losses = (jnp.concatenate(list(p), axis=0)[:size] for p in zip(*parts))
+        return (projected, losses) if with_losses else projected
+
+    def _projector_blocks(self, projector: Any) -> Any:
+        """:func:`~krylov_influence_jax._kernels._projector_blocks` of a (k, p) projector."""
+        G = self._vector(projector, 2, "projector")
+        return self._kernels.projector_blocks(G, self._theta, self._l2_array)
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one compiled per-example gradient program."""

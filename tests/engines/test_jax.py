@@ -269,14 +269,13 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(rows, monkeyp
 
     monkeypatch.setattr(model._kernels, "project", no_jvps)
     chunks: list[int] = []  # rows of every chunk the kernels see
-    for name in ("gradient_project", "gradient_project_and_losses"):
-        kernel = getattr(model._kernels, name)
+    kernel = model._kernels.gradient_project_and_losses
 
-        def counted(theta, fixed, x, *rest, kernel=kernel):
-            chunks.append(int(x.shape[0]))
-            return kernel(theta, fixed, x, *rest)
+    def counted(theta, fixed, x, *rest):
+        chunks.append(int(x.shape[0]))
+        return kernel(theta, fixed, x, *rest)
 
-        monkeypatch.setattr(model._kernels, name, counted)
+    monkeypatch.setattr(model._kernels, "gradient_project_and_losses", counted)
     G = np.random.default_rng(18).standard_normal((5, p))
     for batch, (x, y) in zip(batches, spec.numpy_batches()):
         expected = spec.gradients(x, y) @ G.T
@@ -459,7 +458,8 @@ def test_compiled_programs_are_reused_across_calls_batches_and_bindings():
 
     def sizes() -> tuple[int, int]:
         # The projection of this small model takes the gradients route (projection="auto").
-        return model._kernels.hvp_sum._cache_size(), model._kernels.gradient_project._cache_size()
+        kernels = model._kernels
+        return kernels.hvp_sum._cache_size(), kernels.gradient_project_and_losses._cache_size()
 
     before = sizes()
     v = model.from_numpy(np.ones(model.num_parameters))

@@ -40,7 +40,8 @@ OPERATORS = (
     "hvps_sum",
     "finish",
     "project",
-    "gradient_project",
+    "projector_blocks",
+    "gradient_project_and_losses",
     "gradient_project_with_norms",
     "per_example_grads",
 )
