@@ -8,8 +8,14 @@ so a new batch size or a new number of vectors retraces at most once more (to a 
   ``hvps``: forward-over-reverse, a ``tf.autodiff.ForwardAccumulator`` around a
   ``tf.GradientTape``, vectorised over the vectors with ``tf.vectorized_map``; batches are
   weighted by their size (the sum over a batch is divided by the total count at the end);
-- ``project``: JVPs of the per-example losses along each row of the projector, vectorised over
-  the rows with ``tf.vectorized_map`` (never a loop over examples or rows), chunked over rows;
+- ``project``, gradient route (``projection="auto"``, the default, and ``"gradients"``):
+  ``tf.vectorized_map`` over examples of a one-example gradient, one tensor per parameter,
+  each multiplied by its block of ``Gᵀ`` (``G`` split and transposed once per projector); an
+  ``Embedding``'s gradient stays its gathered rows where gathering the projector's rows at the
+  example's tokens moves fewer numbers than the dense table gradient;
+- ``project``, JVP route: JVPs of the per-example losses along each row of the projector,
+  vectorised over the rows with ``tf.vectorized_map`` (never a loop over examples or rows),
+  chunked over rows;
 - ``per_example_grads``: ``tf.vectorized_map`` over examples of a one-example gradient.
 
 Each of these is a :class:`~krylov_influence_tf._routes.Kernel`: when its fast route cannot be
@@ -18,7 +24,8 @@ filter, or forward mode meets Keras's recurrent ``while_loop``), it takes the ne
 is exact but slower, and says so once (see docs/layers.md for which layer takes which route):
 
 - ``per_example_grads``: ``pfor`` with a ``while_loop`` for the ops it cannot convert, then a
-  ``while_loop`` over examples;
+  ``while_loop`` over examples; ``project (gradients)`` the same two ``pfor`` routes, then
+  ``per_example_grads`` (on whichever route it takes) times ``Gᵀ``;
 - ``project`` (JVP route): per-example gradients times ``Gᵀ`` over chunks of examples whose
   (chunk, p) block fits :attr:`TensorFlowInfluenceModel.GRADIENT_PROJECTION_BYTES`;
 - ``hvp`` (one vector): reverse-over-reverse (the gradient of ``<grad, v>``), then
@@ -27,7 +34,8 @@ is exact but slower, and says so once (see docs/layers.md for which layer takes 
 - ``hvps`` (a block): forward-over-reverse vectorised by ``pfor``, with a ``while_loop``
   fallback, then reverse-over-reverse (no forward mode) in a ``while_loop`` over the vectors.
 
-``Embedding`` gradients (``IndexedSlices``) are made dense before the forward accumulator.
+``Embedding`` gradients (``IndexedSlices``) are made dense before the forward accumulator and
+everywhere but the gradient projection.
 
 The L2 term ``½ l2 ‖θ‖²`` is part of every per-example loss; its exact contributions (``l2 v``,
 ``l2 θ``, ``l2 G θ``) are added outside the autodiff.
@@ -42,7 +50,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from krylov_influence.engine import EngineCapabilities, InfluenceModel
+from krylov_influence.engine import EngineCapabilities, InfluenceModel, LastArrayCache
 from krylov_influence_tf._datasets import reshuffling_stage
 from krylov_influence_tf._dispatch import ConcreteCalls
 from krylov_influence_tf._functional import Functional
@@ -61,6 +69,7 @@ VECTORISED_LOOP_FALLBACK = "vectorised, while_loop for ops without a rule"
 LOOP = "while_loop"
 JVP_VECTORISED = "jvp, vectorised over the rows"
 GRADIENTS_IN_CHUNKS = "per-example gradients x G^T, in chunks of examples"
+FLAT_GRADIENTS = "the per_example_grads route, (B, p) x G^T"
 FORWARD_OVER_REVERSE = "forward-over-reverse"
 REVERSE_OVER_REVERSE = "reverse-over-reverse"
 HVP_MODES = (REVERSE_OVER_REVERSE, FORWARD_OVER_REVERSE)
@@ -252,14 +261,34 @@ class TensorFlowInfluenceModel(InfluenceModel):
                 losses = self._data_losses(thetas, x, y)
             return acc.jvp(losses, unconnected_gradients=_ZERO)
 
-        def example_grad(example: Any) -> tuple[tf.Tensor, tf.Tensor]:
-            """One example's flat gradient (p,) and its loss (): both from one tape."""
+        def example_leaf_grads(example: Any, k: int | None = None) -> tuple[list[Any], tf.Tensor]:
+            """One example's gradient, one tensor per parameter, and its loss (): both from one
+            tape.
+
+            With ``k`` (the rows of a projector), the gradient of a gather (an ``Embedding``'s
+            ``IndexedSlices``: N rows of the table) stays ``(values, indices)``, (N, *row) and
+            (N,), where gathering those N rows of the projector's k columns moves fewer numbers
+            than the dense (rows, *row) gradient would (N k ≤ rows); every other gradient is
+            dense.
+            """
             xi, yi = tf.nest.map_structure(lambda t: t[tf.newaxis, ...], example)
             with tf.GradientTape() as tape:
                 tape.watch(thetas)
                 loss = loss_sum(xi, yi)
-            flat = self._flatten(tape.gradient(loss, thetas, unconnected_gradients=_ZERO))
-            return flat, loss
+            grads = tape.gradient(loss, thetas, unconnected_gradients=_ZERO)
+            leaves: list[Any] = []
+            for grad, shape in zip(grads, self._shapes):
+                gathered = grad.values.shape[0] if isinstance(grad, tf.IndexedSlices) else None
+                if k is not None and gathered is not None and gathered * k <= shape[0]:
+                    leaves.append((grad.values, grad.indices))
+                else:
+                    leaves.append(tf.convert_to_tensor(grad))
+            return leaves, loss
+
+        def example_grad(example: Any) -> tuple[tf.Tensor, tf.Tensor]:
+            """One example's flat gradient (p,) and its loss ()."""
+            leaves, loss = example_leaf_grads(example)
+            return self._flatten(leaves), loss
 
         vector_spec = tf.TensorSpec([p], dtype)
 
@@ -298,6 +327,58 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
             return grads
 
+        def penalised(values: tf.Tensor) -> tf.Tensor:
+            """Per-example data losses plus the L2 term ``½ l2 ‖θ‖²``."""
+            if not self._l2:
+                return values
+            return values + 0.5 * self._l2 * tf.reduce_sum(tf.square(self._flat))
+
+        def project_leaves(how: str) -> Any:
+            """``(B, k)`` projections and ``(B,)`` losses from one pass of per-example
+            gradients, one (B, *shape) tensor per parameter, each times its block of ``Gᵀ``
+            (``blocks``, from :meth:`_split_projector`): no (B, p) block is assembled, which
+            took 0.63 s against 0.52 s for the benchmark transformer's 256 examples (one CPU
+            thread). ``rows`` (G itself) is for the fallback route only."""
+
+            def projected(
+                x: Any, y: Any, rows: tf.Tensor, blocks: list[tf.Tensor], offset: tf.Tensor
+            ) -> tuple[tf.Tensor, tf.Tensor]:
+                k = rows.shape[0]  # None once traced for several k: every gradient dense
+
+                def example(pair: Any) -> tuple[list[Any], tf.Tensor]:
+                    return example_leaf_grads(pair, k)
+
+                leaves, values = tf.vectorized_map(
+                    example, (x, y), fallback_to_while_loop=how == "pfor+loop"
+                )
+                total = offset[tf.newaxis, :]
+                for leaf, block, shape in zip(leaves, blocks, self._shapes):
+                    if isinstance(leaf, tuple):  # gathered rows (B, N, *row), indices (B, N)
+                        gathered, indices = leaf
+                        table = tf.reshape(block, [shape[0], -1, tf.shape(block)[1]])
+                        picked = tf.gather(table, indices)  # (B, N, row, k)
+                        weights = tf.reshape(gathered, tf.concat([tf.shape(indices), [-1, 1]], 0))
+                        total = total + tf.reduce_sum(picked * weights, axis=[1, 2])
+                    else:
+                        total = total + tf.matmul(tf.reshape(leaf, [tf.shape(leaf)[0], -1]), block)
+                return total, penalised(values)
+
+            return projected
+
+        def project_flat(
+            x: Any, y: Any, rows: tf.Tensor, blocks: list[tf.Tensor], offset: tf.Tensor
+        ) -> tuple[tf.Tensor, tf.Tensor]:
+            """The fallback: the per-example kernel's flat (B, p) gradients (with ``l2 θ``,
+            on whichever route that kernel takes) times ``Gᵀ``."""
+            grads, values = self._per_example(x, y)
+            return tf.matmul(grads, rows, transpose_b=True), values
+
+        def split_projector(rows: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+            blocks = [tf.transpose(block) for block in tf.split(rows, self._sizes, axis=1)]
+            if self._l2:
+                return blocks, self._l2 * tf.linalg.matvec(rows, self._flat)
+            return blocks, tf.zeros(tf.shape(rows)[:1], dtype)
+
         def project_jvp(rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
             along = tf.transpose(over_vectors(jvp_losses, "pfor")(rows, x, y))
             if self._l2:
@@ -305,10 +386,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
             return along
 
         def losses(x: Any, y: Any) -> tf.Tensor:
-            data = self._data_losses(thetas, x, y)
-            if self._l2:
-                data = data + 0.5 * self._l2 * tf.reduce_sum(tf.square(self._flat))
-            return data
+            return penalised(self._data_losses(thetas, x, y))
 
         example_routes = [
             (VECTORISED, over_examples("pfor")),
@@ -316,6 +394,19 @@ class TensorFlowInfluenceModel(InfluenceModel):
             (LOOP, over_examples("loop")),
         ]
         self._per_example = Kernel("per_example_grads", example_routes)
+        self._gradient_projection = Kernel(
+            "project (gradients)",
+            [
+                (VECTORISED, project_leaves("pfor")),
+                (VECTORISED_LOOP_FALLBACK, project_leaves("pfor+loop")),
+            ],
+            fallback=(FLAT_GRADIENTS, project_flat),
+        )
+        # G split per parameter and transposed once per projector, not once per batch (12 ms
+        # a batch for the transformer's G, 20 x 525 828).
+        self._split_projector = LastArrayCache(
+            ConcreteCalls(tf.function(split_projector, reduce_retracing=True))
+        )
         self._project = Kernel(
             "project (jvp)",
             [(JVP_VECTORISED, project_jvp)],
@@ -347,12 +438,16 @@ class TensorFlowInfluenceModel(InfluenceModel):
         self._losses = Kernel("losses", [("forward", losses)])
 
     def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """Per-example gradients (B, p) times ``rowsᵀ``, and the losses (B,) of the pass."""
-        grads, losses = self._example_grads(x, y)
-        return tf.matmul(grads, rows, transpose_b=True), losses
+        """Per-example gradients times ``rowsᵀ`` (B, k), and the losses (B,) of the pass."""
+        blocks, offset = self._split_projector(rows)
+        return self._per_example_call(self._gradient_projection, x, y, rows, blocks, offset)
 
     def _example_grads(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
-        """The per-example kernel: gradients (B, p) and losses (B,).
+        """The per-example kernel: gradients (B, p) and losses (B,)."""
+        return self._per_example_call(self._per_example, x, y)
+
+    def _per_example_call(self, kernel: Kernel, x: Any, y: Any, *rest: Any) -> Any:
+        """``kernel(x, y, *rest)``, a kernel of per-example outputs (a tuple of (B, ...)).
 
         A batch of one runs as two copies of its example: once the kernel has been traced
         for other batch sizes, ``pfor`` fails at run time on a batch of one through Keras's
@@ -360,10 +455,9 @@ class TensorFlowInfluenceModel(InfluenceModel):
         a training set of ``64 m + 1`` examples ends with one.
         """
         if self._count(x) != 1:
-            return self._per_example(x, y)
+            return kernel(x, y, *rest)
         doubled = tf.nest.map_structure(lambda t: tf.concat([t, t], axis=0), (x, y))
-        grads, losses = self._per_example(*doubled)
-        return grads[:1], losses[:1]
+        return tuple(out[:1] for out in kernel(*doubled, *rest))
 
     def _project_by_gradient_chunks(self, rows: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
         """``project`` where JVPs cannot be vectorised: per-example gradients times ``Gᵀ``,
@@ -390,10 +484,17 @@ class TensorFlowInfluenceModel(InfluenceModel):
     def routes(self) -> dict[str, str]:
         """The route each compiled operator takes (the fastest until a trace of it fails).
 
-        Keys: ``"per_example_grads"`` (also the ``projection="gradients"`` route),
-        ``"project (jvp)"``, ``"hvp"`` (one vector) and ``"hvps"`` (a block of vectors).
+        Keys: ``"per_example_grads"``, ``"project (gradients)"`` (``projection="gradients"``
+        and ``"auto"``), ``"project (jvp)"``, ``"hvp"`` (one vector) and ``"hvps"`` (a block of
+        vectors).
         """
-        kernels = (self._per_example, self._project, self._hvp_one, self._hvp_block)
+        kernels = (
+            self._per_example,
+            self._gradient_projection,
+            self._project,
+            self._hvp_one,
+            self._hvp_block,
+        )
         return {kernel.name: kernel.route for kernel in kernels}
 
     # ------------------------------------------------------------------------ properties
@@ -587,7 +688,10 @@ class TensorFlowInfluenceModel(InfluenceModel):
         ):
             with tf.device(self._device):
                 return self._gradient_project(projector, x, y)
-        if self._projection == "auto" and self._per_example.route != LOOP:
+        looping = self._gradient_projection.route == FLAT_GRADIENTS and (
+            self._per_example.route == LOOP
+        )
+        if self._projection == "auto" and not looping:
             # Per-example gradients over chunks of examples whose (chunk, p) block fits the
             # budget: memory as bounded as the JVPs', and cheaper than k JVPs on every model
             # measured (benchmarks/engine_floor.py); JVPs once the gradients loop.

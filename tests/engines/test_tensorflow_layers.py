@@ -300,9 +300,19 @@ def test_projection_matches_per_example_gradients(name, dtype, route):
         warnings.simplefilter("ignore", RouteFallbackWarning)
         projected = model.project(model.from_numpy(projector), (c.x, c.y)).numpy()
     assert_products_close(projected, c.grads, projector.T, dtype)
-    assert model.routes["per_example_grads"] == expected_route(name, dtype, "per_example_grads")
+    per_example = expected_route(name, dtype, "per_example_grads")
     if route == "jvp":
         assert model.routes["project (jvp)"] == expected_route(name, dtype, "project (jvp)")
+    if route == "gradients" or model.routes["project (jvp)"] == GRADIENTS_IN_CHUNKS:
+        # The projection's own per-example pass (per parameter, times G's blocks) takes
+        # the route per_example_grads takes.
+        assert model.routes["project (gradients)"] == per_example
+    if route == "gradients":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RouteFallbackWarning)
+            grads = model.per_example_grads((c.x, c.y)).numpy()
+        assert_products_close(grads, c.grads, np.eye(p), dtype)
+        assert model.routes["per_example_grads"] == per_example
     _check_project_and_losses(c, model, projector, dtype)
 
 
@@ -390,6 +400,37 @@ def test_a_fallback_is_noted_once_and_a_fast_route_not_at_all():
         fast = krylov_influence.InfluenceModel(dense.model, cross_entropy, projection="jvp")
         fast.project(fast.from_numpy(np.ones((2, fast.num_parameters))), (dense.x, dense.y))
         fast.hvps(fast.from_numpy(np.ones((4, fast.num_parameters))), [(dense.x, dense.y)])
+
+
+@pytest.mark.parametrize(("k", "gathers"), [(3, True), (20, False)])
+def test_embedding_projection_gathers_the_projector_where_that_moves_less(k, gathers):
+    """The gradient projection of an Embedding (40 rows, examples of 4 tokens) gathers the
+    projector's rows at each example's tokens when 4 k ≤ 40, and otherwise projects the dense
+    table gradient (the conversion of IndexedSlices is an UnsortedSegmentSum in the traced
+    graph); exact either way, a repeated token included. Against the tape's per-example
+    gradients, one example at a time."""
+    rng = np.random.default_rng(11)
+    inputs = keras.Input((4,), dtype="int32")
+    features = L.Flatten(dtype="float64")(L.Embedding(40, 3, dtype="float64")(inputs))
+    model = keras.Model(inputs, L.Dense(2, dtype="float64")(features))
+    _randomise(model, rng)
+    x = rng.integers(0, 40, (NUM_EXAMPLES, 4)).astype(np.int32)
+    x[0, 1] = x[0, 0]
+    y = rng.integers(0, 2, NUM_EXAMPLES).astype(np.int32)
+    bound = krylov_influence.InfluenceModel(model, cross_entropy)
+    projector = bound.from_numpy(rng.standard_normal((k, bound.num_parameters)))
+    projected, losses = bound.project_and_losses(projector, (x, y))
+    assert_products_close(
+        projected.numpy(), _oracle_gradients(model, x, y), projector.numpy().T, "float64"
+    )
+    expected_losses = cross_entropy(y, model(x)).numpy()
+    np.testing.assert_allclose(losses.numpy(), expected_losses, rtol=1e-12, atol=1e-12)
+    kernel = bound._gradient_projection._compiled[0]  # the vectorised route, traced above
+    staged = bound._stage((x, y))
+    graph = kernel.get_concrete_function(*staged, projector, *bound._split_projector(projector))
+    ops = {op.type for op in graph.graph.get_operations()}
+    assert ("UnsortedSegmentSum" not in ops) is gathers
+    assert bound.routes["project (gradients)"] == VECTORISED
 
 
 def test_projection_in_chunks_of_examples_matches(monkeypatch):
