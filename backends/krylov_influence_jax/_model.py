@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -68,6 +69,15 @@ def _padded_rows(tree: Any, start: int, step: int, size: int) -> Any:
     return jax.tree_util.tree_map(rows, tree)
 
 
+def _projector_blocks(
+    kernels: Kernels, theta: Any, l2: Any, dtype: Any, device: Any, projector: Any
+) -> Any:
+    """:func:`~krylov_influence_jax._kernels._projector_blocks` of a (k, p) projector (its
+    shape already checked), in the model's dtype on its device."""
+    G = jax.device_put(jnp.asarray(projector, dtype=dtype), device)
+    return kernels.projector_blocks(G, theta, l2)
+
+
 class JaxInfluenceModel(InfluenceModel):
     """A JAX model bound to the ``jax`` engine (see :class:`krylov_influence.InfluenceModel`).
 
@@ -116,8 +126,11 @@ class JaxInfluenceModel(InfluenceModel):
         self._device = device
         self._batch_keys = batch_keys
         self._jvp_chunk_size = jvp_chunk_size
-        # The last projector's blocks, kept while that projector lives (see _projected).
-        self._split_projector = LastArrayCache(self._projector_blocks)
+        # The last projector's blocks, kept while that projector lives (see _projected). A
+        # partial of what it needs, not a method: no reference cycle through the model.
+        self._split_projector = LastArrayCache(
+            functools.partial(_projector_blocks, kernels, theta, self._l2_array, dtype, device)
+        )
 
     # ----------------------------------------------------------------- placement and precision
     @property
@@ -353,11 +366,6 @@ class JaxInfluenceModel(InfluenceModel):
         else:
             projected, losses = (jnp.concatenate(list(p), axis=0)[:size] for p in zip(*parts))
         return (projected, losses) if with_losses else projected
-
-    def _projector_blocks(self, projector: Any) -> Any:
-        """:func:`~krylov_influence_jax._kernels._projector_blocks` of a (k, p) projector."""
-        G = self._vector(projector, 2, "projector")
-        return self._kernels.projector_blocks(G, self._theta, self._l2_array)
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:
         """``G g`` (B, k) and ``‖g‖²`` (B,) from one compiled per-example gradient program."""
