@@ -322,8 +322,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
                     )
                 if self._l2:
                     out = out + self._l2 * self._flat[tf.newaxis, :]
-                    values = values + 0.5 * self._l2 * tf.reduce_sum(tf.square(self._flat))
-                return out, values
+                return out, penalised(values)
 
             return grads
 
