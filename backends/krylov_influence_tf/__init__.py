@@ -141,8 +141,9 @@ class TensorFlowEngine(Engine):
             ``project`` by vectorised JVPs or by per-example gradients times ``Gᵀ``;
             ``"auto"`` takes gradients when the (B, p) block fits 64 MiB.
         hvp_mode : {"reverse-over-reverse", "forward-over-reverse"}
-            The route of a single Hessian-vector product tried first (the other is its
-            fallback); see :class:`~krylov_influence_tf._model.TensorFlowInfluenceModel`.
+            The mode of Hessian-vector products tried first, for one vector and for blocks
+            (the other is its fallback); see
+            :class:`~krylov_influence_tf._model.TensorFlowInfluenceModel`.
         jit_compile : {False, "auto", True}
             Compile the single HVP with XLA (``"auto"``: on a CPU unless the model has
             convolutions, which XLA:CPU runs slower). It pays after its compilation only for

@@ -31,8 +31,10 @@ is exact but slower, and says so once (see docs/layers.md for which layer takes 
 - ``hvp`` (one vector): reverse-over-reverse (the gradient of ``<grad, v>``), then
   forward-over-reverse (the order reversed by ``hvp_mode="forward-over-reverse"``); with
   ``jit_compile``, both are first tried compiled by XLA;
-- ``hvps`` (a block): forward-over-reverse vectorised by ``pfor``, with a ``while_loop``
-  fallback, then reverse-over-reverse (no forward mode) in a ``while_loop`` over the vectors.
+- ``hvps`` (a block): reverse-over-reverse vectorised by ``pfor`` over the block (the forward
+  pass and the gradient once, then the gradient's VJP along each vector), forward-over-reverse
+  vectorised, then each in a ``while_loop`` over the vectors (the mode order reversed by
+  ``hvp_mode="forward-over-reverse"``, as for one vector).
 
 ``Embedding`` gradients (``IndexedSlices``) are made dense before the forward accumulator and
 everywhere but the gradient projection.
@@ -115,12 +117,14 @@ class TensorFlowInfluenceModel(InfluenceModel):
         :attr:`GRADIENT_PROJECTION_BYTES` when the whole (B, p) block does not, and JVPs once
         per-example gradients take the ``while_loop`` route.
     hvp_mode : {"reverse-over-reverse", "forward-over-reverse"}
-        The route a single Hessian-vector product (``block_size=1``) tries first; the other
-        is its fallback. Reverse-over-reverse (the gradient of ``<grad, v>``, the default)
-        took 0.81×, 0.88× and 1.01× the CPU time of forward-over-reverse on the benchmark
-        digits MLP, CNN and transformer (TensorFlow 2.21, one CPU, alternating in one
-        process), and needs no forward mode (Keras's recurrent layers). Blocks of vectors
-        vectorise forward-over-reverse in either mode.
+        The mode a Hessian-vector product tries first, for one vector (``block_size=1``) and
+        for blocks; the other is its fallback. Reverse-over-reverse (the gradient's VJP, the
+        default) took 0.81×, 0.88× and 1.01× the CPU time of forward-over-reverse on the
+        benchmark digits MLP, CNN and transformer (TensorFlow 2.21, one CPU, alternating in
+        one process), and needs no forward mode (Keras's recurrent layers). Blocks take the
+        same order: reverse-over-reverse vectorised over the block took 0.46–0.68× and
+        0.85–0.89× the time of single HVPs per vector on the digits MLP and the transformer
+        (blocks of 8), forward-over-reverse 0.48–0.72× and 0.91–0.94×.
     jit_compile : {False, "auto", True}
         Compile the single Hessian-vector product with XLA: ``True`` on any device and
         graph; ``"auto"`` on a CPU unless the graph has convolutions; ``False`` (default)
@@ -239,22 +243,41 @@ class TensorFlowInfluenceModel(InfluenceModel):
                 grads = [tf.convert_to_tensor(g) for g in grads]  # Embedding: IndexedSlices
             return self._flatten(acc.jvp(grads, unconnected_gradients=_ZERO))
 
-        def hvp_reverse(vector: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
-            """Reverse-over-reverse: the gradient of ``<grad, vector>``, no forward mode
-            (Keras's recurrent layers run a ``while_loop`` that forward mode cannot enter)."""
+        def taped_gradient(x: Any, y: Any) -> tuple[tf.GradientTape, list[tf.Tensor]]:
+            """The gradient (dense), and the tape that recorded it for a second reverse pass."""
             with tf.GradientTape() as outer:
                 outer.watch(thetas)
                 with tf.GradientTape() as inner:
                     inner.watch(thetas)
                     total = loss_sum(x, y)
                 grads = inner.gradient(total, thetas, unconnected_gradients=_ZERO)
-                dot = tf.add_n(
-                    [
-                        tf.reduce_sum(tf.convert_to_tensor(g) * v)
-                        for g, v in zip(grads, self._unflatten(vector))
-                    ]
+                grads = [tf.convert_to_tensor(g) for g in grads]  # Embedding: IndexedSlices
+            return outer, grads
+
+        def gradient_vjp(outer: Any, grads: list[tf.Tensor], vector: tf.Tensor) -> tf.Tensor:
+            """The VJP of the gradient along ``vector``: Hv (the Hessian is symmetric)."""
+            cotangents = self._unflatten(vector)
+            return self._flatten(
+                outer.gradient(
+                    grads, thetas, output_gradients=cotangents, unconnected_gradients=_ZERO
                 )
-            return self._flatten(outer.gradient(dot, thetas, unconnected_gradients=_ZERO))
+            )
+
+        def hvp_reverse(vector: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            """Reverse-over-reverse: the gradient's VJP, no forward mode (Keras's recurrent
+            layers run a ``while_loop`` that forward mode cannot enter)."""
+            outer, grads = taped_gradient(x, y)
+            return gradient_vjp(outer, grads, vector)
+
+        def hvps_reverse(vectors: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            """Reverse-over-reverse for a block (b, p): the forward pass and the gradient once,
+            then the gradient's VJP along each vector, vectorised over the block."""
+            outer, grads = taped_gradient(x, y)
+            return tf.vectorized_map(
+                lambda vector: gradient_vjp(outer, grads, vector),
+                vectors,
+                fallback_to_while_loop=False,
+            )
 
         def jvp_losses(row: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
             with tf.autodiff.ForwardAccumulator(thetas, self._unflatten(row)) as acc:
@@ -423,15 +446,23 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
         self._finish = ConcreteCalls(tf.function(finish, reduce_retracing=True))
         self._hvp_one = Kernel("hvp", [*self._xla_routes(graph_routes), *graph_routes])
+        # A block: vectorised over its vectors (reverse-over-reverse shares the forward pass
+        # and the gradient), else a while_loop over them, each in the single vector's mode
+        # order. No pfor with a while_loop fallback: on the benchmark CNN (pfor has no rule
+        # for a convolution's filter tangent) it took 1.38x the time of single HVPs per
+        # vector, the while_loop 0.95-0.99x (benchmarks/tf_block_routes.py).
+        block_routes = {
+            REVERSE_OVER_REVERSE: (hvps_reverse, over_vectors(hvp_reverse, "loop")),
+            FORWARD_OVER_REVERSE: (
+                over_vectors(hvp_forward, "pfor"),
+                over_vectors(hvp_forward, "loop"),
+            ),
+        }
         self._hvp_block = Kernel(
             "hvps",
             [
-                (f"{FORWARD_OVER_REVERSE}, {VECTORISED}", over_vectors(hvp_forward, "pfor")),
-                (
-                    f"{FORWARD_OVER_REVERSE}, {VECTORISED_LOOP_FALLBACK}",
-                    over_vectors(hvp_forward, "pfor+loop"),
-                ),
-                (f"{REVERSE_OVER_REVERSE}, {LOOP}", over_vectors(hvp_reverse, "loop")),
+                *((f"{mode}, {VECTORISED}", block_routes[mode][0]) for mode in order),
+                *((f"{mode}, {LOOP}", block_routes[mode][1]) for mode in order),
             ],
         )
         self._losses = Kernel("losses", [("forward", losses)])
