@@ -307,6 +307,35 @@ def finisher(engine: str) -> Callable[[Any], Any]:
 
 
 # ------------------------------------------------------------------------------ stages
+def problem_fit(
+    problem: dict[str, Any],
+    model: Any,
+    train: Any,
+    n: int,
+    block_size: int = 1,
+    linearize_hessian_data: bool = True,
+) -> Any:
+    """The calculator fitted as ``peer_ours.py`` fits it (the problem's k, dtype and damping),
+    its basis brought to the host so that the time includes the last product."""
+    import krylov_influence as ki
+
+    config = problem["config"]
+    calc = ki.ArnoldiInfluenceCalculator(
+        model,
+        train,
+        n,
+        True,
+        min(config["k"], n),
+        config["dtype"],
+        damping=config["damping"] + config["l2"],
+        block_size=block_size,
+        linearize_hessian_data=linearize_hessian_data,
+        show_progress=False,
+    )
+    calc.model.to_numpy(calc.G)
+    return calc
+
+
 def stages(
     problem: dict[str, Any],
     engine: str,
@@ -317,11 +346,9 @@ def stages(
 ) -> dict[str, dict[str, Any]]:
     """Our calculator's fit, self-influence and re-projected scores, as ``peer_ours.py``;
     ``before_repeat`` runs before each repeat (the interleaved floor samples)."""
-    import krylov_influence as ki
     from bench_common import StageRecorder
     from bench_engines import batches, bind
 
-    config = problem["config"]
     bound = {k: v for k, v in options.items() if k == "projection" and v}
     model = bind(problem, engine, **bound)
     train, queries = batches(problem, engine, "train"), batches(problem, engine, "query")
@@ -329,20 +356,8 @@ def stages(
     block_size = options.get("block_size", 1)
 
     def fit() -> Any:
-        calc = ki.ArnoldiInfluenceCalculator(
-            model,
-            train,
-            n,
-            True,
-            min(config["k"], n),
-            config["dtype"],
-            damping=config["damping"] + config["l2"],
-            block_size=block_size,
-            linearize_hessian_data=options.get("linearize_hessian_data", True),
-            show_progress=False,
-        )
-        calc.model.to_numpy(calc.G)
-        return calc
+        linearize = options.get("linearize_hessian_data", True)
+        return problem_fit(problem, model, train, n, block_size, linearize)
 
     def self_influence(calc: Any) -> Any:
         calc.cache_training_vectors(train)
