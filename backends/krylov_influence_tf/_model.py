@@ -28,7 +28,7 @@ is exact but slower, and says so once (see docs/layers.md for which layer takes 
   ``per_example_grads`` (on whichever route it takes) times ``Gᵀ``;
 - ``project`` (JVP route): per-example gradients times ``Gᵀ`` over chunks of examples whose
   (chunk, p) block fits :attr:`TensorFlowInfluenceModel.GRADIENT_PROJECTION_BYTES`;
-- ``hvp`` (one vector): reverse-over-reverse (the gradient of ``<grad, v>``), then
+- ``hvp`` (one vector): reverse-over-reverse (the VJP of the gradient along v), then
   forward-over-reverse (the order reversed by ``hvp_mode="forward-over-reverse"``); with
   ``jit_compile``, both are first tried compiled by XLA;
 - ``hvps`` (a block): reverse-over-reverse vectorised by ``pfor`` over the block (the forward
@@ -316,7 +316,8 @@ class TensorFlowInfluenceModel(InfluenceModel):
         vector_spec = tf.TensorSpec([p], dtype)
 
         def over_vectors(one: Any, how: str) -> Any:
-            """``one(vector, x, y)`` mapped over the rows of ``vectors``."""
+            """``one(vector, x, y)`` mapped over the rows of ``vectors``: ``"pfor"`` vectorised
+            (failing to trace where an op has no ``pfor`` rule), ``"loop"`` a ``while_loop``."""
 
             def mapped(vectors: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
                 def fn(vector: tf.Tensor) -> tf.Tensor:
@@ -324,7 +325,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
                 if how == "loop":
                     return tf.map_fn(fn, vectors, fn_output_signature=vector_spec)
-                return tf.vectorized_map(fn, vectors, fallback_to_while_loop=how == "pfor+loop")
+                return tf.vectorized_map(fn, vectors, fallback_to_while_loop=False)
 
             return mapped
 
