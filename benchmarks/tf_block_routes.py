@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from engine_floor import one_thread, problem_fit
+from engine_floor import one_thread, problem_fit, sample
 
 
 def cpu_median(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
+    """Median CPU seconds of ``repeats`` calls of ``fn`` (already warm), as engine_floor times."""
+    timing: dict[str, Any] = {"wall": [], "cpu": []}
     for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+        sample(fn, lambda out: out, timing)
+    return timing["cpu_s"]
 
 
 def main() -> None:
