@@ -5,9 +5,9 @@ so a new batch size or a new number of vectors retraces at most once more (to a 
 ``None`` dimensions), never once per batch:
 
 - ``hvp``: reverse-over-reverse, nested ``tf.GradientTape``s of the summed batch loss;
-  ``hvps``: forward-over-reverse, a ``tf.autodiff.ForwardAccumulator`` around a
-  ``tf.GradientTape``, vectorised over the vectors with ``tf.vectorized_map``; batches are
-  weighted by their size (the sum over a batch is divided by the total count at the end);
+  ``hvps``: the same, the forward pass and the gradient once per batch for the whole block
+  (see the routes below); batches are weighted by their size (the sum over a batch is
+  divided by the total count at the end);
 - ``project``, gradient route (``projection="auto"``, the default, and ``"gradients"``):
   ``tf.vectorized_map`` over examples of a one-example gradient, one tensor per parameter,
   each multiplied by its block of ``Gᵀ`` (``G`` split and transposed once per projector); an
@@ -33,8 +33,10 @@ is exact but slower, and says so once (see docs/layers.md for which layer takes 
   ``jit_compile``, both are first tried compiled by XLA;
 - ``hvps`` (a block): reverse-over-reverse vectorised by ``pfor`` over the block (the forward
   pass and the gradient once, then the gradient's VJP along each vector), forward-over-reverse
-  vectorised, then each in a ``while_loop`` over the vectors (the mode order reversed by
-  ``hvp_mode="forward-over-reverse"``, as for one vector).
+  vectorised, then reverse-over-reverse unrolled (the forward pass and the gradient once, the
+  VJPs one after another in the graph; a ``while_loop`` of whole products for a block above
+  ``UNROLLED_BLOCK``) and forward-over-reverse in a ``while_loop`` over the vectors (the mode
+  order reversed by ``hvp_mode="forward-over-reverse"``, as for one vector).
 
 ``Embedding`` gradients (``IndexedSlices``) are made dense before the forward accumulator and
 everywhere but the gradient projection.
@@ -69,6 +71,7 @@ PROJECTIONS = ("auto", "jvp", "gradients")
 VECTORISED = "vectorised"
 VECTORISED_LOOP_FALLBACK = "vectorised, while_loop for ops without a rule"
 LOOP = "while_loop"
+UNROLLED = "unrolled"
 JVP_VECTORISED = "jvp, vectorised over the rows"
 GRADIENTS_IN_CHUNKS = "per-example gradients x G^T, in chunks of examples"
 FLAT_GRADIENTS = "the per_example_grads route, (B, p) x G^T"
@@ -124,7 +127,9 @@ class TensorFlowInfluenceModel(InfluenceModel):
         one process), and needs no forward mode (Keras's recurrent layers). Blocks take the
         same order: reverse-over-reverse vectorised over the block took 0.46–0.68× and
         0.85–0.89× the time of single HVPs per vector on the digits MLP and the transformer
-        (blocks of 8), forward-over-reverse 0.48–0.72× and 0.91–0.94×.
+        (blocks of 8), forward-over-reverse 0.48–0.72× and 0.91–0.94×; on the CNN, whose
+        filter tangents ``pfor`` cannot vectorise, reverse-over-reverse unrolled over blocks
+        of 4 took 0.83–0.92×, forward-over-reverse in a ``while_loop`` 1.08–1.22×.
     jit_compile : {False, "auto", True}
         Compile the single Hessian-vector product with XLA: ``True`` on any device and
         graph; ``"auto"`` on a CPU unless the graph has convolutions; ``False`` (default)
@@ -139,6 +144,12 @@ class TensorFlowInfluenceModel(InfluenceModel):
     #: Largest per-example gradient block (B × p × itemsize) that ``projection="auto"``
     #: forms; above it the projection takes the gradients of chunks of examples in turn.
     GRADIENT_PROJECTION_BYTES = 64 * 2**20
+    #: Largest block whose products the unrolled reverse-over-reverse route writes out one
+    #: after another in one graph (the route of blocks that ``pfor`` cannot vectorise, such
+    #: as convolutions'); larger blocks take whole products in a ``while_loop``. The graph,
+    #: and its tracing, grow with the block: the benchmark CNN's blocks of 4 traced in 2 s,
+    #: of 16 in 4 s (the transformer's, 18 s for 8 and 41 s for 16).
+    UNROLLED_BLOCK = 16
 
     engine_name = "tensorflow"
 
@@ -243,9 +254,11 @@ class TensorFlowInfluenceModel(InfluenceModel):
                 grads = [tf.convert_to_tensor(g) for g in grads]  # Embedding: IndexedSlices
             return self._flatten(acc.jvp(grads, unconnected_gradients=_ZERO))
 
-        def taped_gradient(x: Any, y: Any) -> tuple[tf.GradientTape, list[tf.Tensor]]:
+        def taped_gradient(
+            x: Any, y: Any, persistent: bool = False
+        ) -> tuple[tf.GradientTape, list[tf.Tensor]]:
             """The gradient (dense), and the tape that recorded it for a second reverse pass."""
-            with tf.GradientTape() as outer:
+            with tf.GradientTape(persistent=persistent) as outer:
                 outer.watch(thetas)
                 with tf.GradientTape() as inner:
                     inner.watch(thetas)
@@ -278,6 +291,17 @@ class TensorFlowInfluenceModel(InfluenceModel):
                 vectors,
                 fallback_to_while_loop=False,
             )
+
+        def hvps_reverse_unrolled(vectors: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
+            """Reverse-over-reverse for a block (b, p): the forward pass and the gradient once,
+            then the gradient's VJP along each vector, one after another in the same graph. A
+            block above :attr:`UNROLLED_BLOCK` (or of a size unknown when traced) takes whole
+            products in a ``while_loop``."""
+            b = vectors.shape[0]
+            if b is None or b > self.UNROLLED_BLOCK:
+                return over_vectors(hvp_reverse, "loop")(vectors, x, y)
+            outer, grads = taped_gradient(x, y, persistent=True)  # one VJP per vector
+            return tf.stack([gradient_vjp(outer, grads, vectors[i]) for i in range(b)])
 
         def jvp_losses(row: tf.Tensor, x: Any, y: Any) -> tf.Tensor:
             with tf.autodiff.ForwardAccumulator(thetas, self._unflatten(row)) as acc:
@@ -447,25 +471,32 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
         self._finish = ConcreteCalls(tf.function(finish, reduce_retracing=True))
         self._hvp_one = Kernel("hvp", [*self._xla_routes(graph_routes), *graph_routes])
-        # A block: vectorised over its vectors (reverse-over-reverse shares the forward pass
-        # and the gradient), else a while_loop over them, each in the single vector's mode
-        # order. No pfor with a while_loop fallback: on the benchmark CNN (pfor has no rule
-        # for a convolution's filter tangent) it took 1.38x the time of single HVPs per
-        # vector, the while_loop 0.95-0.99x (benchmarks/tf_block_routes.py).
+        # A block: the forward pass and the gradient once, then the gradient's VJP along each
+        # vector, vectorised by pfor; where pfor has no rule (a convolution's filter tangent,
+        # a recurrent while_loop) the same VJPs unrolled in the graph. Per vector against a
+        # single HVP (benchmarks/tf_block_routes.py, one process): CNN, blocks of 4, unrolled
+        # 0.87-0.92x, a while_loop of whole products 1.06x, pfor with rules of our own for the
+        # filter tangents 1.43x (MaxPoolGrad in the vectorised graph, as in a loop's body,
+        # misses oneDNN's kernel); transformer, blocks of 8, pfor 0.86x, unrolled 0.75x but
+        # traced in 18 s against 10 s; digits, blocks of 8, pfor 0.43x, unrolled 0.52x. The
+        # unrolled route traces once per block size (a fit's blocks and its last, smaller
+        # one), never with the size unknown. Forward-over-reverse: vectorised, else a
+        # while_loop; each mode's vectorised route before either's slower one.
         block_routes = {
-            REVERSE_OVER_REVERSE: (hvps_reverse, over_vectors(hvp_reverse, "loop")),
+            REVERSE_OVER_REVERSE: (
+                Route(f"{REVERSE_OVER_REVERSE}, {VECTORISED}", hvps_reverse),
+                Route(
+                    f"{REVERSE_OVER_REVERSE}, {UNROLLED}",
+                    hvps_reverse_unrolled,
+                    reduce_retracing=False,
+                ),
+            ),
             FORWARD_OVER_REVERSE: (
-                over_vectors(hvp_forward, "pfor"),
-                over_vectors(hvp_forward, "loop"),
+                Route(f"{FORWARD_OVER_REVERSE}, {VECTORISED}", over_vectors(hvp_forward, "pfor")),
+                Route(f"{FORWARD_OVER_REVERSE}, {LOOP}", over_vectors(hvp_forward, "loop")),
             ),
         }
-        self._hvp_block = Kernel(
-            "hvps",
-            [
-                *((f"{mode}, {VECTORISED}", block_routes[mode][0]) for mode in order),
-                *((f"{mode}, {LOOP}", block_routes[mode][1]) for mode in order),
-            ],
-        )
+        self._hvp_block = Kernel("hvps", [block_routes[mode][i] for i in (0, 1) for mode in order])
         self._losses = Kernel("losses", [("forward", losses)])
 
     def _gradient_project(self, rows: tf.Tensor, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:

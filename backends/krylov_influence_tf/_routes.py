@@ -67,12 +67,17 @@ class Route:
     declines : callable, optional
         ``declines(concrete_function) -> str | None``: a reason not to take this route for the
         traced graph (the next one is taken, silently), or ``None`` to take it.
+    reduce_retracing : bool
+        ``tf.function``'s own option (default ``True``): a second shape of an argument is
+        traced with that dimension unknown. ``False`` for a route whose graph needs every
+        shape known (it traces once per shape).
     """
 
     name: str
     function: Callable[..., Any]
     jit_compile: bool = False
     declines: Callable[[Any], str | None] | None = None
+    reduce_retracing: bool = True
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -164,7 +169,9 @@ class Kernel:
         self._compiled = [
             ConcreteCalls(
                 tf.function(
-                    r.function, reduce_retracing=True, jit_compile=True if r.jit_compile else None
+                    r.function,
+                    reduce_retracing=r.reduce_retracing,
+                    jit_compile=True if r.jit_compile else None,
                 )
             )
             for r in traced

@@ -41,6 +41,7 @@ from krylov_influence_tf._model import (  # noqa: E402
     JVP_VECTORISED,
     LOOP,
     REVERSE_OVER_REVERSE,
+    UNROLLED,
     VECTORISED,
     VECTORISED_LOOP_FALLBACK,
 )
@@ -156,12 +157,13 @@ FAST = (
     FORWARD_OVER_REVERSE,
     f"{FORWARD_OVER_REVERSE}, {VECTORISED}",
 )
-# pfor has no rule for a convolution's filter tangent: blocks loop over their vectors.
+# pfor has no rule for a convolution's filter tangent: reverse-over-reverse blocks unroll
+# their products, forward-over-reverse ones loop over them.
 _CONV_FILTER_TANGENT = (
     VECTORISED,
     GRADIENTS_IN_CHUNKS,
     REVERSE_OVER_REVERSE,
-    f"{REVERSE_OVER_REVERSE}, {LOOP}",
+    f"{REVERSE_OVER_REVERSE}, {UNROLLED}",
     FORWARD_OVER_REVERSE,
     f"{FORWARD_OVER_REVERSE}, {LOOP}",
 )
@@ -170,10 +172,10 @@ _RECURRENT = (
     VECTORISED,
     GRADIENTS_IN_CHUNKS,
     REVERSE_OVER_REVERSE,
-    f"{REVERSE_OVER_REVERSE}, {LOOP}",
+    f"{REVERSE_OVER_REVERSE}, {UNROLLED}",
     # forward mode cannot enter Keras's recurrent while_loop
     REVERSE_OVER_REVERSE,
-    f"{REVERSE_OVER_REVERSE}, {LOOP}",
+    f"{REVERSE_OVER_REVERSE}, {UNROLLED}",
 )
 ROUTES: dict[tuple[str, str], tuple[str, ...]] = {
     ("Conv1D", "float64"): _CONV_FILTER_TANGENT,
@@ -351,6 +353,32 @@ def test_hvps_match_the_dense_hessian(name, dtype, block, mode):
     kernel = "hvp" if block == 1 else "hvps"
     expected = f"{kernel} (forward-over-reverse)" if mode == "forward-over-reverse" else kernel
     assert model.routes[kernel] == expected_route(name, dtype, expected)
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("Conv2D", "float64"), ("LSTM", "float32")])
+def test_unrolled_blocks_loop_past_the_limit_and_trace_each_size(name, dtype):
+    """The unrolled reverse-over-reverse route writes out blocks of up to ``UNROLLED_BLOCK``
+    products in one graph, and traces each block size with that size known (a fit's last,
+    smaller block is unrolled too); a larger block takes whole products in a ``while_loop``.
+    All three are checked against the dense Hessian, on the route the matrix above expects."""
+    c = case(name, dtype)
+    model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # fresh traces
+    model.UNROLLED_BLOCK = 3
+    rng = np.random.default_rng(5)
+    for size in (3, 4, 2):  # unrolled; past the limit; a new size, unrolled
+        vectors = rng.standard_normal((size, model.num_parameters))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RouteFallbackWarning)
+            products = model.hvps(model.from_numpy(vectors), [(c.x, c.y)]).numpy()
+        assert_products_close(products, vectors, c.hessian, dtype)
+        assert model.routes["hvps"] == f"{REVERSE_OVER_REVERSE}, {UNROLLED}"
+    if name == "Conv2D":  # (the LSTM has while_loops of its own)
+        traces = model._hvp_block._compiled[model._hvp_block._index]._concrete
+        loops = {
+            key[0][1][0]: any("While" in op.type for op in fn.graph.get_operations())
+            for key, fn in traces.items()
+        }
+        assert loops == {3: False, 4: True, 2: False}
 
 
 # XLA (``jit_compile``) for the single HVP: a dense layer, the layers whose graphs differ most
