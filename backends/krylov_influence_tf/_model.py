@@ -2,7 +2,8 @@
 
 All hot paths are ``tf.function(reduce_retracing=True)`` closures created once per bound model,
 so a new batch size or a new number of vectors retraces at most once more (to a shape with
-``None`` dimensions), never once per batch:
+``None`` dimensions), never once per batch (the one exception, the unrolled block route below,
+traces once per block size and batch shape, since it writes out one product per vector):
 
 - ``hvp``: reverse-over-reverse, nested ``tf.GradientTape``s of the summed batch loss;
   ``hvps``: the same, the forward pass and the gradient once per batch for the whole block
@@ -475,7 +476,7 @@ class TensorFlowInfluenceModel(InfluenceModel):
         # vector, vectorised by pfor; where pfor has no rule (a convolution's filter tangent,
         # a recurrent while_loop) the same VJPs unrolled in the graph. Per vector against a
         # single HVP (benchmarks/tf_block_routes.py, one process): CNN, blocks of 4, unrolled
-        # 0.87-0.92x, a while_loop of whole products 1.06x, pfor with rules of our own for the
+        # 0.83-0.92x, a while_loop of whole products 1.06x, pfor with rules of our own for the
         # filter tangents 1.43x (MaxPoolGrad in the vectorised graph, as in a loop's body,
         # misses oneDNN's kernel); transformer, blocks of 8, pfor 0.86x, unrolled 0.75x but
         # traced in 18 s against 10 s; digits, blocks of 8, pfor 0.43x, unrolled 0.52x. The
