@@ -29,7 +29,6 @@ float32 is not computed in TF32/bfloat16 passes on GPUs and TPUs.
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import types
 import weakref
@@ -214,13 +213,39 @@ def _projector_blocks(program: Program, G: Any, theta: Any, l2: Any) -> tuple[li
     on the benchmark transformer (k = 20, p = 525 828, 38 leaves) the products of the sliced
     ``G`` took 0.52 s a training pass against 0.14 s for these blocks (one CPU thread).
     """
-    blocks, offset = [], 0
-    for shape in program.layout.shapes:
-        width = math.prod(shape)
-        blocks.append(G[:, offset : offset + width].T)
-        offset += width
+    blocks = [G[:, start:stop].T for start, stop in program.layout.spans]
+    return (blocks, *_projector_offsets(G, theta, l2))
+
+
+def _projector_offsets(G: Any, theta: Any, l2: Any) -> tuple[Any, Any]:
+    """The L2 terms of :func:`_projector_blocks`: ``l2·Gθ`` (k,) and ``½·l2·‖θ‖²``."""
     with jax.default_matmul_precision(_HIGHEST):
-        return blocks, l2 * (G @ theta), _penalty(theta, l2)
+        return l2 * (G @ theta), _penalty(theta, l2)
+
+
+def _example_chunks(tree: Any, *, step: int, count: int) -> list[Any]:
+    """``count`` chunks of ``step`` examples (axis 0 of every leaf), the last one padded with
+    copies of the last example, so that every chunk has one shape.
+
+    One program for the whole split: sliced and padded one operation at a time, each
+    operation compiled on its own (a dozen small programs, 0.5 s on the benchmark
+    transformer's first self-influence, one CPU thread).
+    """
+
+    def padded(leaf: Any) -> Any:
+        extra = step * count - leaf.shape[0]
+        if extra:
+            leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], extra, axis=0)], axis=0)
+        return leaf.reshape(count, step, *leaf.shape[1:])
+
+    whole = jax.tree_util.tree_map(padded, tree)
+    return [jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], whole) for i in range(count)]
+
+
+def _joined_chunks(parts: list[Any], *, size: int) -> Any:
+    """The chunks' outputs (each a tree of arrays with examples on axis 0) joined, the padded
+    examples past ``size`` dropped: the inverse of :func:`_example_chunks`."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves, axis=0)[:size], *parts)
 
 
 def _gradient_project_and_losses(
@@ -329,6 +354,12 @@ class Kernels:
         The same and the losses (L2 included) of its forward pass.
     projector_blocks : ``(G (k, p), θ, l2) -> ([(p_l, k)], (k,), ())``
         ``G`` split per parameter leaf and transposed, ``l2·Gθ`` and ``½·l2·‖θ‖²``.
+    projector_offsets : ``(G (k, p), θ, l2) -> ((k,), ())``
+        ``l2·Gθ`` and ``½·l2·‖θ‖²`` alone (the blocks split on the host).
+    example_chunks : ``(tree, *, step, count) -> [tree]``
+        ``count`` chunks of ``step`` examples, the last padded with the last example.
+    joined_chunks : ``([tree], *, size) -> tree``
+        The chunks' outputs joined, cut to ``size`` examples.
     gradient_project_and_losses : ``(θ, fixed, x, y, blocks, l2·Gθ, ½·l2·‖θ‖²) -> ((B, k), (B,))``
         ``G ∇ℓ_b`` by per-example gradients times ``Gᵀ`` (one projector's blocks), and the
         losses (L2 included) of the same pass.
@@ -340,11 +371,13 @@ class Kernels:
 
     __slots__ = (
         "__weakref__",
+        "example_chunks",
         "finish",
         "gradient_project_and_losses",
         "gradient_project_with_norms",
         "hvp_sum",
         "hvps_sum",
+        "joined_chunks",
         "linear_apply",
         "linear_apply_many",
         "linearize_sum",
@@ -354,6 +387,7 @@ class Kernels:
         "project",
         "project_and_losses",
         "projector_blocks",
+        "projector_offsets",
     )
 
     def __init__(self, program: Program):
@@ -369,6 +403,9 @@ class Kernels:
         # jitted function would keep an executable per p for the life of the process. A partial
         # of its own, since JAX's tracing caches are keyed (weakly) by the function object.
         self.finish = jax.jit(bound(_finish))
+        self.projector_offsets = jax.jit(bound(_projector_offsets))
+        self.example_chunks = jax.jit(bound(_example_chunks), static_argnames=("step", "count"))
+        self.joined_chunks = jax.jit(bound(_joined_chunks), static_argnames=("size",))
         self.project = jax.jit(bound(_project, program), static_argnames=("chunk",))
         self.project_and_losses = jax.jit(
             bound(_project_and_losses, program), static_argnames=("chunk",)

@@ -54,28 +54,27 @@ _TRAINABLE = {
 }
 
 
-def _padded_rows(tree: Any, start: int, step: int, size: int) -> Any:
-    """Rows ``start : start + step`` of every leaf (examples on axis 0), the rows past
-    ``size`` filled with copies of row ``size - 1`` so that every chunk has ``step`` rows."""
-    stop = min(start + step, size)
-
-    def rows(leaf: Any) -> Any:
-        chunk = leaf[start:stop]
-        if stop - start == step:
-            return chunk
-        filler = jnp.repeat(leaf[size - 1 : size], step - (stop - start), axis=0)
-        return jnp.concatenate([chunk, filler], axis=0)
-
-    return jax.tree_util.tree_map(rows, tree)
-
-
 def _projector_blocks(
-    kernels: Kernels, theta: Any, l2: Any, dtype: Any, device: Any, projector: Any
+    kernels: Kernels,
+    theta: Any,
+    l2: Any,
+    dtype: Any,
+    device: Any,
+    on_host: bool,
+    projector: Any,
 ) -> Any:
     """:func:`~krylov_influence_jax._kernels._projector_blocks` of a (k, p) projector (its
-    shape already checked), in the model's dtype on its device."""
+    shape already checked), in the model's dtype on its device; ``on_host``: split and
+    transposed by NumPy, each block then put on the device."""
     G = jax.device_put(jnp.asarray(projector, dtype=dtype), device)
-    return kernels.projector_blocks(G, theta, l2)
+    if not on_host:
+        return kernels.projector_blocks(G, theta, l2)
+    host = np.asarray(G)
+    blocks = [
+        jax.device_put(np.ascontiguousarray(host[:, start:stop].T), device)
+        for start, stop in kernels.program.layout.spans
+    ]
+    return (blocks, *kernels.projector_offsets(G, theta, l2))
 
 
 class JaxInfluenceModel(InfluenceModel):
@@ -99,6 +98,12 @@ class JaxInfluenceModel(InfluenceModel):
     #: Largest per-example gradient block (B × p × itemsize) that ``projection="auto"``
     #: forms; above it the projection takes the gradients of chunks of examples in turn.
     GRADIENT_PROJECTION_BYTES = 64 * 2**20
+
+    #: Platforms on which a projector is split per parameter leaf by NumPy on the host, not
+    #: by a compiled program: XLA:CPU took 1.4 s to compile the 38 slices and transposes of
+    #: the benchmark transformer's G (20 × 525 828), which NumPy does in 0.03 s. Elsewhere
+    #: the split stays on the device, G never crossing to the host.
+    HOST_SPLIT_PLATFORMS: frozenset[str] = frozenset({"cpu"})
 
     def __init__(
         self,
@@ -129,7 +134,15 @@ class JaxInfluenceModel(InfluenceModel):
         # The last projector's blocks, kept while that projector lives (see _projected). A
         # partial of what it needs, not a method: no reference cycle through the model.
         self._split_projector = LastArrayCache(
-            functools.partial(_projector_blocks, kernels, theta, self._l2_array, dtype, device)
+            functools.partial(
+                _projector_blocks,
+                kernels,
+                theta,
+                self._l2_array,
+                dtype,
+                device,
+                device.platform in self.HOST_SPLIT_PLATFORMS,
+            )
         )
 
     # ----------------------------------------------------------------- placement and precision
@@ -352,19 +365,18 @@ class JaxInfluenceModel(InfluenceModel):
         # a second compilation (4.7 s for the transformer's, against 1.1 s for the whole
         # projection pass once compiled).
         step = -(-size // pieces)
+        chunks = (
+            [(x, y)]
+            if pieces == 1
+            else self._kernels.example_chunks((x, y), step=step, count=-(-size // step))
+        )
         parts = [
-            self._kernels.gradient_project_and_losses(
-                self._theta,
-                self._fixed,
-                *((x, y) if pieces == 1 else _padded_rows((x, y), start, step, size)),
-                *blocks,
-            )
-            for start in range(0, size, step)
+            self._kernels.gradient_project_and_losses(self._theta, self._fixed, *chunk, *blocks)
+            for chunk in chunks
         ]
-        if pieces == 1:
-            projected, losses = parts[0]
-        else:
-            projected, losses = (jnp.concatenate(list(p), axis=0)[:size] for p in zip(*parts))
+        projected, losses = (
+            parts[0] if pieces == 1 else self._kernels.joined_chunks(parts, size=size)
+        )
         return (projected, losses) if with_losses else projected
 
     def project_with_norms(self, projector: Any, batch: Any) -> tuple[Any, Any]:

@@ -111,14 +111,21 @@ class ParameterLayout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
 
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each selected leaf in the flat vector, in flat order."""
+        spans, start = [], 0
+        for shape in self.shapes:
+            spans.append((start, start + math.prod(shape)))
+            start += math.prod(shape)
+        return spans
+
     def unravel(self, theta: Any) -> list[Any]:
         """The selected leaves from the flat vector (the inverse of ``ravel_pytree``)."""
-        leaves, offset = [], 0
-        for shape in self.shapes:
-            size = math.prod(shape)
-            leaves.append(theta[offset : offset + size].reshape(shape))
-            offset += size
-        return leaves
+        return [
+            theta[start:stop].reshape(shape)
+            for shape, (start, stop) in zip(self.shapes, self.spans)
+        ]
 
     def rebuild(self, theta: Any, fixed_leaves: Sequence[Any]) -> Any:
         """The full parameter pytree with the selected leaves taken from ``theta`` (p,)."""

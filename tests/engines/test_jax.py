@@ -289,6 +289,34 @@ def test_auto_projection_past_the_budget_takes_gradients_in_chunks(rows, monkeyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_projector_split_on_the_host_equals_the_split_on_the_device(dtype, monkeypatch):
+    """On the CPU, NumPy cuts G into per-leaf blocks (``HOST_SPLIT_PLATFORMS``); the compiled
+    split that other platforms keep gives the same blocks to the bit, on the model's device
+    in its dtype, and both projections equal the spec's NumPy gradients times G."""
+    spec = common_spec(19)
+    host, batches = JaxEngine.from_neutral_spec(spec, dtype=dtype)
+    monkeypatch.setattr(JaxInfluenceModel, "HOST_SPLIT_PLATFORMS", frozenset())
+    device, _ = JaxEngine.from_neutral_spec(spec, dtype=dtype)
+    rng = np.random.default_rng(20)
+    G = host.from_numpy(rng.standard_normal((5, host.num_parameters)))
+    (host_blocks, host_offset, _), (device_blocks, device_offset, _) = (
+        host._split_projector(G),
+        device._split_projector(G),
+    )
+    assert [b.shape for b in host_blocks] == [
+        (int(np.prod(shape)), 5) for _, shape in host.parameter_layout
+    ]
+    for ours, theirs in zip(host_blocks, device_blocks):
+        assert ours.dtype == np.dtype(dtype) and ours.devices() == {host.device}
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert_close(host_offset, device_offset, rtol_of(dtype))
+    for batch, (x, y) in zip(batches, spec.numpy_batches()):
+        expected = spec.gradients(x, y) @ np.asarray(G, dtype=np.float64).T
+        assert_close(host.project(G, batch), expected, rtol_of(dtype))
+        assert_close(device.project(G, batch), expected, rtol_of(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_outputs_follow_the_model_dtype_and_device(dtype):
     spec = common_spec(4)
     model, batches = JaxEngine.from_neutral_spec(spec, dtype=dtype, device="cpu:0")

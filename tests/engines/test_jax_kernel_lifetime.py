@@ -41,6 +41,9 @@ OPERATORS = (
     "finish",
     "project",
     "projector_blocks",
+    "projector_offsets",
+    "example_chunks",
+    "joined_chunks",
     "gradient_project_and_losses",
     "gradient_project_with_norms",
     "per_example_grads",
@@ -87,7 +90,13 @@ def _run_every_operator(model, batches) -> None:
         model.per_example_grads(batch)
         model.project_with_norms(G, batch)
         model.project(G, batch)  # auto: the gradients route on this small model
+    # The gradients in chunks of examples, as past the gradient budget.
+    model.GRADIENT_PROJECTION_BYTES = p * model.dtype.itemsize
+    model.project(G, batches[0])
+    del model.GRADIENT_PROJECTION_BYTES
     staged, _ = model.stage_batch(batches[0])
+    # The projector split on the device, which the CPU leaves to NumPy.
+    model._kernels.projector_blocks(G, model._theta, model._l2_array)
     # The JVP route, which projection="auto" does not take on this small model.
     model._kernels.project(
         model._theta, model._fixed, staged.x, staged.y, G, model._l2_array, chunk=1
