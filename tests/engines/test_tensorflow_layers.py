@@ -484,20 +484,21 @@ def test_projection_in_chunks_of_examples_matches(monkeypatch):
 @pytest.mark.parametrize("name", ["Conv2D", "LSTM", "Embedding"])
 def test_auto_projection_past_the_budget_takes_gradients_in_chunks(name, monkeypatch):
     """Above the gradient budget ``"auto"`` projects by per-example gradients over chunks of
-    two examples (every per-example route here is vectorised) and never traces the JVP
-    kernel. Against per-example gradients by a tape, one example at a time."""
+    three examples (every per-example route here is vectorised), traced for one chunk shape,
+    and never traces the JVP kernel. Against per-example gradients by a tape, one example at
+    a time."""
     c = case(name, "float64")
     model = krylov_influence.InfluenceModel(c.model, cross_entropy)  # projection="auto"
     p = model.num_parameters
-    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 2 * p * 8)
+    monkeypatch.setattr(model, "GRADIENT_PROJECTION_BYTES", 3 * p * 8)
     projector = np.random.default_rng(6).standard_normal((3, p))
-    # Five examples: chunks of two, two and one. (pfor fails at run time on a chunk of one
-    # through an LSTM once the kernel was traced for two, "Tried to append a tensor with
-    # incompatible shape to a list"; the engine runs a batch of one as two copies.)
+    # Five examples: two chunks of three, the last example copied into the second and its
+    # projection dropped after (a chunk of two was a second trace).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RouteFallbackWarning)
         projected = model.project(model.from_numpy(projector), (c.x, c.y)).numpy()
     assert_products_close(projected, c.grads, projector.T, "float64")
+    assert model._gradient_projection.experimental_get_tracing_count() == 1
     _check_project_and_losses(c, model, projector, "float64")
     assert model.tracing_counts()["project"] == 0
 
