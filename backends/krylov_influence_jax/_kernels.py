@@ -227,9 +227,9 @@ def _example_chunks(tree: Any, *, step: int, count: int) -> list[Any]:
     """``count`` chunks of ``step`` examples (axis 0 of every leaf), the last one padded with
     copies of the last example, so that every chunk has one shape.
 
-    One program for the whole split: sliced and padded one operation at a time, each
-    operation compiled on its own (a dozen small programs, 0.5 s on the benchmark
-    transformer's first self-influence, one CPU thread).
+    One program for the whole split: sliced and padded by eager operations, each operation
+    was compiled on its own (a dozen small programs, 0.5 s of the benchmark transformer's
+    first self-influence, one CPU thread).
     """
 
     def padded(leaf: Any) -> Any:
