@@ -5,7 +5,9 @@ and a second-order pass that carries the vector. The Arnoldi iteration applies t
 Hessian ``subspace_dim`` times, so the first two passes give the same intermediate values on
 every product. Where the engine can keep them (PyTorch: the autograd graph of the gradient,
 each product one ``autograd.grad`` through it; JAX: the residuals of ``jax.linearize`` of the
-gradient, each product one compiled application of the linear map), the calculator has the
+gradient, each product one compiled application of the linear map; TensorFlow: the graph of
+one product split where the vector enters, each product the second half fed the tensors the
+first half computed), the calculator has the
 engine linearise each staged batch once before the iteration
 (:meth:`krylov_influence.InfluenceModel.linearize_batch`), and the products cost only their
 vector-dependent part: 0.5-0.85 of a full product on the benchmark CNN and transformer

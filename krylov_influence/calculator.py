@@ -163,13 +163,14 @@ class ArnoldiInfluenceCalculator:
         Memory budget for linearising the staged Hessian data: before the Arnoldi loop the
         engine runs the forward and gradient passes of each staged batch once and keeps
         what the second-order pass needs (PyTorch: the gradient's autograd graph; JAX: the
-        residuals of ``jax.linearize``), so that each Hessian-vector product costs only its
-        vector-dependent part (0.5-0.85 of a full product on the benchmark CNN and
-        transformer). The same forms as ``stage_hessian_data`` (``True``: up to 1 GiB);
-        batches are linearised in order while they fit, the rest recomputed on every
-        product. The products are the engine's own to rounding (PyTorch: bit for bit);
-        engines that do not linearise (TensorFlow, NumPy) and data that is not staged are
-        unaffected (:mod:`krylov_influence._linearizing`).
+        residuals of ``jax.linearize``; TensorFlow: the tensors that the product's graph,
+        split where the vector enters, reads from its first passes), so that each
+        Hessian-vector product costs only its vector-dependent part (0.5-0.9 of a full
+        product on the benchmark CNN and transformer). The same forms as
+        ``stage_hessian_data`` (``True``: up to 1 GiB); batches are linearised in order while
+        they fit, the rest recomputed on every product. The products are the engine's own to
+        rounding (PyTorch: bit for bit); data that is not staged is unaffected
+        (:mod:`krylov_influence._linearizing`).
     checkpoint_path : str or os.PathLike, optional, keyword-only
         Make the fit resumable: every ``checkpoint_every`` Hessian-vector products the basis
         so far, the Hessenberg matrix and the restart generator's state are written to this

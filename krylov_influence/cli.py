@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
             "List the arrays that each stage of a fit and of scoring allocates, where they live "
             "and their total, before any work is done (krylov_influence.memory.estimate_memory)."
             " The model's own parameters and activations come on top, and during the fit "
-            "with PyTorch and JAX the linearised Hessian data (up to 1 GiB: "
+            "the linearised Hessian data (up to 1 GiB: "
             "linearize_hessian_data)."
         ),
     )

@@ -144,9 +144,9 @@ def estimate_memory(
         most the default 1 GiB budget (``stage_hessian_data``).
     linearized_bytes : int
         What linearising the staged Hessian data keeps on the device during the fit
-        (``linearize_hessian_data``; PyTorch and JAX): about one training step's activations
-        and gradient intermediates per batch, capped by the budget (1 GiB by default). The
-        fit's progress bar and the ``krylov_influence`` logger report the figure.
+        (``linearize_hessian_data``): about one training step's activations and gradient
+        intermediates per batch, capped by the budget (1 GiB by default). The fit's progress
+        bar and the ``krylov_influence`` logger report the figure.
     complement : bool
         ``complement != "none"``: per-example gradient blocks replace projections.
     checkpoint : bool

@@ -39,6 +39,11 @@ is exact but slower, and says so once (see docs/layers.md for which layer takes 
   ``UNROLLED_BLOCK``) and forward-over-reverse in a ``while_loop`` over the vectors (the mode
   order reversed by ``hvp_mode="forward-over-reverse"``, as for one vector).
 
+``linearize_batch`` (the calculator's ``linearize_hessian_data``) splits the single product's
+graph where the vector enters (:mod:`krylov_influence_tf._linearized`): the forward and
+gradient passes of a staged batch run once, and each single product over it is the rest of
+the graph (blocks keep their routes above).
+
 ``Embedding`` gradients (``IndexedSlices``) are made dense before the forward accumulator and
 everywhere but the gradient projection.
 
@@ -48,6 +53,7 @@ The L2 term ``½ l2 ‖θ‖²`` is part of every per-example loss; its exact co
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -57,12 +63,15 @@ import tensorflow as tf
 
 from krylov_influence.engine import EngineCapabilities, InfluenceModel, LastArrayCache
 from krylov_influence_tf._datasets import reshuffling_stage
-from krylov_influence_tf._dispatch import ConcreteCalls
+from krylov_influence_tf._dispatch import ConcreteCalls, signature_key
 from krylov_influence_tf._functional import Functional
+from krylov_influence_tf._linearized import LinearizedBatch, LinearMap
 from krylov_influence_tf._namespace import canonical_device, namespace, same_device
 from krylov_influence_tf._routes import EngineError, Kernel, Route
 
 __all__ = ["TensorFlowInfluenceModel"]
+
+logger = logging.getLogger("krylov_influence")
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -472,6 +481,9 @@ class TensorFlowInfluenceModel(InfluenceModel):
 
         self._finish = ConcreteCalls(tf.function(finish, reduce_retracing=True))
         self._hvp_one = Kernel("hvp", [*self._xla_routes(graph_routes), *graph_routes])
+        # The single products in the order they are tried, for linearize_batch to split.
+        self._single_products = [single_routes[mode] for mode in order]
+        self._linear_maps: dict[Any, LinearMap | None] = {}
         # A block: the forward pass and the gradient once, then the gradient's VJP along each
         # vector, vectorised by pfor; where pfor has no rule (a convolution's filter tangent,
         # a recurrent while_loop) the same VJPs unrolled in the graph. Per vector against a
@@ -733,6 +745,14 @@ class TensorFlowInfluenceModel(InfluenceModel):
         total, count = None, 0
         with tf.device(self._device):
             for batch in batches:
+                if isinstance(batch, LinearizedBatch):
+                    if kernel is self._hvp_one:
+                        part = batch.product(vectors)
+                    else:  # a block: its own route shares the passes within the block
+                        part = kernel(vectors, batch.x, batch.y)
+                    total = part if total is None else total + part
+                    count += batch.size
+                    continue
                 x, y = self._stage(batch)
                 part = kernel(vectors, x, y)
                 total = part if total is None else total + part
@@ -740,6 +760,56 @@ class TensorFlowInfluenceModel(InfluenceModel):
             if count == 0:
                 raise ValueError("batches: the Hessian data is empty")
             return self._finish(total, tf.constant(count, self._dtype), vectors)
+
+    def linearize_batch(self, batch: Any, max_bytes: int) -> tuple[Any, int] | None:
+        """``(batch linearised, bytes of its residuals)``, or ``None`` (not split, or above
+        ``max_bytes``).
+
+        The single product's graph is split where the vector enters
+        (:class:`~krylov_influence_tf._linearized.LinearMap`, once per batch shape): the
+        forward and gradient passes run once per batch and each product is the rest of the
+        graph. The residuals are sized from the traced shapes and computed on the first single
+        product; blocks take their own routes on the batch. Not with ``jit_compile`` (XLA
+        fuses the passes of the whole product itself).
+        """
+        if self._jit_compile is not False:
+            return None
+        x, y = self._stage(batch)
+        with tf.device(self._device):
+            linear_map = self._linear_map(x, y)
+            if linear_map is None:
+                return None
+            linearized = LinearizedBatch(linear_map, x, y, self._count(x), 0)
+            # Shapes not all known when traced: the residuals are computed now and measured.
+            nbytes = linearized.keep() if linear_map.nbytes is None else linear_map.nbytes
+        if nbytes > max_bytes:
+            return None
+        linearized.nbytes = nbytes
+        return linearized, nbytes
+
+    def _linear_map(self, x: Any, y: Any) -> LinearMap | None:
+        """The split single product for the signature of ``(x, y)`` (``None``: declined or
+        not traceable; the batch then takes the engine's routes)."""
+        key = signature_key((x, y))
+        if key is not None and key in self._linear_maps:
+            return self._linear_maps[key]
+        vector = tf.zeros([self.num_parameters], self._dtype)
+        linear_map = None
+        for product in self._single_products:
+            try:
+                linear_map = LinearMap(product, vector, x, y)
+            except EngineError:
+                raise
+            except Exception as error:  # a mode that does not trace here: try the next
+                logger.debug("linearize_batch: %s did not trace: %s", product.__name__, error)
+                continue
+            break
+        if linear_map is not None and linear_map.declined is not None:
+            logger.debug("linearize_batch: not split: %s", linear_map.declined)
+            linear_map = None
+        if key is not None:
+            self._linear_maps[key] = linear_map
+        return linear_map
 
     def project(self, projector: Any, batch: Any) -> tf.Tensor:
         return self._projected(projector, batch)[0]

@@ -25,9 +25,8 @@ from krylov_influence._linearizing import (
 from krylov_influence._staging import DEFAULT_STAGE_BYTES, stage_hessian_data
 from krylov_influence.registry import get_engine
 
-# The engines that linearise; TensorFlow does not (its graph-mode passes keep nothing between
-# calls), and gets its staged batches back unchanged.
-LINEARIZING = ("numpy", "torch", "jax")
+# The engines that linearise (every one: TensorFlow splits the graph of its single product).
+LINEARIZING = ("numpy", "torch", "jax", "tensorflow")
 
 
 def _identifier(pair: tuple[str, str]) -> str:
@@ -128,6 +127,30 @@ def test_a_linearised_torch_fit_runs_the_forward_pass_once_per_batch():
     assert linearised == batches + batches
     assert every == batches + p * batches
     np.testing.assert_array_equal(eig_linearised, eig_every)
+
+
+def test_a_linearised_tensorflow_fit_runs_the_passes_before_the_vector_once_per_batch(
+    monkeypatch: Any,
+):
+    from krylov_influence_tf._linearized import LinearMap
+
+    engine = engine_class("tensorflow")
+    spec = KINDS["mlp"].spec()
+    model, train = build(engine, spec)
+    computed = {"count": 0}
+    residuals = LinearMap.residuals
+
+    def counting(self: Any, x: Any, y: Any) -> Any:
+        computed["count"] += 1
+        return residuals(self, x, y)
+
+    monkeypatch.setattr(LinearMap, "residuals", counting)
+    p = model.num_parameters
+    calc = ArnoldiInfluenceCalculator(model, train, p, True, p, "float64")
+    assert computed["count"] == len(train)  # once per batch, for p products each
+    expected = np.sort(np.linalg.eigvalsh(KINDS["mlp"].hessian(spec)))
+    found = np.sort(np.asarray(model.to_numpy(calc.eig_vals)))
+    np.testing.assert_allclose(found, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
 
 
 def test_linearised_fits_agree_with_unlinearised_ones_on_every_engine(engine: Any):

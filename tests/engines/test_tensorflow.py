@@ -509,6 +509,28 @@ def test_apply_fn_with_explicit_params():
     assert only_w.num_parameters == 6
 
 
+def test_a_graph_with_random_ops_before_the_vector_is_not_linearised():
+    """A kept residual would freeze a random draw that every product takes anew: such a graph
+    is not split, and its batches keep the engine's own products."""
+    spec = random_mlp_spec(np.random.default_rng(5), (3, 2), num_examples=6, batch_size=6)
+    params = {"w": tf.constant(spec.weights[0]), "b": tf.constant(spec.biases[0])}
+
+    def plain(p, x):
+        return x @ p["w"] + p["b"]
+
+    def noisy(p, x):  # the draw changes nothing here, but the op is in the graph
+        return (x + 0.0 * tf.random.uniform(tf.shape(x), dtype=x.dtype)) @ p["w"] + p["b"]
+
+    batch = (spec.x.astype(np.float64), spec.y)
+    for apply_fn, split in ((plain, True), (noisy, False)):
+        model = krylov_influence.InfluenceModel(apply_fn, LOSS, params=params)
+        staged, _ = model.stage_batch(batch)
+        result = model.linearize_batch(staged, 2**30)
+        assert (result is not None) is split, apply_fn.__name__
+        if result is not None:
+            assert model.linearize_batch(staged, result[1] - 1) is None  # above the budget
+
+
 def test_full_subspace_equals_exact_influence():
     spec = random_mlp_spec(np.random.default_rng(2), (3, 3, 2), num_examples=10, batch_size=4)
     model, batches = TensorFlowEngine.from_neutral_spec(spec, dtype="float64")

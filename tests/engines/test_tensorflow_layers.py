@@ -213,6 +213,7 @@ def expected_route(layer: str, dtype: str, kernel: str) -> str:
 
 CASES = [(name, dtype) for name, layer in LAYERS.items() for dtype in layer.dtypes]
 CASE_IDS = [f"{name}-{dtype}" for name, dtype in CASES]
+RECURRENT = ("SimpleRNN", "GRU", "LSTM")
 
 
 # --------------------------------------------------------------------- models and oracles
@@ -353,6 +354,33 @@ def test_hvps_match_the_dense_hessian(name, dtype, block, mode):
     kernel = "hvp" if block == 1 else "hvps"
     expected = f"{kernel} (forward-over-reverse)" if mode == "forward-over-reverse" else kernel
     assert model.routes[kernel] == expected_route(name, dtype, expected)
+
+
+@pytest.mark.parametrize(("name", "dtype"), CASES, ids=CASE_IDS)
+def test_linearised_hvps_match_the_dense_hessian(name, dtype):
+    """Single products through the product's graph split where the vector enters
+    (``linearize_batch``), twice (the residuals are kept); a block through its own route on
+    the same batch. Keras's recurrent layers are not split (the gradient of their
+    ``while_loop`` does not trace in ``wrap_function``'s graph): their batches stay staged."""
+    c = case(name, dtype)
+    model = c.bound["jvp"]
+    staged, _ = model.stage_batch((c.x, c.y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RouteFallbackWarning)
+        result = model.linearize_batch(staged, 2**30)
+        if name in RECURRENT:
+            assert result is None
+            return
+        linearized, nbytes = result
+        assert nbytes > 0
+        vectors = np.random.default_rng(3).standard_normal((3, model.num_parameters))
+        tensors = model.from_numpy(vectors)
+        for _ in range(2):
+            products = np.stack([model.hvp(v, [linearized]).numpy() for v in tensors])
+            assert_products_close(products, vectors, c.hessian, dtype)
+        assert linearized.keep() == nbytes  # what was counted is what is kept
+        block = model.hvps(tensors, [linearized]).numpy()
+    assert_products_close(block, vectors, c.hessian, dtype)
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("Conv2D", "float64"), ("LSTM", "float32")])
