@@ -181,7 +181,7 @@ class LinearizedBatch:
         Bytes of its residuals, once computed.
     """
 
-    __slots__ = ("_kept", "map", "nbytes", "size", "x", "y")
+    __slots__ = ("__weakref__", "_kept", "map", "nbytes", "size", "x", "y")
 
     def __init__(self, linear_map: LinearMap, x: Any, y: Any, size: int, nbytes: int):
         self.map, self.x, self.y, self.size, self.nbytes = linear_map, x, y, int(size), nbytes

@@ -182,19 +182,24 @@ def test_a_bad_budget_is_a_clear_error_naming_the_argument(value: Any):
         ArnoldiInfluenceCalculator(model, train, 5, True, 5, linearize_hessian_data=value)
 
 
-def test_what_a_fit_linearised_is_freed_when_the_fit_ends(monkeypatch: Any):
+@pytest.mark.parametrize("engine_name", ["torch", "tensorflow"])
+def test_what_a_fit_linearised_is_freed_when_the_fit_ends(engine_name: str, monkeypatch: Any):
     import gc
     import weakref
 
     import krylov_influence.calculator as calculator_module
 
-    engine = engine_class("torch")
+    engine = engine_class(engine_name)
     model, train = build(engine, KINDS["mlp"].spec())
     kept: list[Any] = []
 
     def recording(*args: Any) -> Any:
         result = linearize_hessian_data(*args)
-        kept.extend(weakref.ref(item.gradient) for item in result[0].batches)
+        # torch: the gradient with its graph; TensorFlow: the batch that holds its residuals
+        kept.extend(
+            weakref.ref(item.gradient if engine_name == "torch" else item)
+            for item in result[0].batches
+        )
         return result
 
     monkeypatch.setattr(calculator_module, "linearize_hessian_data", recording)
