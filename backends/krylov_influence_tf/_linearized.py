@@ -177,14 +177,12 @@ class LinearizedBatch:
         The staged batch.
     size : int
         Its examples (they count towards the mean).
-    nbytes : int
-        Bytes of its residuals, once computed.
     """
 
-    __slots__ = ("__weakref__", "_kept", "map", "nbytes", "size", "x", "y")
+    __slots__ = ("__weakref__", "_kept", "map", "size", "x", "y")
 
-    def __init__(self, linear_map: LinearMap, x: Any, y: Any, size: int, nbytes: int):
-        self.map, self.x, self.y, self.size, self.nbytes = linear_map, x, y, int(size), nbytes
+    def __init__(self, linear_map: LinearMap, x: Any, y: Any, size: int):
+        self.map, self.x, self.y, self.size = linear_map, x, y, int(size)
         self._kept: list[tf.Tensor] | None = None
 
     def keep(self) -> int:

@@ -746,17 +746,15 @@ class TensorFlowInfluenceModel(InfluenceModel):
         with tf.device(self._device):
             for batch in batches:
                 if isinstance(batch, LinearizedBatch):
-                    if kernel is self._hvp_one:
-                        part = batch.product(vectors)
-                    else:  # a block: its own route shares the passes within the block
-                        part = kernel(vectors, batch.x, batch.y)
-                    total = part if total is None else total + part
-                    count += batch.size
-                    continue
-                x, y = self._stage(batch)
-                part = kernel(vectors, x, y)
+                    # A block takes its own route, which shares the passes within the block.
+                    single = kernel is self._hvp_one
+                    part = batch.product(vectors) if single else kernel(vectors, batch.x, batch.y)
+                    size = batch.size
+                else:
+                    x, y = self._stage(batch)
+                    part, size = kernel(vectors, x, y), self._count(x)
                 total = part if total is None else total + part
-                count += self._count(x)
+                count += size
             if count == 0:
                 raise ValueError("batches: the Hessian data is empty")
             return self._finish(total, tf.constant(count, self._dtype), vectors)
@@ -779,13 +777,10 @@ class TensorFlowInfluenceModel(InfluenceModel):
             linear_map = self._linear_map(x, y)
             if linear_map is None:
                 return None
-            linearized = LinearizedBatch(linear_map, x, y, self._count(x), 0)
+            linearized = LinearizedBatch(linear_map, x, y, self._count(x))
             # Shapes not all known when traced: the residuals are computed now and measured.
             nbytes = linearized.keep() if linear_map.nbytes is None else linear_map.nbytes
-        if nbytes > max_bytes:
-            return None
-        linearized.nbytes = nbytes
-        return linearized, nbytes
+        return None if nbytes > max_bytes else (linearized, nbytes)
 
     def _linear_map(self, x: Any, y: Any) -> LinearMap | None:
         """The split single product for the signature of ``(x, y)`` (``None``: declined or
