@@ -190,7 +190,7 @@ class LinearizedBatch:
         their bytes."""
         if self._kept is None:
             self._kept = self.map.residuals(self.x, self.y)
-        return sum(int(t.shape.num_elements()) * t.dtype.size for t in self._kept)
+        return _nbytes(self._kept) or 0  # computed tensors: every shape is known
 
     def product(self, vector: tf.Tensor) -> tf.Tensor:
         """``H_b v`` summed over the batch, from the kept residuals."""
